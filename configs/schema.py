@@ -1,0 +1,232 @@
+"""Typed configuration: one dataclass per role, loaded from YAML plus `key.sub=value` overrides.
+
+Every error names the offending key, so a typo in a cluster config fails in the first second,
+not after the models have loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+TINY = "tiny"  # a model/data path of "tiny" means the embedded tiny world (built on first use)
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    actor: str = TINY  # HF path of the policy (also the reference and the initial critic trunk)
+    draft: str = TINY  # HF path of the draft model used for speculative rollout
+    reward: str = TINY  # HF path of an AutoModelForSequenceClassification (num_labels=1)
+    critic_init: str = "reward"  # "reward" | "actor": where the critic's weights come from
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+
+
+@dataclass
+class DataConfig:
+    train_path: str = TINY  # JSONL or Parquet; "tiny" = the tiny world's prompts
+    prompt_key: str = "prompt"  # a text column ...
+    messages_key: str = "messages"  # ... or a chat column rendered with the chat template
+    max_prompt_len: int = 80  # longer prompts are dropped (filter) or cut (truncate)
+    overlong: str = "filter"  # "filter" | "truncate"
+    shuffle: bool = True
+
+
+@dataclass
+class GenerationConfig:
+    num_instances: int = 2
+    strategy: str = "tree:4,2,16"  # none | chain:k | tree:depth,topk,nodes
+    max_slots: int = 64  # live samples per instance; more wait in the queue
+    max_len: int = 160  # prompt + response tokens per sample
+    max_new_tokens: int = 72
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    gpus_per_instance: float = 0.0
+    cpus_per_instance: float = 1.0
+    threads_per_instance: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    algorithm: str = "grpo"  # "ppo" | "grpo"
+    iterations: int = 10
+    prompts_per_iteration: int = 32
+    samples_per_prompt: int = 4
+    world_size: int = 1  # data-parallel ranks of the policy trainer (and critic)
+    zero_stage: int = 1
+    micro_batch_size: int = 32
+    ppo_epochs: int = 1
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_norm: float = 1.0
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.01
+    kl_estimator: str = "k1"  # k1 | k2 | k3
+    use_kl_loss: bool = False  # GRPO style: KL as a loss term instead of inside the reward
+    entropy_coef: float = 0.0
+    reward_clip: float = 10.0
+    normalize_reward: bool = False
+    rule_reward: typing.Optional[str] = "tiny_task"  # a rule-based reward function by name
+    rule_weight: float = 1.0
+    rm_weight: float = 1.0
+    save_every: int = 5  # iterations between checkpoints; 0 = never
+    resume: bool = False
+    output_dir: str = "runs/tiny"
+    gpus_per_actor: float = 0.0  # per trainer/critic rank and per reward/reference actor
+    cpus_per_actor: float = 1.0
+    threads_per_actor: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "rlhfspec"
+    run_name: typing.Optional[str] = None
+    wandb: bool = True
+    wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_STRATEGY = re.compile(r"^(none|chain:\d+|tree:\d+,\d+,\d+)$")
+_CHOICES = {
+    "model.critic_init": ("reward", "actor"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.overlong": ("filter", "truncate"),
+    "trainer.algorithm": ("ppo", "grpo"),
+    "trainer.kl_estimator": ("k1", "k2", "k3"),
+    "tracking.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `a.b=value` overrides, build the typed config and validate it."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, prefix + name + ".")
+        else:
+            values[name] = _coerce(value, kind, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value, kind, key: str):
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    if optional:
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML reads 1e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values; each message names the key."""
+    g, t, d = cfg.generation, cfg.trainer, cfg.data
+    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(choices)}")
+    positive = ["generation.num_instances", "generation.max_slots", "generation.max_len",
+                "generation.max_new_tokens", "generation.threads_per_instance", "data.max_prompt_len",
+                "trainer.iterations", "trainer.prompts_per_iteration", "trainer.samples_per_prompt",
+                "trainer.world_size", "trainer.micro_batch_size", "trainer.ppo_epochs",
+                "trainer.threads_per_actor"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be positive, got {flat[key]}")
+    non_negative = ["generation.temperature", "generation.top_k", "generation.gpus_per_instance",
+                    "generation.cpus_per_instance", "trainer.actor_lr", "trainer.critic_lr",
+                    "trainer.kl_coef", "trainer.save_every", "trainer.gpus_per_actor",
+                    "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip"]
+    for key in non_negative:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must not be negative, got {flat[key]}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
+    if not _STRATEGY.match(g.strategy):
+        raise ConfigError(f"generation.strategy: {g.strategy!r} is not none, chain:K or tree:DEPTH,TOPK,NODES")
+    if g.max_len <= d.max_prompt_len:
+        raise ConfigError(f"generation.max_len: {g.max_len} leaves no room for a response after "
+                          f"data.max_prompt_len={d.max_prompt_len}")
+    if g.max_new_tokens > g.max_len - d.max_prompt_len:
+        raise ConfigError(f"generation.max_new_tokens: {g.max_new_tokens} does not fit in generation.max_len="
+                          f"{g.max_len} after data.max_prompt_len={d.max_prompt_len}")
+    if not 0 <= t.zero_stage <= 3:
+        raise ConfigError(f"trainer.zero_stage: must be 0..3, got {t.zero_stage}")
+    if t.algorithm == "grpo" and t.samples_per_prompt < 2:
+        raise ConfigError("trainer.samples_per_prompt: GRPO needs at least 2 samples per prompt")
+    if (t.prompts_per_iteration * t.samples_per_prompt) % t.world_size:
+        raise ConfigError(f"trainer.world_size: {t.world_size} does not divide the "
+                          f"{t.prompts_per_iteration * t.samples_per_prompt} samples of an iteration")
+    if not 0 <= t.gamma <= 1 or not 0 <= t.lam <= 1:
+        raise ConfigError("trainer.gamma / trainer.lam: must be in [0, 1]")

@@ -1,0 +1,53 @@
+"""A collective group between Ray actors that stays out of torch's default process group.
+
+The policy trainer's default group belongs to DeepSpeed, and `ray.util.collective`'s GLOO backend
+initialises the default group itself, so the two collide in one process. Like OpenRLHF's weight-sync
+group, this builds a standalone gloo (CPU) or NCCL (CUDA) group from a TCP store whose address the
+caller passes around through Ray.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class CollectiveGroup:
+    """Broadcast / send / recv of tensors among `world_size` processes; rank 0 hosts the store."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, name: str,
+                 backend: str = "gloo", timeout_s: float = 300.0):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self._store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        store = dist.PrefixStore(name, self._store)
+        if backend == "nccl":
+            self._pg = dist.ProcessGroupNCCL(store, rank, world_size)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self._pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+            self.device = torch.device("cpu")
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self._pg.broadcast([tensor], opts).wait()
+        return tensor
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
+        self._pg.send([tensor.contiguous()], dst, tag).wait()
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
+        self._pg.recv([tensor], src, tag).wait()
+        return tensor
+
+    def barrier(self) -> None:
+        self.broadcast(torch.zeros(1, device=self.device), src=0)
