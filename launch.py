@@ -11,6 +11,15 @@ import sys
 from configs.schema import DEFAULT_CONFIG, ConfigError, load_config
 
 
+def summarize(history: list[dict], window: int = 3) -> str:
+    """First vs last iterations, averaged over a few so one noisy batch does not decide."""
+    n = min(window, max(1, len(history) // 2))
+    keys = [k for k in ("score/mean", "score/exact", "reward/mean") if k in history[0]]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    parts = [f"{k} {mean(history[:n], k):.3f} -> {mean(history[-n:], k):.3f}" for k in keys]
+    return f"first vs last {n} iteration(s): " + ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
@@ -30,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {e}", file=sys.stderr)
         return 2
     if history:
-        first, last = history[0], history[-1]
-        keys = [k for k in ("score/mean", "score/exact", "reward/mean") if k in first]
-        print("first vs last iteration: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in keys))
+        print(summarize(history))
     return 0
 
 

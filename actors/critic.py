@@ -46,7 +46,8 @@ class Critic(TrainerRank):
 
         sums, counts = defaultdict(float), defaultdict(int)
         for epoch in range(self.ppo_epochs):
-            for mb in experience.minibatches(self.micro_batch_size, self._shuffle_seed(iteration, epoch)):
+            for mb in experience.minibatches(self.micro_batch_size, self._shuffle_seed(iteration, epoch),
+                                             group_by_length=True):
                 values = sequence_values(self.engine, mb.sequences, mb.attention_mask, mb.num_actions)
                 loss = algo.value_loss(values, mb.values, mb.returns, mb.action_mask, value_clip)
                 self.strategy.backward(loss, self.engine)

@@ -49,7 +49,8 @@ class PolicyTrainer(WeightSender, TrainerRank):
 
         sums, counts = defaultdict(float), defaultdict(int)
         for epoch in range(self.ppo_epochs):
-            for mb in experience.minibatches(self.micro_batch_size, self._shuffle_seed(iteration, epoch)):
+            for mb in experience.minibatches(self.micro_batch_size, self._shuffle_seed(iteration, epoch),
+                                             group_by_length=True):
                 logp, entropy = sequence_logprobs(
                     self.engine, mb.sequences, mb.attention_mask, mb.num_actions, temperature, return_entropy=True
                 )  # [b, R] each

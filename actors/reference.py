@@ -24,10 +24,11 @@ class ReferenceActor:
     def logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int,
                  temperature: float = 1.0) -> torch.Tensor:
         """Log-probs [B, R] of the response tokens under the reference model at the rollout temperature."""
-        sequences, attention_mask = sequences.to(self.device), attention_mask.to(self.device)
+        order = attention_mask.sum(1).argsort()  # similar lengths share a chunk: less padding to compute
+        sequences, attention_mask = sequences[order].to(self.device), attention_mask[order].to(self.device)
         out = [
             sequence_logprobs(self.model, sequences[i : i + self.batch_size],
                               attention_mask[i : i + self.batch_size], num_actions, temperature)
             for i in range(0, sequences.shape[0], self.batch_size)
         ]
-        return torch.cat(out).float().cpu()
+        return torch.cat(out).float().cpu()[order.argsort()]

@@ -104,7 +104,8 @@ class TrainerRank:
         Under ZeRO-3 every forward is a collective, so every rank runs the same number (padding with a dummy row).
         """
         batch = sequences.shape[0]
-        sequences, attention_mask = sequences.to(self.device), attention_mask.to(self.device)
+        order = attention_mask.sum(1).argsort()  # similar lengths share a chunk: less padding to compute
+        sequences, attention_mask = sequences[order].to(self.device), attention_mask[order].to(self.device)
         chunks = [slice(i, i + self.micro_batch_size) for i in range(0, batch, self.micro_batch_size)]
         if self.strategy.zero_stage == 3 and self.world_size > 1:
             import torch.distributed as dist
@@ -117,7 +118,7 @@ class TrainerRank:
                for c in chunks]
         if not out:
             return torch.zeros(0, num_actions)
-        return torch.cat(out)[:batch].float().cpu()
+        return torch.cat(out)[:batch].float().cpu()[order.argsort()]
 
     # -- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> bool:

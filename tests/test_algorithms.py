@@ -187,3 +187,27 @@ def test_sequence_logprobs_equal_unpadded_per_sequence():
             close(logp[i, : len(r)], expected)
             close(entropy[i, : len(r)], algo.entropy_from_logits(logits))
     assert logp.shape == (3, 4)
+
+
+def test_trim_padding_drops_columns_padded_in_every_row():
+    from trainer.experience import make_sequences, trim_padding
+
+    seqs, attn, action = make_sequences([[5, 6], [7]], [[8], [9, 10]], pad_id=0)
+    wide_seqs = torch.nn.functional.pad(seqs, (2, 3))  # two more all-pad prompt columns, three response ones
+    wide_attn = torch.nn.functional.pad(attn, (2, 3))
+    trimmed, mask, kept = trim_padding(wide_seqs, wide_attn, num_actions=action.shape[1] + 3)
+    assert kept == 2
+    assert torch.equal(trimmed, seqs) and torch.equal(mask, attn)
+
+
+def test_minibatches_grouped_by_length_cover_every_row_once():
+    from trainer.experience import Experience, make_sequences
+
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4]
+    seqs, attn, action = make_sequences([[1]] * 8, [[2] * n for n in lengths], pad_id=0)
+    exp = Experience(sequences=seqs, attention_mask=attn, action_mask=action, num_actions=action.shape[1])
+    batches = [mb.action_mask.sum(1).tolist() for mb in exp.minibatches(2, shuffle_seed=3, group_by_length=True)]
+    assert sorted(n for b in batches for n in b) == sorted(lengths)
+    assert sorted(sorted(b) for b in batches) == [[1, 2], [3, 4], [5, 7], [8, 9]]  # neighbours in length
+    again = [mb.action_mask.sum(1).tolist() for mb in exp.minibatches(2, shuffle_seed=3, group_by_length=True)]
+    assert again == batches

@@ -71,16 +71,30 @@ class Experience:
         size = self.batch_size // n
         return [self.select(slice(i * size, (i + 1) * size)) for i in range(n)]
 
-    def minibatches(self, size: int, shuffle_seed: int | None = None) -> Iterator["Experience"]:
-        """Minibatches of `size` rows (the last may be smaller), in a seeded random order or in order."""
+    def minibatches(self, size: int, shuffle_seed: int | None = None,
+                    group_by_length: bool = False) -> Iterator["Experience"]:
+        """Minibatches of `size` rows (the last may be smaller), in a seeded random order or in order.
+
+        group_by_length puts rows of similar length together (in a random order of minibatches): with
+        long-tailed responses most of a random minibatch would be padding.
+        """
         if size < 1:
             raise ValueError(f"minibatch size must be >= 1, got {size}")
         if shuffle_seed is None:
             order = torch.arange(self.batch_size)
+            generator = None
         else:
-            order = torch.randperm(self.batch_size, generator=torch.Generator().manual_seed(shuffle_seed))
-        for start in range(0, self.batch_size, size):
-            yield self.select(order[start : start + size])
+            generator = torch.Generator().manual_seed(shuffle_seed)
+            order = torch.randperm(self.batch_size, generator=generator)
+        chunks = [order[start : start + size] for start in range(0, self.batch_size, size)]
+        if group_by_length:
+            lengths = self.attention_mask.sum(1)[order]
+            order = order[torch.sort(lengths, stable=True).indices]
+            chunks = [order[start : start + size] for start in range(0, self.batch_size, size)]
+            if generator is not None:
+                chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+        for chunk in chunks:
+            yield self.select(chunk)
 
     def to(self, device: torch.device | str) -> "Experience":
         moved = {
@@ -135,6 +149,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def trim_padding(sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int):
+    """Drop columns that are padding in every row (leading prompt pad, trailing response pad).
+
+    Long-tailed batches are mostly padding; the trimmed batch gives the same per-token results.
+    Returns (sequences, attention_mask, kept_actions) with kept_actions <= num_actions.
+    """
+    prompt_width = sequences.shape[1] - num_actions
+    used = attention_mask.bool().any(0)  # [T]
+    first = int(used.nonzero()[0]) if used.any() else 0
+    response_used = used[prompt_width:].nonzero()
+    kept = max(1, int(response_used[-1]) + 1) if len(response_used) else min(1, num_actions)
+    end = prompt_width + kept
+    return sequences[:, first:end], attention_mask[:, first:end], kept
+
+
+def _pad_actions(x: torch.Tensor, num_actions: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, num_actions - x.shape[1]))
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     sequences: torch.Tensor,  # [B, T]
@@ -146,7 +179,10 @@ def sequence_logprobs(
     """Log-probs [B, R] of the response tokens under logits / temperature (the rollout's temperature).
 
     Logits at positions [P-1, T-1) predict tokens [P, T). With return_entropy also the entropy [B, R].
+    Columns that are padding in every row are skipped; their outputs are 0.
     """
+    full_actions = num_actions
+    sequences, attention_mask, num_actions = trim_padding(sequences, attention_mask, num_actions)
     out = model(
         input_ids=sequences,
         attention_mask=attention_mask,
@@ -158,9 +194,9 @@ def sequence_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     targets = sequences[:, -num_actions:]  # [B, R]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    logprobs = _pad_actions(torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1), full_actions)
     if return_entropy:
-        return logprobs, entropy_from_logits(logits)
+        return logprobs, _pad_actions(entropy_from_logits(logits), full_actions)
     return logprobs
 
 
@@ -184,6 +220,8 @@ def sequence_values(
     `model` may be a DeepSpeed engine: the call goes through its forward (ZeRO-3 gathers weights in hooks
     around the top-level forward), and the head's per-token output is read with a forward hook.
     """
+    full_actions = num_actions
+    sequences, attention_mask, num_actions = trim_padding(sequences, attention_mask, num_actions)
     head = getattr(model, "module", model).score
     captured = []
     handle = head.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
@@ -196,7 +234,8 @@ def sequence_values(
         )
     finally:
         handle.remove()
-    return captured[0][:, -num_actions - 1 : -1].squeeze(-1).float()  # [B, T, 1] -> [B, R]
+    values = captured[0][:, -num_actions - 1 : -1].squeeze(-1).float()  # [B, T, 1] -> [B, R]
+    return _pad_actions(values, full_actions)
 
 
 def sequence_scores(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

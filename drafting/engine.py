@@ -1,0 +1,476 @@
+"""The speculative generation engine: continuous batching over per-sample KV slots, tree drafting,
+one-pass tree verification and lossless acceptance. No Ray inside; `actors/` wraps it.
+
+Cache invariants per live sample with n committed tokens: the target cache holds K/V of tokens[:n-1] (the
+last committed token is the root of the next verify); the draft cache holds tokens[:dlen], dlen <= n, and
+catches up on tokens[dlen:n] at the start of each drafting step."""
+from __future__ import annotations
+
+import collections
+import time
+from typing import Hashable, Iterable, Mapping, Sequence
+
+import torch
+
+from drafting.accept import accept
+from drafting.kv_store import KVCache
+from drafting.model import LeanDecoder
+from drafting.records import EngineStats, GenOutput, GenRequest, KVRange, SampleState, SamplingParams
+from drafting.sampling import as_int64, derive_seed, process_logits, sample_from, uniforms
+from drafting.strategy import DraftStrategy, parse_strategy
+from drafting.tree import TreeDrafter, draft_probs, select_nodes
+
+MAX_DEPTH = 64  # RoPE table headroom beyond max_len for draft/verify node positions
+
+
+class SpeculativeEngine:
+    """Target + draft decoders with `max_slots` KV slots each; requests beyond capacity wait in a FIFO."""
+
+    def __init__(self, target, draft=None, strategy: str | DraftStrategy = "tree:4,2,16", max_slots: int = 64,
+                 max_len: int = 256, device="cpu", dtype: torch.dtype = torch.float32,
+                 eos_token_id: int | Sequence[int] | None = None, node_log_steps: int = 256):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        self.device = torch.device(device)
+        self.max_slots, self.max_len = max_slots, max_len
+        self.target = LeanDecoder(target, self.device, dtype, max_len + MAX_DEPTH, max_len, what="target")
+        self.draft = None if draft is None else LeanDecoder(draft, self.device, dtype, max_len + MAX_DEPTH, max_len,
+                                                             what="draft")
+        V = self.target.shape.vocab_size
+        if self.draft is not None and self.draft.shape.vocab_size != V:
+            raise ValueError(f"draft vocab_size {self.draft.shape.vocab_size} != target vocab_size {V}: "
+                             f"target and draft must share one vocabulary")
+        self.eos = self._eos_tensor(eos_token_id)
+        ts = self.target.shape
+        self.tcache = KVCache(ts.layers, max_slots, ts.kv_heads, max_len, ts.head_dim, self.device, dtype)
+        self.dcache = None
+        if self.draft is not None:
+            ds = self.draft.shape
+            self.dcache = KVCache(ds.layers, max_slots, ds.kv_heads, max_len, ds.head_dim, self.device, dtype)
+        self.drafter: TreeDrafter | None = None
+        self.set_strategy(strategy)
+
+        S, L, dev = max_slots, max_len + 1, self.device
+        z = lambda *shape, dt=torch.long: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
+        # per-row state; rows 0..B-1 are the live samples
+        self.rows = {
+            "tokens": z(S, L), "logp": z(S, L, dt=torch.float32), "n": z(S), "dlen": z(S), "plen": z(S),
+            "max_new": z(S), "temp": z(S, dt=torch.float32), "top_k": z(S), "top_p": z(S, dt=torch.float64),
+            "greedy": z(S, dt=torch.bool), "seed": z(S), "counter": z(S),
+            "steps": z(S), "drafted": z(S), "accepted": z(S),
+        }
+        self.live: list[GenRequest] = []  # request of each live row
+        self.row_of: dict[Hashable, int] = {}
+        self.queue: collections.deque[GenRequest] = collections.deque()
+        self.queued_ids: set = set()
+        self.node_log: collections.deque = collections.deque(maxlen=node_log_steps)
+        self.reset_stats()
+
+    # ---- configuration -------------------------------------------------------------------------------------
+    def _eos_tensor(self, eos) -> torch.Tensor | None:
+        if eos is None:
+            eos = getattr(self.target.generation_config, "eos_token_id", None)
+            if eos is None:
+                eos = getattr(self.target.config, "eos_token_id", None)
+        if eos is None:
+            return None
+        ids = [eos] if isinstance(eos, int) else list(eos)
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def set_strategy(self, strategy: str | DraftStrategy) -> None:
+        """Switch the draft strategy between steps (live samples carry on)."""
+        s = parse_strategy(strategy)
+        if s.depth > 0 and self.draft is None:
+            raise ValueError(f"strategy {s.name!r} needs a draft model (draft=None)")
+        if s.depth >= MAX_DEPTH:
+            raise ValueError(f"strategy {s.name!r}: depth {s.depth} must be < {MAX_DEPTH}")
+        if s.depth > 0 and s.topk > self.target.shape.vocab_size:
+            raise ValueError(f"strategy {s.name!r}: topk {s.topk} exceeds the vocabulary size")
+        self.strategy = s
+        if s.depth > 0:
+            pool = s.topk + (s.depth - 1) * s.topk * s.topk
+            if self.drafter is None or self.drafter.buf_k.shape[3] < pool:
+                self.drafter = TreeDrafter(self.draft, self.max_slots, pool)
+
+    @torch.inference_mode()
+    def load_target_weights(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """New actor weights by HF parameter name (RLHF weight sync). Call between rollouts: live samples' KV
+        were computed with the old weights."""
+        return self.target.load_weights(named)
+
+    @torch.inference_mode()
+    def load_draft_weights(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        if self.draft is None:
+            raise ValueError("load_draft_weights: this engine has no draft model")
+        return self.draft.load_weights(named)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add(self, request: GenRequest) -> None:
+        """Queue a request; it joins the batch at the next step with a free slot."""
+        rid = request.request_id
+        if rid in self.row_of or rid in self.queued_ids:
+            raise ValueError(f"request {rid!r} is already in this engine")
+        p = request.prompt_token_ids
+        if len(p) == 0:
+            raise ValueError(f"request {rid!r}: empty prompt")
+        if len(p) > self.max_len - 1:
+            raise ValueError(f"request {rid!r}: prompt has {len(p)} tokens, more than max_len - 1 = {self.max_len - 1}")
+        V = self.target.shape.vocab_size
+        if min(p) < 0 or max(p) >= V:
+            raise ValueError(f"request {rid!r}: prompt token ids must be in [0, {V})")
+        request.sampling.validate(f"request {rid!r} sampling")
+        if request.sampling.seed is None:
+            request.sampling.seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.queue.append(request)
+        self.queued_ids.add(rid)
+
+    def remove(self, request_id: Hashable) -> None:
+        """Drop a queued or live request (e.g. after a migration was confirmed); its slot frees at once."""
+        if request_id in self.row_of:
+            self._free_row(self.row_of[request_id])
+            return
+        if request_id in self.queued_ids:
+            self.queue.remove(next(r for r in self.queue if r.request_id == request_id))
+            self.queued_ids.discard(request_id)
+            return
+        raise KeyError(f"request {request_id!r} is not in this engine")
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[GenOutput]:
+        """Run prompts to completion; outputs in prompt order. One shared SamplingParams with a seed gives each
+        prompt its own derived seed (equal prompts then still sample independently)."""
+        sampling = sampling if sampling is not None else SamplingParams()
+        if isinstance(sampling, SamplingParams):
+            params = [SamplingParams(**{**vars(sampling),
+                                        "seed": None if sampling.seed is None else derive_seed(sampling.seed, i)})
+                      for i in range(len(prompts))]
+        else:
+            if len(sampling) != len(prompts):
+                raise ValueError(f"sampling: {len(sampling)} SamplingParams for {len(prompts)} prompts")
+            params = [SamplingParams(**vars(s)) for s in sampling]
+        self._gen_calls = getattr(self, "_gen_calls", 0) + 1
+        ids = [("generate", self._gen_calls, i) for i in range(len(prompts))]
+        for rid, p, sp in zip(ids, prompts, params):
+            self.add(GenRequest(rid, list(p), sp))
+        done: dict = {}
+        wanted = set(ids)
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.request_id in wanted:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    # ---- the step loop -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[GenOutput]:
+        """Admit queued requests into free slots, advance every live sample by one draft/verify step (or one
+        token with strategy 'none'); returns the samples that finished (their slots are already free)."""
+        t0 = time.perf_counter()
+        self._admit()
+        if not self.live:
+            return []
+        if self.strategy.depth == 0:
+            out = self._step_plain()
+        else:
+            out = self._step_speculative()
+        self._time += time.perf_counter() - t0
+        return out
+
+    def _step_plain(self) -> list[GenOutput]:
+        B, r = len(self.live), self.rows
+        n = r["n"][:B]
+        root = r["tokens"][:B].gather(1, (n - 1)[:, None])  # [B, 1]
+        logits = self._append(self.target, self.tcache, n - 1, torch.ones_like(n), root, want_logits=True)[:, 0]
+        probs = self._process(logits, B, 1)  # [B, V]
+        u = uniforms(r["seed"][:B], r["counter"][:B], torch.zeros(1, dtype=torch.long, device=self.device))
+        tok = torch.where(r["greedy"][:B], logits.argmax(-1), sample_from(probs, u[:, 0]))  # [B]
+        lp = probs.gather(1, tok[:, None]).log()
+        allowed = self._commit(tok[:, None], torch.ones_like(n), lp)
+        self._bookkeep(B, torch.zeros_like(n), torch.zeros_like(n), allowed)
+        return self._finish(allowed)
+
+    def _step_speculative(self) -> list[GenOutput]:
+        B, r, s = len(self.live), self.rows, self.strategy
+        n, dlen = r["n"][:B], r["dlen"][:B]
+        temp = r["temp"][:B]
+        # 1. draft catches up on committed tokens it has not seen, giving the root's child distribution
+        width = n - dlen
+        W = int(width.max())
+        pend_idx = (dlen[:, None] + torch.arange(W, device=self.device)).clamp(max=self.max_len)
+        pending = r["tokens"][:B].gather(1, pend_idx)  # [B, W]
+        root_logits = self._append(self.draft, self.dcache, dlen, width, pending, want_logits=True)[:, 0]
+        r["dlen"][:B] = n
+        ctx = int(n.max())
+        # 2. draft tree, node choice
+        tree = self.drafter.build(s, self.dcache, n, draft_probs(root_logits, temp), temp, ctx)
+        counts = s.choose(tree.values, B, ctx)
+        vt = select_nodes(tree, r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1), counts, s.topk)
+        # 3. verify all chosen nodes of all samples in one target forward; tree K/V stay out of the cache
+        T = vt.tokens.shape[1]
+        tctx = ctx - 1
+        ctx_mask = (torch.arange(tctx, device=self.device)[None, :] < (n - 1)[:, None])[:, None, :].expand(B, T, tctx)
+        positions = (n - 1)[:, None] + vt.depth
+        logits, (nk, nv) = self.target.forward(vt.tokens, positions, torch.cat([ctx_mask, vt.mask], dim=2),
+                                               self.tcache, slice(0, B), tctx, keep_kv=True)  # [B, T, V]
+        probs = self._process(logits.reshape(B * T, -1), B, T).view(B, T, -1)
+        acc = accept(vt, logits, probs, r["greedy"][:B], r["seed"][:B], r["counter"][:B], s.depth)
+        # 4. commit tokens (EOS / length truncation) and the accepted path's target K/V
+        n_old = n.clone()
+        allowed = self._commit(acc.tokens, acc.count, acc.logprobs)
+        src = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=self.device), acc.path], dim=1)  # root + path
+        j = torch.arange(src.shape[1], device=self.device)
+        dst = torch.where(j < allowed[:, None], (n_old - 1)[:, None] + j, self.tcache.trash)  # [B, D + 1]
+        bidx = torch.arange(B, device=self.device)[:, None]
+        self.tcache.k[:, bidx, :, dst] = nk[:, bidx, :, src]  # [B, D + 1, L, Hkv, D]
+        self.tcache.v[:, bidx, :, dst] = nv[:, bidx, :, src]
+        valid = vt.valid[:, 1:]
+        self.node_log.append((vt.values[valid].cpu(), acc.on_path[:, 1:][valid].cpu()))
+        self._bookkeep(B, vt.counts, acc.count - 1, allowed)
+        return self._finish(allowed)
+
+    def _append(self, model: LeanDecoder, cache: KVCache, start: torch.Tensor, width: torch.Tensor,
+                tokens: torch.Tensor, rows: slice | None = None, want_logits: bool = False) -> torch.Tensor | None:
+        """Ragged write-mode forward: row b appends tokens[b, :width[b]] at cache columns start[b]..; padded
+        tokens go to the trash column. Returns logits at each row's last real token [B, 1, V] if asked."""
+        B, W = tokens.shape
+        rows = rows if rows is not None else slice(0, B)
+        t = torch.arange(W, device=self.device)[None, :]
+        real = t < width[:, None]
+        ctx = int((start + width).max())
+        if ctx == 0 or W == 0:
+            return None
+        positions = torch.where(real, start[:, None] + t, torch.zeros_like(t))
+        write_pos = torch.where(real, start[:, None] + t, torch.full_like(t, cache.trash))
+        # real token sees columns <= its own; padded ones see the row's real prefix (never an empty row)
+        last = (start[:, None] + torch.minimum(t, (width - 1)[:, None])).clamp(min=0)  # [B, W]
+        mask = torch.arange(ctx, device=self.device)[None, None, :] <= last[:, :, None]  # [B, W, ctx]
+        at = (width - 1).clamp(min=0)[:, None] if want_logits else None
+        logits, _ = model.forward(tokens, positions, mask, cache, rows, ctx, write_pos=write_pos, logits_at=at,
+                                  want_logits=want_logits)
+        return logits
+
+    def _process(self, logits: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Processed target probabilities for [B * T, V] logits, each sample's params repeated over its T nodes."""
+        r = self.rows
+        rep = lambda x: x[:B].repeat_interleave(T) if T > 1 else x[:B]  # noqa: E731
+        return process_logits(logits, rep(r["temp"]), rep(r["top_k"]), rep(r["top_p"]),
+                              use_top_k=self._n_top_k > 0, use_top_p=self._n_top_p > 0)
+
+    def _commit(self, new_tok: torch.Tensor, count: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        """Append up to count[b] tokens of new_tok [B, W], cut after the first EOS, at max_new_tokens and at
+        max_len. Returns the number appended per sample [B]."""
+        B, W = new_tok.shape
+        r = self.rows
+        n = r["n"][:B]
+        limit = torch.minimum(r["max_new"][:B] - (n - r["plen"][:B]), self.max_len - n)
+        allowed = torch.minimum(count, limit)
+        j = torch.arange(W, device=self.device)[None, :]
+        if self.eos is not None:
+            is_eos = torch.isin(new_tok, self.eos) & (j < allowed[:, None])
+            allowed = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1) + 1, allowed)
+        pos = torch.where(j < allowed[:, None], n[:, None] + j, self.max_len)  # max_len = trash column
+        bidx = torch.arange(B, device=self.device)[:, None]
+        r["tokens"][bidx, pos] = new_tok
+        r["logp"][bidx, pos] = logp
+        r["n"][:B] = n + allowed
+        return allowed
+
+    def _bookkeep(self, B: int, drafted: torch.Tensor, accepted: torch.Tensor, emitted: torch.Tensor) -> None:
+        r = self.rows
+        r["counter"][:B] += 1
+        r["steps"][:B] += 1
+        r["drafted"][:B] += drafted
+        r["accepted"][:B] += accepted
+        self._steps += 1
+        self._sample_steps += B
+        self._accepted += int(accepted.sum())
+        self._tokens += int(emitted.sum())
+
+    def _finish(self, allowed: torch.Tensor) -> list[GenOutput]:
+        """Collect finished samples (EOS emitted or a length limit reached) and free their slots."""
+        B, r = len(self.live), self.rows
+        n = r["n"][:B]
+        last = r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1)
+        stop = torch.zeros_like(n, dtype=torch.bool)
+        if self.eos is not None:
+            stop = torch.isin(last, self.eos) & (allowed > 0)
+        length = (n - r["plen"][:B] >= r["max_new"][:B]) | (n >= self.max_len)
+        done = (stop | length).nonzero().squeeze(1).tolist()
+        if not done:
+            return []
+        stop_l = stop.tolist()
+        outs = [self._output(b, "stop" if stop_l[b] else "length") for b in done]
+        for b in sorted(done, reverse=True):  # descending: the row moved into a hole is never a finished one
+            self._free_row(b)
+        return outs
+
+    def _output(self, row: int, reason: str) -> GenOutput:
+        r, req = self.rows, self.live[row]
+        n, plen = int(r["n"][row]), int(r["plen"][row])
+        toks = r["tokens"][row, :n].tolist()
+        stats = {k: int(r[k][row]) for k in ("steps", "drafted", "accepted")}
+        lp = r["logp"][row, plen:n].tolist() if req.sampling.logprobs else None
+        return GenOutput(req.request_id, toks[:plen], toks[plen:], reason, stats, lp)
+
+    # ---- slots ---------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move queued requests into free slots (FIFO) and prefill them as one ragged batch."""
+        new = []
+        while self.queue and len(self.live) + len(new) < self.max_slots:
+            new.append(self.queue.popleft())
+            self.queued_ids.discard(new[-1].request_id)
+        if not new:
+            return
+        # rows in prompt-length order, so prefill groups of similar lengths waste little on padding
+        new.sort(key=lambda q: len(q.prompt_token_ids))
+        B0 = len(self.live)
+        for req in new:
+            sp, row, p = req.sampling, len(self.live), req.prompt_token_ids
+            self._set_row(row, p, [], sp, as_int64(sp.seed), 0, (0, 0, 0), None, draft_len=len(p) - 1)
+            self.live.append(req)
+            self.row_of[req.request_id] = row
+        widths = [len(q.prompt_token_ids) - 1 for q in new]
+        g0 = 0
+        for g1 in range(1, len(new) + 1):
+            if g1 < len(new) and widths[g1] * (g1 + 1 - g0) <= 1.25 * sum(widths[g0:g1 + 1]) + 256:
+                continue  # row g1 joins the group: padding stays small
+            width = torch.tensor(widths[g0:g1], device=self.device)
+            toks = self.rows["tokens"][B0 + g0:B0 + g1, :max(widths[g1 - 1], 1)]
+            for model, cache in ((self.target, self.tcache), (self.draft, self.dcache)):
+                if model is not None:
+                    self._append(model, cache, torch.zeros_like(width), width, toks, rows=slice(B0 + g0, B0 + g1))
+            g0 = g1
+
+    def _set_row(self, row: int, prompt: list[int], response: list[int], sp: SamplingParams, seed: int,
+                 counter: int, counts: tuple[int, int, int], logprobs: list[float] | None, draft_len: int) -> None:
+        r = self.rows
+        seq = list(prompt) + list(response)
+        r["tokens"][row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        r["logp"][row, :len(seq)] = 0.0
+        if logprobs:
+            r["logp"][row, len(prompt):len(seq)] = torch.tensor(logprobs, dtype=torch.float32)
+        greedy = sp.temperature == 0
+        vals = {"n": len(seq), "dlen": draft_len, "plen": len(prompt), "max_new": sp.max_new_tokens,
+                "temp": sp.temperature, "top_k": 0 if greedy else sp.top_k, "top_p": 1.0 if greedy else sp.top_p,
+                "greedy": greedy, "seed": seed, "counter": counter,
+                "steps": counts[0], "drafted": counts[1], "accepted": counts[2]}
+        for k, v in vals.items():
+            r[k][row] = v
+        self._count_params(sp, +1)
+
+    def _count_params(self, sp: SamplingParams, sign: int) -> None:
+        """Live samples needing top-k / top-p, so the hot path skips the sorts when none do."""
+        greedy = sp.temperature == 0
+        self._n_top_k += sign * int(not greedy and sp.top_k > 0)
+        self._n_top_p += sign * int(not greedy and sp.top_p < 1.0)
+
+    def _free_row(self, row: int) -> None:
+        """Free a slot by moving the last live row into it, keeping live rows dense in 0..B-1."""
+        last = len(self.live) - 1
+        req = self.live[row]
+        self._count_params(req.sampling, -1)
+        del self.row_of[req.request_id]
+        if row != last:
+            r = self.rows
+            for t in r.values():
+                t[row] = t[last]
+            self.tcache.move_row(last, row, int(r["n"][row]))
+            if self.dcache is not None:
+                self.dcache.move_row(last, row, int(r["dlen"][row]))
+            self.live[row] = self.live[last]
+            self.row_of[self.live[row].request_id] = row
+        self.live.pop()
+
+    # ---- migration -----------------------------------------------------------------------------------------
+    def _row(self, request_id: Hashable) -> int:
+        if request_id not in self.row_of:
+            raise KeyError(f"request {request_id!r} is not live in this engine")
+        return self.row_of[request_id]
+
+    @torch.inference_mode()
+    def export_kv(self, request_id: Hashable, start: int, end: int) -> KVRange:
+        """Copy of a live sample's committed K/V for positions [start, end) (clipped to what is committed)."""
+        row = self._row(request_id)
+        tl, dl = int(self.rows["n"][row]) - 1, int(self.rows["dlen"][row])
+        if not 0 <= start <= end:
+            raise ValueError(f"export_kv {request_id!r}: bad range [{start}, {end})")
+        tk, tv = self.tcache.read(row, start, max(start, min(end, tl)))
+        dk = dv = None
+        if self.dcache is not None:
+            dk, dv = self.dcache.read(row, start, max(start, min(end, dl)))
+        return KVRange(start, tk, tv, dk, dv)
+
+    @torch.inference_mode()
+    def export_sample(self, request_id: Hashable, kv_start: int = 0) -> SampleState:
+        """Snapshot of a live sample between steps (KV from kv_start on); the sample stays here until removed."""
+        row, r = self._row(request_id), self.rows
+        req = self.live[row]
+        n, plen = int(r["n"][row]), int(r["plen"][row])
+        kv = self.export_kv(request_id, kv_start, n)
+        toks = r["tokens"][row, :n].tolist()
+        return SampleState(
+            request_id=req.request_id, prompt_token_ids=toks[:plen], token_ids=toks[plen:],
+            sampling=SamplingParams(**vars(req.sampling)), seed=int(r["seed"][row]), counter=int(r["counter"][row]),
+            steps=int(r["steps"][row]), drafted=int(r["drafted"][row]), accepted=int(r["accepted"][row]),
+            logprobs=r["logp"][row, plen:n].tolist() if req.sampling.logprobs else None,
+            target_len=n - 1, draft_len=int(r["dlen"][row]), kv_start=kv_start,
+            target_k=kv.target_k, target_v=kv.target_v, draft_k=kv.draft_k, draft_v=kv.draft_v)
+
+    @torch.inference_mode()
+    def import_sample(self, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
+        """Continue an exported sample here; `prefix` ranges (stage 1 copies) plus the state's own KV must
+        cover the target's committed positions. Draft K/V not covered is recomputed by the draft."""
+        rid = state.request_id
+        if rid in self.row_of or rid in self.queued_ids:
+            raise ValueError(f"import_sample: request {rid!r} is already in this engine")
+        if len(self.live) >= self.max_slots:
+            raise RuntimeError(f"import_sample {rid!r}: no free slot (max_slots={self.max_slots})")
+        n = len(state.prompt_token_ids) + len(state.token_ids)
+        if n > self.max_len - 1:
+            raise ValueError(f"import_sample {rid!r}: {n} tokens do not fit max_len={self.max_len}")
+        if state.target_len != n - 1:
+            raise ValueError(f"import_sample {rid!r}: target_len {state.target_len} != tokens - 1 = {n - 1}")
+        ranges = list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k, state.draft_v)]
+        covered, d_cov = 0, 0
+        row = len(self.live)
+        for kr in sorted(ranges, key=lambda x: x.start):
+            if kr.start > covered:
+                raise ValueError(f"import_sample {rid!r}: target KV gap at positions [{covered}, {kr.start})")
+            self.tcache.load(row, kr.start, kr.target_k, kr.target_v)
+            covered = max(covered, kr.start + kr.target_k.shape[2])
+            if self.dcache is not None and kr.draft_k is not None and kr.start <= d_cov:
+                self.dcache.load(row, kr.start, kr.draft_k, kr.draft_v)
+                d_cov = max(d_cov, kr.start + kr.draft_k.shape[2])
+        if covered < state.target_len:
+            raise ValueError(f"import_sample {rid!r}: target KV covers [0, {covered}), need [0, {state.target_len})")
+        sp = SamplingParams(**vars(state.sampling))
+        self._set_row(row, state.prompt_token_ids, state.token_ids, sp, state.seed, state.counter,
+                      (state.steps, state.drafted, state.accepted), state.logprobs,
+                      draft_len=min(d_cov, state.draft_len, n - 1))
+        self.live.append(GenRequest(rid, list(state.prompt_token_ids), sp))
+        self.row_of[rid] = row
+
+    # ---- stats ---------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._steps = self._sample_steps = self._accepted = self._tokens = 0
+        self._time = 0.0
+        self._n_top_k = getattr(self, "_n_top_k", 0)
+        self._n_top_p = getattr(self, "_n_top_p", 0)
+
+    def stats(self) -> EngineStats:
+        ss = max(self._sample_steps, 1)
+        return EngineStats(live=len(self.live), queued=len(self.queue), steps=self._steps, tokens=self._tokens,
+                           tokens_per_s=self._tokens / self._time if self._time > 0 else 0.0,
+                           mean_accepted=self._accepted / ss, mean_tokens_per_step=self._tokens / ss,
+                           step_ms=1000.0 * self._time / max(self._steps, 1))
+
+    def acceptance_records(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draft values, accepted) of every verified node over the last logged steps: what the acceptance
+        predictor is fitted on."""
+        if not self.node_log:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+        vals, acc = zip(*self.node_log)
+        return torch.cat(vals), torch.cat(acc)

@@ -1,0 +1,230 @@
+"""Lean decoder forward (gpt-fast style) over the weights of an HF Llama-family model (Llama, Qwen2, Mistral).
+
+One function does a forward over [B, T] new tokens against a per-slot KV cache with an explicit boolean mask,
+so the same code serves prefill, plain decoding, draft-tree expansion and tree verification."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from drafting.kv_store import KVCache
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def load_hf_causal_lm(model_or_path, dtype: torch.dtype, what: str):
+    """An HF CausalLM from a path (loaded on CPU) or a model object as given."""
+    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=dtype)
+        except OSError as e:
+            raise ValueError(f"{what}: cannot load an HF causal LM from {model_or_path!r}: {e}") from e
+    if not hasattr(model_or_path, "config") or not hasattr(model_or_path, "state_dict"):
+        raise TypeError(f"{what}: expected a path or an HF model, got {type(model_or_path).__name__}")
+    return model_or_path
+
+
+@dataclass
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eps: float
+
+
+class LeanDecoder:
+    """Fused weights (qkv, gate_up) copied from an HF model; `load_weights` takes HF parameter names."""
+
+    def __init__(self, model_or_path, device, dtype: torch.dtype, max_positions: int, max_len: int,
+                 what: str = "model"):
+        hf = load_hf_causal_lm(model_or_path, dtype, what)
+        cfg = hf.config
+        self.what = what
+        self.config = cfg
+        self.generation_config = getattr(hf, "generation_config", None)
+        if cfg.model_type not in SUPPORTED:
+            raise ValueError(f"{what}: model_type {cfg.model_type!r} is not supported (want one of {SUPPORTED})")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"{what}: hidden_act {cfg.hidden_act!r} is not supported (want 'silu')")
+        window = getattr(cfg, "sliding_window", None)
+        layer_types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * cfg.num_hidden_layers
+        if window is not None and "sliding_attention" in layer_types and window < max_len:
+            raise ValueError(f"{what}: sliding_window={window} < max_len={max_len}; sliding-window attention "
+                             f"is not implemented, use max_len <= {window}")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.shape = ModelShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                                cfg.num_key_value_heads, head_dim, cfg.vocab_size, cfg.rms_norm_eps)
+        self.device, self.dtype = torch.device(device), dtype
+        self._build_params(hf)
+        self._build_rope(hf, max_positions)
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def _build_params(self, hf) -> None:
+        """Allocate fused tensors and a view per HF parameter name, then copy the HF weights in."""
+        s, dev, dt = self.shape, self.device, self.dtype
+        sd = hf.state_dict()
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        inter = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
+        z = lambda *shape: torch.zeros(*shape, device=dev, dtype=dt)  # noqa: E731
+        self.embed = z(s.vocab_size, s.hidden)
+        self.norm = z(s.hidden)
+        self.views: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        embed_ptr = sd["model.embed_tokens.weight"].data_ptr()
+        tied = "lm_head.weight" not in sd or sd["lm_head.weight"].data_ptr() == embed_ptr
+        self.lm_head = self.embed if tied else z(s.vocab_size, s.hidden)
+        self.views["lm_head.weight"] = self.lm_head
+        self.layers = []
+        for i in range(s.layers):
+            p = f"model.layers.{i}."
+            has = lambda n: p + n in sd  # noqa: E731
+            w = {
+                "ln1": z(s.hidden), "ln2": z(s.hidden),
+                "qkv": z(q + 2 * kv, s.hidden), "o": z(s.hidden, q),
+                "gate_up": z(2 * inter, s.hidden), "down": z(s.hidden, inter),
+                "qkv_b": z(q + 2 * kv) if has("self_attn.q_proj.bias") else None,
+                "o_b": z(s.hidden) if has("self_attn.o_proj.bias") else None,
+                "gate_up_b": z(2 * inter) if has("mlp.gate_proj.bias") else None,
+                "down_b": z(s.hidden) if has("mlp.down_proj.bias") else None,
+            }
+            names = {
+                "input_layernorm.weight": w["ln1"], "post_attention_layernorm.weight": w["ln2"],
+                "self_attn.q_proj.weight": w["qkv"][:q], "self_attn.k_proj.weight": w["qkv"][q:q + kv],
+                "self_attn.v_proj.weight": w["qkv"][q + kv:], "self_attn.o_proj.weight": w["o"],
+                "mlp.gate_proj.weight": w["gate_up"][:inter], "mlp.up_proj.weight": w["gate_up"][inter:],
+                "mlp.down_proj.weight": w["down"],
+            }
+            if w["qkv_b"] is not None:
+                names.update({"self_attn.q_proj.bias": w["qkv_b"][:q], "self_attn.k_proj.bias": w["qkv_b"][q:q + kv],
+                              "self_attn.v_proj.bias": w["qkv_b"][q + kv:]})
+            if w["o_b"] is not None:
+                names["self_attn.o_proj.bias"] = w["o_b"]
+            if w["gate_up_b"] is not None:
+                names.update({"mlp.gate_proj.bias": w["gate_up_b"][:inter], "mlp.up_proj.bias": w["gate_up_b"][inter:],
+                              "mlp.down_proj.bias": w["down_b"]})
+            self.views.update({p + n: t for n, t in names.items()})
+            self.layers.append(w)
+        self.load_weights(sd, strict=True)
+
+    def _resolve(self, name: str) -> str | None:
+        for cand in (name, name.removeprefix("module."), "model." + name.removeprefix("module.")):
+            if cand in self.views:
+                return cand
+        return None
+
+    @torch.inference_mode()
+    def load_weights(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     strict: bool = False) -> int:
+        """Copy tensors given by HF parameter names into the fused weights; returns how many were loaded.
+
+        strict: every weight must be given. Unknown names and shape mismatches are errors naming the parameter."""
+        items = named.items() if isinstance(named, Mapping) else named
+        seen = set()
+        for name, t in items:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            key = self._resolve(name)
+            if key is None:
+                raise KeyError(f"{self.what}: unknown parameter {name!r} for this {self.config.model_type} model")
+            dst = self.views[key]
+            if tuple(dst.shape) != tuple(t.shape):
+                raise ValueError(f"{self.what}: parameter {name!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(t.detach().to(device=dst.device, dtype=dst.dtype))
+            seen.add(key)
+        if strict:
+            optional = {"lm_head.weight"} if self.lm_head is self.embed else set()
+            missing = [n for n in self.views if n not in seen and n not in optional]
+            if missing:
+                raise KeyError(f"{self.what}: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        return len(seen)
+
+    def _build_rope(self, hf, max_positions: int) -> None:
+        """cos/sin table from the HF model's own rotary module (same inv_freq, rope scaling, attention scaling)."""
+        rot = hf.model.rotary_emb
+        pos = torch.arange(max_positions, device=rot.inv_freq.device)[None]  # [1, P]
+        probe = torch.zeros(1, dtype=self.dtype, device=rot.inv_freq.device)
+        with torch.no_grad():
+            cos, sin = rot(probe, pos)  # [1, P, D]
+        self.cos = cos[0].to(self.device, self.dtype)  # [P, D]
+        self.sin = sin[0].to(self.device, self.dtype)
+        half = self.sin.shape[-1] // 2
+        self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+                rows: slice, ctx: int, write_pos: torch.Tensor | None = None,
+                extra: tuple[torch.Tensor, torch.Tensor] | None = None, logits_at: torch.Tensor | None = None,
+                keep_kv: bool = False, want_logits: bool = True):
+        """Forward over new tokens against cache rows `rows`.
+
+        tokens, positions: [B, T]. Keys attended, in this order: cache[:ctx] of the rows, then `extra`
+        ([L, B, Hkv, X, D] each; e.g. draft-tree K/V), then the new tokens themselves - unless write_pos [B, T]
+        is given: then new K/V are first written into the cache at those columns and only cache[:ctx] is read.
+        mask: [B, T, S] bool, True = attend, S = number of keys. logits_at [B, K]: token indices to project
+        (default all). positions must lie inside the RoPE table (max_positions; the engine guarantees it).
+        Returns (logits [B, K, V] or None, (new_k, new_v) [L, B, Hkv, T, D] or None)."""
+        s = self.shape
+        B, T = tokens.shape
+        x = self.embed[tokens]  # [B, T, H]
+        cos, sin = self.cos[positions][:, :, None], self.sin_signed[positions][:, :, None]  # [B, T, 1, D]
+        attn_mask = mask[:, None]  # [B, 1, T, S]
+        row_idx = torch.arange(rows.start, rows.stop, device=tokens.device)[:, None].expand(B, T)
+        q_sz, kv_sz = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        new_k = new_v = None
+        if keep_kv:
+            new_k = torch.empty(s.layers, B, s.kv_heads, T, s.head_dim, device=x.device, dtype=x.dtype)
+            new_v = torch.empty_like(new_k)
+        for li, w in enumerate(self.layers):
+            h = rms_norm(x, w["ln1"], s.eps)
+            qkv = F.linear(h, w["qkv"], w["qkv_b"])  # [B, T, (Hq + 2 Hkv) D]
+            qk = apply_rope(qkv[..., :q_sz + kv_sz].view(B, T, s.heads + s.kv_heads, s.head_dim), cos, sin)
+            q = qk[:, :, :s.heads].transpose(1, 2)  # [B, Hq, T, D]
+            k = qk[:, :, s.heads:].transpose(1, 2)  # [B, Hkv, T, D]
+            v = qkv[..., q_sz + kv_sz:].view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
+            if keep_kv:
+                new_k[li], new_v[li] = k, v
+            if write_pos is not None:
+                cache.write(li, row_idx, write_pos, k, v)
+                if not want_logits and li == s.layers - 1:
+                    break  # prefill needs only the cache: the last layer's attention and MLP are unused
+                keys, vals = cache.k[li, rows, :, :ctx], cache.v[li, rows, :, :ctx]
+            else:
+                ks, vs = [cache.k[li, rows, :, :ctx]], [cache.v[li, rows, :, :ctx]]
+                if extra is not None:
+                    ks.append(extra[0][li])
+                    vs.append(extra[1][li])
+                keys, vals = torch.cat(ks + [k], dim=2), torch.cat(vs + [v], dim=2)  # [B, Hkv, S, D]
+            a = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask,
+                                               enable_gqa=s.heads != s.kv_heads)  # [B, Hq, T, D]
+            x = x + F.linear(a.transpose(1, 2).reshape(B, T, q_sz), w["o"], w["o_b"])
+            h = rms_norm(x, w["ln2"], s.eps)
+            gate, up = F.linear(h, w["gate_up"], w["gate_up_b"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w["down"], w["down_b"])
+        logits = None
+        if want_logits:
+            if logits_at is not None:
+                x = x.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))  # [B, K, H]
+            logits = F.linear(rms_norm(x, self.norm, s.eps), self.lm_head)  # [B, K, V]
+        return logits, ((new_k, new_v) if keep_kv else None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exactly HF's LlamaRMSNorm (variance in float32)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's x * cos + rotate_half(x) * sin, bit for bit: rotate_half(x) * sin = roll(x) * [-sin1, sin2]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

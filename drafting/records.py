@@ -1,0 +1,100 @@
+"""Records that cross the engine's boundary: requests, outputs, exported samples, stats."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings; temperature 0 means greedy (target argmax)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off, as in HF
+    max_new_tokens: int = 64
+    seed: int | None = None  # None: drawn from torch's global generator when the request is added
+    logprobs: bool = False
+
+    def validate(self, where: str = "sampling") -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"{where}.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"{where}.top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"{where}.top_k must be an integer >= 0, got {self.top_k}")
+        if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"{where}.max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenRequest:
+    request_id: Hashable
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenOutput:
+    """A finished sample.
+
+    `logprobs` (when asked for) are log p(token) under the target's *processed* distribution p the token
+    was drawn from (after temperature/top-k/top-p; raw softmax for greedy requests)."""
+
+    request_id: Hashable
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS emitted, included) or "length" (max_new_tokens or max_len)
+    stats: dict
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class KVRange:
+    """Committed K/V of one sample for positions [start, start + len): the unit two-stage migration copies."""
+
+    start: int
+    target_k: torch.Tensor  # [L, Hkv, len, D]
+    target_v: torch.Tensor
+    draft_k: torch.Tensor | None = None  # [Ld, Hkv_d, len_d, Dd]; may be shorter (draft lags by design)
+    draft_v: torch.Tensor | None = None
+
+
+@dataclass
+class SampleState:
+    """Everything needed to continue a live sample on another engine exactly as it would have run here.
+
+    KV tensors hold positions [kv_start, target_len) / [kv_start, draft_len); positions before kv_start
+    travel separately as KVRange prefixes (stage 1 of a migration)."""
+
+    request_id: Hashable
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # response so far
+    sampling: SamplingParams
+    seed: int
+    counter: int  # counter-based RNG state: (seed, counter) fully determines future draws
+    steps: int
+    drafted: int
+    accepted: int
+    logprobs: list[float] | None
+    target_len: int  # committed target K/V length (= len(prompt) + len(response) - 1)
+    draft_len: int
+    kv_start: int
+    target_k: torch.Tensor  # [L, Hkv, target_len - kv_start, D]
+    target_v: torch.Tensor
+    draft_k: torch.Tensor | None
+    draft_v: torch.Tensor | None
+
+
+@dataclass
+class EngineStats:
+    live: int
+    queued: int
+    steps: int
+    tokens: int  # tokens emitted since construction (or the last reset_stats)
+    tokens_per_s: float  # emitted tokens / seconds spent inside step()
+    mean_accepted: float  # accepted draft tokens per sample-step
+    mean_tokens_per_step: float  # emitted tokens per sample-step (accepted + the bonus/correction token)
+    step_ms: float  # mean wall time of one step()

@@ -1,0 +1,200 @@
+"""The single controller: one RLHF iteration reads top to bottom as the algorithm (verl's `fit()`)."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from configs.schema import Config
+from drafting import GenRequest, SamplingParams
+from trainer import algorithms as algo
+from trainer.checkpoint import CheckpointManager
+from trainer.data import Prompt, PromptSampler
+from trainer.experience import Experience, make_sequences
+from trainer.rollout import RolloutFleet
+from trainer.tracking import Tracking
+
+
+@dataclass
+class Rollout:
+    prompt: Prompt
+    sample: int  # k-th sample of this prompt
+    token_ids: list[int]
+    finish_reason: str
+    stats: dict
+
+
+@contextmanager
+def timed(times: dict, name: str):
+    start = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - start
+
+
+def request_seed(seed: int, iteration: int, position: int) -> int:
+    """A sampling seed per request that depends only on where it is in the run: resume-exact."""
+    return int(np.random.SeedSequence([seed, iteration, position]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Driver:
+    def __init__(self, cfg: Config, actors, tokenizer, sampler: PromptSampler, tracking: Tracking,
+                 checkpoints: CheckpointManager, reward_moments: algo.RunningMoments):
+        self.cfg, self.tokenizer, self.sampler = cfg, tokenizer, sampler
+        self.fleet: RolloutFleet = actors.fleet
+        self.policy, self.critic = actors.policy, actors.critic
+        self.reference, self.reward = actors.reference, actors.reward
+        self.tracking, self.checkpoints = tracking, checkpoints
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.reward_moments = reward_moments
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self, start_iteration: int = 0) -> list[dict]:
+        history = []
+        bar = tqdm(range(start_iteration, self.cfg.trainer.iterations), desc="RLHF", unit="iter",
+                   disable=not self.cfg.tracking.progress, initial=start_iteration,
+                   total=self.cfg.trainer.iterations)
+        for iteration in bar:
+            times = {}
+            with timed(times, "iteration"):
+                with timed(times, "generate"):
+                    prompts = self.sampler.next_batch(self.cfg.trainer.prompts_per_iteration)
+                    rollouts, gen_metrics = self.generate(prompts, iteration)
+                with timed(times, "make_experience"):
+                    experience, exp_metrics = self.make_experience(rollouts)
+                with timed(times, "update"):
+                    train_metrics = self.update(experience, iteration)
+                with timed(times, "weight_sync"):
+                    self.sync_weights()
+            metrics = {**gen_metrics, **exp_metrics, **train_metrics,
+                       **{f"time/{k}": v for k, v in times.items()}}
+            self.tracking.log(metrics, step=iteration)
+            history.append(metrics)
+            if self.checkpoints.due(iteration):
+                self.checkpoints.save(iteration, self.sampler, self.reward_moments, self.tracking.run_id)
+        return history
+
+    # --- phases --------------------------------------------------------------------------------
+    def generate(self, prompts: list[Prompt], iteration: int) -> tuple[list[Rollout], dict]:
+        """Every prompt x sample goes out once and comes back once, spread over the instances."""
+        g, k = self.cfg.generation, self.cfg.trainer.samples_per_prompt
+        requests, owners = [], {}
+        for i, prompt in enumerate(prompts):
+            for s in range(k):
+                rid = f"{iteration}:{i}:{s}"
+                sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                          max_new_tokens=g.max_new_tokens,
+                                          seed=request_seed(self.cfg.seed, iteration, i * k + s))
+                requests.append(GenRequest(rid, list(prompt.token_ids), sampling))
+                owners[rid] = (prompt, s)
+        t0 = time.perf_counter()
+        outputs = self.fleet.run(requests, progress=self.cfg.tracking.progress)
+        elapsed = time.perf_counter() - t0
+        by_id = {o.request_id: o for o in outputs}
+        rollouts = [Rollout(*owners[r.request_id], list(by_id[r.request_id].token_ids),
+                            by_id[r.request_id].finish_reason, _stats_dict(by_id[r.request_id].stats))
+                    for r in requests]  # request order: GRPO groups stay contiguous
+        tokens = sum(len(r.token_ids) for r in rollouts)
+        steps = sum(r.stats.get("steps", 0) for r in rollouts)
+        accepted = sum(r.stats.get("accepted", 0) for r in rollouts)
+        drafted = sum(r.stats.get("drafted", 0) for r in rollouts)
+        metrics = {
+            "rollout/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "rollout/mean_accepted": accepted / max(steps, 1),  # draft tokens accepted per sample-step
+            "rollout/tokens_per_step": tokens / max(steps, 1),
+            "rollout/acceptance_rate": accepted / max(drafted, 1),
+            "response/length_mean": tokens / max(len(rollouts), 1),
+            "response/length_max": max((len(r.token_ids) for r in rollouts), default=0),
+            "response/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
+        }
+        return rollouts, metrics
+
+    def make_experience(self, rollouts: list[Rollout]) -> tuple[Experience, dict]:
+        """Reference, old-policy, value and reward passes run at the same time on their actors."""
+        t = self.cfg.trainer
+        temperature = max(self.cfg.generation.temperature, 1e-6)
+        seqs, attn, action_mask = make_sequences([r.prompt.token_ids for r in rollouts],
+                                                 [r.token_ids for r in rollouts], self.pad_id)
+        num_actions = action_mask.shape[1]
+        prompts_text = [r.prompt.text for r in rollouts]
+        responses_text = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
+
+        ref_ref = self.reference.logprobs.remote(seqs, attn, num_actions, temperature)
+        score_ref = self.reward.score.remote(seqs, attn, prompts_text, responses_text)
+        old_refs = self.policy.call_split("compute_logprobs", seqs, attn, num_actions)
+        value_refs = self.critic.call_split("values", seqs, attn, num_actions) if self.critic else None
+        ref_logp = ray.get(ref_ref)
+        old_logp = torch.cat(ray.get(old_refs))
+        values = torch.cat(ray.get(value_refs)) if value_refs else None
+        scores = ray.get(score_ref).float()
+        raw_scores = scores.clone()
+
+        if t.normalize_reward:
+            self.reward_moments.update(scores)
+            scores = self.reward_moments.normalize(scores)
+        kl = algo.kl_penalty(old_logp, ref_logp, t.kl_estimator) * action_mask
+        if t.algorithm == "ppo":
+            kl_coef = 0.0 if t.use_kl_loss else t.kl_coef
+            rewards = algo.compute_rewards(scores, kl, action_mask, kl_coef, t.reward_clip)
+            advantages, returns = algo.compute_gae(rewards, values, action_mask, t.gamma, t.lam)
+            advantages = algo.masked_whiten(advantages, action_mask)
+        else:
+            rewards = None
+            adv = algo.grpo_advantages(algo.clip_reward(scores, t.reward_clip), t.samples_per_prompt)
+            advantages, returns = algo.expand_to_tokens(adv, action_mask), None
+        exp = Experience(sequences=seqs, attention_mask=attn, action_mask=action_mask, num_actions=num_actions,
+                         old_logprobs=old_logp, ref_logprobs=ref_logp, values=values, rewards=rewards,
+                         advantages=advantages, returns=returns, scores=raw_scores)
+        metrics = {
+            "reward/mean": raw_scores.mean().item(),
+            "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "kl/mean": (kl.sum(1) / action_mask.sum(1).clamp(min=1)).mean().item(),
+            **self._task_metrics(prompts_text, responses_text),
+        }
+        if values is not None:
+            metrics["critic/values_mean"] = algo.masked_mean(values, action_mask).item()
+        return exp, metrics
+
+    def _task_metrics(self, prompts: list[str], responses: list[str]) -> dict:
+        rule = self.cfg.trainer.rule_reward
+        if not rule:
+            return {}
+        from trainer.rewards import get_rule_reward
+
+        fn = get_rule_reward(rule)
+        scores = [fn(p, r) for p, r in zip(prompts, responses)]
+        out = {"score/mean": float(np.mean(scores))}
+        if rule == "tiny_task":
+            from trainer.task import is_exact
+
+            out["score/exact"] = float(np.mean([is_exact(p, r) for p, r in zip(prompts, responses)]))
+        return out
+
+    def update(self, experience: Experience, iteration: int) -> dict:
+        """Critic and policy learn at the same time, each on its data-parallel shards."""
+        policy_refs = self.policy.call_sharded("update", experience, iteration)
+        critic_refs = self.critic.call_sharded("update", experience, iteration) if self.critic else []
+        policy_metrics = ray.get(policy_refs)[0]  # already all-reduced across ranks
+        metrics = {f"policy/{k}": v for k, v in policy_metrics.items()}
+        metrics["loss/policy"] = policy_metrics.get("policy_loss", float("nan"))
+        if critic_refs:
+            critic_metrics = ray.get(critic_refs)[0]
+            metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
+            metrics["loss/value"] = critic_metrics.get("value_loss", float("nan"))
+        return metrics
+
+    def sync_weights(self) -> None:
+        """Trainer rank 0 broadcasts every actor parameter to every generation instance."""
+        self.fleet.sync_weights_from(self.policy)
+
+
+def _stats_dict(stats) -> dict:
+    if stats is None:
+        return {}
+    if isinstance(stats, dict):
+        return stats
+    return {k: getattr(stats, k) for k in ("steps", "drafted", "accepted") if hasattr(stats, k)}

@@ -1,0 +1,112 @@
+"""Wiring for one run: checks first, then actors, then the driver loop. `launch.py` calls `run(cfg)`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from configs.schema import Config
+from trainer.preflight import RunPaths, check_models, check_resources, resolve_paths
+
+
+@dataclass
+class RLActors:
+    fleet: object  # RolloutFleet
+    policy: object  # TrainerGroup of PolicyTrainer ranks
+    critic: object | None  # TrainerGroup of Critic ranks (PPO only)
+    reference: object  # ReferenceActor handle
+    reward: object  # RewardActor handle
+
+    def shutdown(self) -> None:
+        import ray
+
+        for group in (self.policy, self.critic):
+            if group is not None:
+                group.shutdown()
+        for handle in [self.reference, self.reward, *self.fleet.instances]:
+            ray.kill(handle)
+
+
+def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
+    import ray
+
+    from actors.critic import Critic
+    from actors.policy_trainer import PolicyTrainer
+    from actors.reference import ReferenceActor
+    from actors.reward import RewardActor
+    from actors.trainer_group import create_trainer_group
+    from trainer.rollout import RolloutFleet
+
+    t, m = cfg.trainer, cfg.model
+    device = "cuda" if t.gpus_per_actor > 0 else "cpu"
+    per_rank = {"num_cpus": t.cpus_per_actor, "num_gpus": t.gpus_per_actor}
+    common = {"temperature": max(cfg.generation.temperature, 1e-6), "seed": cfg.seed, "zero_stage": t.zero_stage,
+              "micro_batch_size": t.micro_batch_size, "ppo_epochs": t.ppo_epochs, "max_norm": t.max_norm,
+              "weight_decay": t.weight_decay, "dtype": m.dtype, "device": device, "threads": t.threads_per_actor}
+    policy_cfg = {**common, "lr": t.actor_lr, "tokenizer_path": paths.actor, "clip_eps": t.clip_eps,
+                  "kl_coef": t.kl_coef, "kl_estimator": t.kl_estimator, "use_kl_loss": t.use_kl_loss, "entropy_coef": t.entropy_coef}
+    critic_cfg = {**common, "lr": t.critic_lr, "value_clip": t.value_clip}
+
+    policy = create_trainer_group(PolicyTrainer, t.world_size, per_rank, paths.actor, policy_cfg)
+    critic = None
+    if t.algorithm == "ppo":
+        critic_path = paths.reward if m.critic_init == "reward" else paths.actor
+        critic = create_trainer_group(Critic, t.world_size, per_rank, critic_path, critic_cfg,
+                                      init_from=m.critic_init)
+    remote = lambda cls: ray.remote(cls).options(**per_rank)  # noqa: E731
+    reference = remote(ReferenceActor).remote(paths.actor, device=device, threads=t.threads_per_actor, dtype=m.dtype)
+    reward = remote(RewardActor).remote(paths.reward, rule_reward=t.rule_reward, rule_weight=t.rule_weight,
+                                        rm_weight=t.rm_weight, device=device, threads=t.threads_per_actor,
+                                        dtype=m.dtype)
+    fleet = RolloutFleet(cfg.generation, paths.actor, paths.draft, m.dtype)
+    ray.get([reference.ready.remote(), reward.ready.remote()])
+    return RLActors(fleet, policy, critic, reference, reward)
+
+
+def run(cfg: Config) -> list[dict]:
+    """Run the configured RLHF job end to end; returns per-iteration metrics."""
+    from transformers import AutoTokenizer
+
+    from trainer.data import PromptSampler, load_prompts
+    from trainer.ray_setup import init_ray
+
+    os.environ.setdefault("WANDB_MODE", cfg.tracking.wandb_mode)
+    resources = init_ray()
+    check_resources(cfg, resources)  # before any model loads
+    paths = resolve_paths(cfg)
+    check_models(cfg, paths)
+    tokenizer = AutoTokenizer.from_pretrained(paths.actor)
+    d = cfg.data
+    prompts = load_prompts(paths.train_prompts, tokenizer, d.max_prompt_len, d.prompt_key, d.messages_key,
+                           d.overlong)
+    sampler = PromptSampler(prompts, cfg.seed, d.shuffle)
+    print(f"{len(prompts)} prompts from {paths.train_prompts}; actor {paths.actor}; draft {paths.draft}",
+          flush=True)
+
+    actors = build_actors(cfg, paths)
+    try:
+        return _train(cfg, actors, tokenizer, sampler)
+    finally:
+        actors.shutdown()
+
+
+def _train(cfg: Config, actors: RLActors, tokenizer, sampler) -> list[dict]:
+    from trainer import algorithms as algo
+    from trainer.checkpoint import CheckpointManager
+    from trainer.driver import Driver
+    from trainer.tracking import Tracking
+
+    checkpoints = CheckpointManager(cfg.trainer.output_dir, cfg.trainer.save_every, actors.policy, actors.critic)
+    reward_moments = algo.RunningMoments()
+    start, run_id = 0, None
+    if cfg.trainer.resume:
+        state = checkpoints.restore(sampler, reward_moments)
+        start, run_id = state["completed_iterations"], state["wandb_run_id"]
+        print(f"resumed from {checkpoints.latest()} after {start} iterations", flush=True)
+    tracking = Tracking(cfg.tracking.project, cfg.tracking.run_name, cfg.to_dict(), cfg.tracking.wandb,
+                        cfg.tracking.wandb_mode, cfg.trainer.output_dir, resume_id=run_id)
+    driver = Driver(cfg, actors, tokenizer, sampler, tracking, checkpoints, reward_moments)
+    try:
+        driver.sync_weights()  # instances start from exactly the trainer's weights (a resumed actor too)
+        return driver.fit(start)
+    finally:
+        tracking.finish()
