@@ -12,12 +12,21 @@ from configs.schema import DEFAULT_CONFIG, ConfigError, load_config
 
 
 def summarize(history: list[dict], window: int = 3) -> str:
-    """First vs last iterations, averaged over a few so one noisy batch does not decide."""
-    n = min(window, max(1, len(history) // 2))
-    keys = [k for k in ("score/mean", "score/exact", "reward/mean") if k in history[0]]
+    """Held-out scores before vs after training, and training-batch scores of the first vs last iterations
+    (averaged over a few, so one noisy batch does not decide)."""
+    lines = []
+    evals = [row for row in history if "eval/score" in row or "eval/reward" in row]
+    if len(evals) >= 2:
+        keys = [k for k in ("eval/score", "eval/exact", "eval/reward") if k in evals[0]]
+        lines.append(f"held-out (greedy) after {evals[0]['iteration']} vs {evals[-1]['iteration']} iterations: "
+                     + ", ".join(f"{k} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in keys))
+    train = [row for row in history if "reward/mean" in row]
+    n = min(window, max(1, len(train) // 2))
+    keys = [k for k in ("score/mean", "score/exact", "reward/mean") if k in train[0]]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    parts = [f"{k} {mean(history[:n], k):.3f} -> {mean(history[-n:], k):.3f}" for k in keys]
-    return f"first vs last {n} iteration(s): " + ", ".join(parts)
+    lines.append(f"training batches, first vs last {n} iteration(s): "
+                 + ", ".join(f"{k} {mean(train[:n], k):.3f} -> {mean(train[-n:], k):.3f}" for k in keys))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

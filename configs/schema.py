@@ -35,6 +35,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_path: str = TINY  # JSONL or Parquet; "tiny" = the tiny world's prompts
+    eval_path: typing.Optional[str] = TINY  # held-out prompts scored greedily; null = no evaluation
+    eval_size: int = 64  # how many eval prompts (from the top of the file)
     prompt_key: str = "prompt"  # a text column ...
     messages_key: str = "messages"  # ... or a chat column rendered with the chat template
     max_prompt_len: int = 80  # longer prompts are dropped (filter) or cut (truncate)
@@ -45,7 +47,7 @@ class DataConfig:
 @dataclass
 class GenerationConfig:
     num_instances: int = 2
-    strategy: str = "tree:4,2,16"  # none | chain:k | tree:depth,topk,nodes
+    strategy: str = "tree:3,2,6"  # none | chain:k | tree:depth,topk,nodes
     max_slots: int = 64  # live samples per instance; more wait in the queue
     max_len: int = 160  # prompt + response tokens per sample
     max_new_tokens: int = 72
@@ -85,6 +87,7 @@ class TrainerConfig:
     rule_weight: float = 1.0
     rm_weight: float = 1.0
     save_every: int = 5  # iterations between checkpoints; 0 = never
+    eval_every: int = 4  # iterations between greedy evaluations (also before the first and after the last)
     resume: bool = False
     output_dir: str = "runs/tiny"
     gpus_per_actor: float = 0.0  # per trainer/critic rank and per reward/reference actor
@@ -200,14 +203,14 @@ def validate(cfg: Config) -> None:
                 "generation.max_new_tokens", "generation.threads_per_instance", "data.max_prompt_len",
                 "trainer.iterations", "trainer.prompts_per_iteration", "trainer.samples_per_prompt",
                 "trainer.world_size", "trainer.micro_batch_size", "trainer.ppo_epochs",
-                "trainer.threads_per_actor"]
+                "trainer.threads_per_actor", "data.eval_size"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be positive, got {flat[key]}")
     non_negative = ["generation.temperature", "generation.top_k", "generation.gpus_per_instance",
                     "generation.cpus_per_instance", "trainer.actor_lr", "trainer.critic_lr",
                     "trainer.kl_coef", "trainer.save_every", "trainer.gpus_per_actor",
-                    "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip"]
+                    "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip", "trainer.eval_every"]
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must not be negative, got {flat[key]}")

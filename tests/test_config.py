@@ -66,7 +66,8 @@ def test_draft_vocab_mismatch_is_named(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a"}\n')
     paths = RunPaths(actor=save(LlamaForCausalLM, 32, "actor"), draft=save(LlamaForCausalLM, 48, "draft"),
-                     reward=save(LlamaForSequenceClassification, 32, "rm", num_labels=1), train_prompts=str(prompts))
+                     reward=save(LlamaForSequenceClassification, 32, "rm", num_labels=1), train_prompts=str(prompts),
+                     eval_prompts=None)
     cfg = load_config(None, ["trainer.rm_weight=1.0"])
     with pytest.raises(ConfigError, match=r"model.draft: vocabulary size 48 != actor's 32"):
         check_models(cfg, paths)

@@ -14,5 +14,5 @@ def test_ray_job_submit_runs_the_tiny_job(ray_head, tiny_world, tmp_path):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     assert "succeeded" in log
-    assert "first vs last 1 iteration(s): score/mean" in log  # launch.py's own closing line, from the job
+    assert "training batches, first vs last 1 iteration(s): score/mean" in log  # launch.py's own closing line, from the job
     assert (tmp_path / "checkpoints" / "iter_00001" / "actor_hf" / "config.json").is_file()

@@ -27,12 +27,16 @@ def test_two_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp
     from trainer.tracking import read_wandb_history
 
     cfg, history = run_config(tmp_path, "trainer.algorithm=ppo", "trainer.iterations=2", "trainer.world_size=2",
-                              "generation.num_instances=2", "trainer.save_every=2", "trainer.rm_weight=0.5")
-    assert len(history) == 2
+                              "generation.num_instances=2", "trainer.save_every=2", "trainer.rm_weight=0.5",
+                              "data.eval_size=8", "trainer.eval_every=1")
+    assert len(history) == 3  # two iterations and the closing evaluation
+    final_eval = history.pop()
+    assert final_eval["iteration"] == 2 and 0.0 <= final_eval["eval/exact"] <= 1.0
     for metrics in history:
         for key in ("score/mean", "reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/clip_frac",
                     "policy/entropy", "response/length_mean", "rollout/tokens_per_s", "rollout/mean_accepted",
-                    "time/generate", "time/make_experience", "time/update", "time/weight_sync"):
+                    "time/generate", "time/make_experience", "time/update", "time/weight_sync",
+                    "eval/score", "eval/reward"):
             assert math.isfinite(metrics[key]), key
         assert metrics["response/length_mean"] > 0
     # the first update moved the policy away from the reference: KL is exactly 0 only before it
@@ -49,7 +53,8 @@ def test_two_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp
     # W&B recorded every iteration's metrics offline
     (run_file,) = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
     rows = read_wandb_history(run_file)
-    assert [row["_step"] for row in rows] == [0, 1]
+    assert [row["_step"] for row in rows] == [0, 1, 2]
+    assert rows[2]["eval/score"] == pytest.approx(final_eval["eval/score"])
     for row, metrics in zip(rows, history):
         assert row["score/mean"] == pytest.approx(metrics["score/mean"])
         assert row["loss/policy"] == pytest.approx(metrics["loss/policy"])
@@ -57,7 +62,7 @@ def test_two_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp
 
 def test_resume_matches_uninterrupted_run(ray_cluster, tiny_world, tmp_path):
     common = ["trainer.algorithm=grpo", "trainer.world_size=1", "generation.num_instances=1",
-              "trainer.save_every=1", "tracking.wandb=false"]
+              "trainer.save_every=1", "tracking.wandb=false", "data.eval_path=null"]
     _, straight = run_config(tmp_path / "a", *common, "trainer.iterations=2")
     _, first = run_config(tmp_path / "b", *common, "trainer.iterations=1")
     _, resumed = run_config(tmp_path / "b", *common, "trainer.iterations=2", "trainer.resume=true")

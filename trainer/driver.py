@@ -43,7 +43,8 @@ def request_seed(seed: int, iteration: int, position: int) -> int:
 
 class Driver:
     def __init__(self, cfg: Config, actors, tokenizer, sampler: PromptSampler, tracking: Tracking,
-                 checkpoints: CheckpointManager, reward_moments: algo.RunningMoments):
+                 checkpoints: CheckpointManager, reward_moments: algo.RunningMoments,
+                 eval_prompts: list[Prompt] = ()):
         self.cfg, self.tokenizer, self.sampler = cfg, tokenizer, sampler
         self.fleet: RolloutFleet = actors.fleet
         self.policy, self.critic = actors.policy, actors.critic
@@ -51,6 +52,7 @@ class Driver:
         self.tracking, self.checkpoints = tracking, checkpoints
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.reward_moments = reward_moments
+        self.eval_prompts = list(eval_prompts)
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self, start_iteration: int = 0) -> list[dict]:
@@ -60,6 +62,8 @@ class Driver:
                    total=self.cfg.trainer.iterations)
         for iteration in bar:
             times = {}
+            # scored with the weights this iteration's rollout uses: row i = the policy after i updates
+            evaluation = self.evaluate() if self._eval_due(iteration) else {}
             with timed(times, "iteration"):
                 with timed(times, "generate"):
                     prompts = self.sampler.next_batch(self.cfg.trainer.prompts_per_iteration)
@@ -70,13 +74,37 @@ class Driver:
                     train_metrics = self.update(experience, iteration)
                 with timed(times, "weight_sync"):
                     self.sync_weights()
-            metrics = {**gen_metrics, **exp_metrics, **train_metrics,
-                       **{f"time/{k}": v for k, v in times.items()}}
+            metrics = {"iteration": iteration, **gen_metrics, **exp_metrics, **train_metrics,
+                       **{f"time/{k}": v for k, v in times.items()}, **evaluation}
             self.tracking.log(metrics, step=iteration)
             history.append(metrics)
             if self.checkpoints.due(iteration):
                 self.checkpoints.save(iteration, self.sampler, self.reward_moments, self.tracking.run_id)
+        if self.eval_prompts and history:
+            final = {"iteration": self.cfg.trainer.iterations, **self.evaluate()}
+            self.tracking.log(final, step=self.cfg.trainer.iterations)
+            history.append(final)
         return history
+
+    def _eval_due(self, iteration: int) -> bool:
+        every = self.cfg.trainer.eval_every
+        return bool(self.eval_prompts) and every > 0 and iteration % every == 0
+
+    def evaluate(self) -> dict:
+        """Greedy responses to the fixed held-out prompts, scored like the training rewards."""
+        g = self.cfg.generation
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=g.max_new_tokens, seed=0)
+        requests = [GenRequest(f"eval:{i}", list(p.token_ids), greedy) for i, p in enumerate(self.eval_prompts)]
+        outputs = self.fleet.run(requests)
+        prompts = [p.text for p in self.eval_prompts]
+        responses = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
+        seqs, attn, _ = make_sequences([p.token_ids for p in self.eval_prompts], [o.token_ids for o in outputs],
+                                       self.pad_id)
+        rewards = ray.get(self.reward.score.remote(seqs, attn, prompts, responses))
+        task = {"eval/" + k.split("/")[1].replace("mean", "score"): v
+                for k, v in self._task_metrics(prompts, responses).items()}  # eval/score, eval/exact
+        return {"eval/reward": rewards.float().mean().item(), **task,
+                "eval/length_mean": float(np.mean([len(o.token_ids) for o in outputs]))}
 
     # --- phases --------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], iteration: int) -> tuple[list[Rollout], dict]:

@@ -16,18 +16,20 @@ class RunPaths:
     draft: str
     reward: str
     train_prompts: str
+    eval_prompts: str | None
 
 
 def resolve_paths(cfg: Config) -> RunPaths:
     """Map "tiny" entries to the tiny world, building it on first use."""
     m = cfg.model
-    paths = {"actor": m.actor, "draft": m.draft, "reward": m.reward, "train_prompts": cfg.data.train_path}
+    paths = {"actor": m.actor, "draft": m.draft, "reward": m.reward, "train_prompts": cfg.data.train_path,
+             "eval_prompts": cfg.data.eval_path}
     if TINY in paths.values():
         from trainer.bootstrap import ensure_tiny_world
 
         world = ensure_tiny_world()
         tiny = {"actor": world.actor_path, "draft": world.draft_path, "reward": world.reward_path,
-                "train_prompts": world.train_prompts}
+                "train_prompts": world.train_prompts, "eval_prompts": world.eval_prompts}
         paths = {k: str(tiny[k]) if v == TINY else v for k, v in paths.items()}
     return RunPaths(**paths)
 
@@ -69,6 +71,8 @@ def check_models(cfg: Config, paths: RunPaths) -> None:
                           f"max_position_embeddings={max_pos}")
     if not Path(paths.train_prompts).is_file():
         raise ConfigError(f"data.train_path: prompt file not found: {paths.train_prompts}")
+    if paths.eval_prompts is not None and not Path(paths.eval_prompts).is_file():
+        raise ConfigError(f"data.eval_path: prompt file not found: {paths.eval_prompts}")
 
 
 def required_resources(cfg: Config) -> dict[str, float]:

@@ -79,17 +79,21 @@ def run(cfg: Config) -> list[dict]:
     prompts = load_prompts(paths.train_prompts, tokenizer, d.max_prompt_len, d.prompt_key, d.messages_key,
                            d.overlong)
     sampler = PromptSampler(prompts, cfg.seed, d.shuffle)
+    eval_prompts = []
+    if paths.eval_prompts:
+        eval_prompts = load_prompts(paths.eval_prompts, tokenizer, d.max_prompt_len, d.prompt_key, d.messages_key,
+                                    d.overlong)[: d.eval_size]
     print(f"{len(prompts)} prompts from {paths.train_prompts}; actor {paths.actor}; draft {paths.draft}",
           flush=True)
 
     actors = build_actors(cfg, paths)
     try:
-        return _train(cfg, actors, tokenizer, sampler)
+        return _train(cfg, actors, tokenizer, sampler, eval_prompts)
     finally:
         actors.shutdown()
 
 
-def _train(cfg: Config, actors: RLActors, tokenizer, sampler) -> list[dict]:
+def _train(cfg: Config, actors: RLActors, tokenizer, sampler, eval_prompts) -> list[dict]:
     from trainer import algorithms as algo
     from trainer.checkpoint import CheckpointManager
     from trainer.driver import Driver
@@ -104,7 +108,7 @@ def _train(cfg: Config, actors: RLActors, tokenizer, sampler) -> list[dict]:
         print(f"resumed from {checkpoints.latest()} after {start} iterations", flush=True)
     tracking = Tracking(cfg.tracking.project, cfg.tracking.run_name, cfg.to_dict(), cfg.tracking.wandb,
                         cfg.tracking.wandb_mode, cfg.trainer.output_dir, resume_id=run_id)
-    driver = Driver(cfg, actors, tokenizer, sampler, tracking, checkpoints, reward_moments)
+    driver = Driver(cfg, actors, tokenizer, sampler, tracking, checkpoints, reward_moments, eval_prompts)
     try:
         driver.sync_weights()  # instances start from exactly the trainer's weights (a resumed actor too)
         return driver.fit(start)

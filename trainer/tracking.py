@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 
-CONSOLE = {"score/mean": "score", "reward/mean": "reward", "kl/mean": "kl", "loss/policy": "pg_loss",
+CONSOLE = {"eval/score": "eval_score", "eval/exact": "eval_exact", "score/mean": "score", "reward/mean": "reward", "kl/mean": "kl", "loss/policy": "pg_loss",
            "loss/value": "v_loss", "response/length_mean": "len", "rollout/tokens_per_s": "gen_tok/s",
            "rollout/mean_accepted": "acc/step", "time/iteration": "s/iter", "time/generate": "gen_s",
            "time/make_experience": "exp_s", "time/update": "upd_s", "time/weight_sync": "sync_s"}
