@@ -122,10 +122,8 @@ class Driver:
         t0 = time.perf_counter()
         outputs = self.fleet.run(requests, progress=self.cfg.tracking.progress)
         elapsed = time.perf_counter() - t0
-        by_id = {o.request_id: o for o in outputs}
-        rollouts = [Rollout(*owners[r.request_id], list(by_id[r.request_id].token_ids),
-                            by_id[r.request_id].finish_reason, _stats_dict(by_id[r.request_id].stats))
-                    for r in requests]  # request order: GRPO groups stay contiguous
+        rollouts = [Rollout(*owners[r.request_id], list(o.token_ids), o.finish_reason, dict(o.stats))
+                    for r, o in zip(requests, outputs)]  # request order: GRPO groups stay contiguous
         tokens = sum(len(r.token_ids) for r in rollouts)
         steps = sum(r.stats.get("steps", 0) for r in rollouts)
         accepted = sum(r.stats.get("accepted", 0) for r in rollouts)
@@ -219,10 +217,3 @@ class Driver:
         """Trainer rank 0 broadcasts every actor parameter to every generation instance."""
         self.fleet.sync_weights_from(self.policy)
 
-
-def _stats_dict(stats) -> dict:
-    if stats is None:
-        return {}
-    if isinstance(stats, dict):
-        return stats
-    return {k: getattr(stats, k) for k in ("steps", "drafted", "accepted") if hasattr(stats, k)}
