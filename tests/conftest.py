@@ -17,6 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread avoids oversubscribing the shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_world():
     from trainer.bootstrap import ensure_tiny_world

@@ -3,6 +3,8 @@ EOS / max_new_tokens inside an accepted run, clear errors. Tiny random models (h
 import functools
 
 import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -32,15 +34,6 @@ def tiny_lm(kind: str, layers: int = 2, hidden: int = 64, seed: int = 0, vocab: 
                     p.normal_(0, 0.2)
         return m
     raise ValueError(kind)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids oversubscribing the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """Export/import of live samples: a sample moved to a fresh engine mid-generation continues exactly as it
 would have (greedy and seeded sampling), including a two-stage copy (KV prefix first, then the delta)."""
 import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -8,14 +10,6 @@ from drafting import GenRequest, SamplingParams, SpeculativeEngine
 
 V = 32
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ accept and the reject paths of residual acceptance."""
 from collections import Counter
 
 import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from scipy.stats import chi2
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -17,14 +19,6 @@ V = 12
 N = 3000
 PROMPT = [3, 7, 1, 5]
 SP = SamplingParams(temperature=0.8, top_k=10, top_p=0.95, max_new_tokens=2, seed=123)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
