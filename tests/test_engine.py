@@ -3,14 +3,14 @@ EOS / max_new_tokens inside an accepted run, clear errors. Tiny random models (h
 import functools
 
 import pytest
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine, parse_strategy
 from drafting.kv_store import KVCache
 from drafting.model import LeanDecoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 96
 STRATEGIES = ["none", "chain:1", "chain:4", "tree:3,2,6", "tree:4,3,16"]

@@ -1,12 +1,12 @@
 """Export/import of live samples: a sample moved to a fresh engine mid-generation continues exactly as it
 would have (greedy and seeded sampling), including a two-stage copy (KV prefix first, then the delta)."""
 import pytest
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 32
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]

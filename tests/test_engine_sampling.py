@@ -4,8 +4,6 @@ accept and the reject paths of residual acceptance."""
 from collections import Counter
 
 import pytest
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from scipy.stats import chi2
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -14,6 +12,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 
 from drafting import SamplingParams, SpeculativeEngine
 from drafting.sampling import mix64, process_logits, sample_from, uniforms
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 12
 N = 3000
