@@ -69,6 +69,7 @@ class TrainerConfig:
     zero_stage: int = 1
     micro_batch_size: int = 32
     ppo_epochs: int = 1
+    critic_warmup: int = 0  # PPO only: first iterations train only the critic (OpenRLHF's freezing_actor_steps)
     actor_lr: float = 1e-4
     critic_lr: float = 1e-4
     weight_decay: float = 0.0
@@ -81,6 +82,7 @@ class TrainerConfig:
     kl_estimator: str = "k1"  # k1 | k2 | k3
     use_kl_loss: bool = False  # GRPO style: KL as a loss term instead of inside the reward
     entropy_coef: float = 0.0
+    grpo_norm_std: bool = True  # divide GRPO advantages by the group's std (False: Dr. GRPO)
     reward_clip: float = 10.0
     normalize_reward: bool = False
     rule_reward: typing.Optional[str] = "tiny_task"  # a rule-based reward function by name
@@ -210,7 +212,8 @@ def validate(cfg: Config) -> None:
     non_negative = ["generation.temperature", "generation.top_k", "generation.gpus_per_instance",
                     "generation.cpus_per_instance", "trainer.actor_lr", "trainer.critic_lr",
                     "trainer.kl_coef", "trainer.save_every", "trainer.gpus_per_actor",
-                    "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip", "trainer.eval_every"]
+                    "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip", "trainer.eval_every",
+                    "trainer.critic_warmup"]
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must not be negative, got {flat[key]}")
@@ -228,6 +231,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.zero_stage: must be 0..3, got {t.zero_stage}")
     if t.algorithm == "grpo" and t.samples_per_prompt < 2:
         raise ConfigError("trainer.samples_per_prompt: GRPO needs at least 2 samples per prompt")
+    if t.algorithm == "ppo" and t.critic_warmup >= t.iterations:
+        raise ConfigError(f"trainer.critic_warmup: {t.critic_warmup} leaves no policy update in "
+                          f"trainer.iterations={t.iterations}")
     if (t.prompts_per_iteration * t.samples_per_prompt) % t.world_size:
         raise ConfigError(f"trainer.world_size: {t.world_size} does not divide the "
                           f"{t.prompts_per_iteration * t.samples_per_prompt} samples of an iteration")

@@ -79,6 +79,9 @@ def test_grpo_group_normalisation():
     # group 1: mean 0.5, unbiased std sqrt(1/3) = 0.57735 -> +-0.866025; group 2: all equal -> 0
     close(adv, [0.866025, -0.866025, -0.866025, 0.866025, 0.0, 0.0, 0.0, 0.0])
     close(algo.grpo_advantages(torch.tensor([0.0, 3.0, 6.0]), group_size=3), [-1.0, 0.0, 1.0])  # std 3
+    # Dr. GRPO: only the group mean comes off, so a near-tie stays a small advantage
+    close(algo.grpo_advantages(torch.tensor([0.01, 0.02, 1.0, 1.0]), group_size=2, norm_std=False),
+          [-0.005, 0.005, 0.0, 0.0])
     with pytest.raises(ValueError, match="group_size=3"):
         algo.grpo_advantages(scores, group_size=3)
     tokens = algo.expand_to_tokens(torch.tensor([0.5, -2.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))

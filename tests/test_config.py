@@ -46,6 +46,11 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_critic_warmup_must_leave_policy_updates():
+    with pytest.raises(ConfigError, match="trainer.critic_warmup: 16 leaves no policy update"):
+        load_config(None, ["trainer.algorithm=ppo", "trainer.critic_warmup=16", "trainer.iterations=16"])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -9,7 +9,8 @@ def test_ray_job_submit_runs_the_tiny_job(ray_head, tiny_world, tmp_path):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", job_server, "--working-dir", str(ROOT), "--",
            "python", "launch.py", "trainer.iterations=1", "trainer.prompts_per_iteration=4",
            "trainer.samples_per_prompt=2", "trainer.micro_batch_size=8", "generation.num_instances=1",
-           "tracking.progress=false", f"trainer.output_dir={tmp_path}", "trainer.save_every=1"]
+           "tracking.progress=false", f"trainer.output_dir={tmp_path}", "trainer.save_every=1",
+           "data.eval_size=16"]
     out = subprocess.run(cmd, env=cluster_env(), capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]

@@ -21,31 +21,37 @@ def run_config(tmp_path, *overrides):
     return cfg, run(cfg)
 
 
-def test_two_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_path):
+def test_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from trainer.tracking import read_wandb_history
 
-    cfg, history = run_config(tmp_path, "trainer.algorithm=ppo", "trainer.iterations=2", "trainer.world_size=2",
-                              "generation.num_instances=2", "trainer.save_every=2", "trainer.rm_weight=0.5",
-                              "data.eval_size=8", "trainer.eval_every=1")
-    assert len(history) == 3  # two iterations and the closing evaluation
+    cfg, history = run_config(tmp_path, "trainer.algorithm=ppo", "trainer.iterations=3", "trainer.world_size=2",
+                              "generation.num_instances=2", "trainer.save_every=3", "trainer.rm_weight=0.5",
+                              "data.eval_size=8", "trainer.eval_every=1", "trainer.critic_warmup=1",
+                              "model.critic_init=reward")
+    assert len(history) == 4  # three iterations and the closing evaluation
     final_eval = history.pop()
-    assert final_eval["iteration"] == 2 and 0.0 <= final_eval["eval/exact"] <= 1.0
+    assert final_eval["iteration"] == 3 and 0.0 <= final_eval["eval/exact"] <= 1.0
     for metrics in history:
-        for key in ("score/mean", "reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/clip_frac",
-                    "policy/entropy", "response/length_mean", "rollout/tokens_per_s", "rollout/mean_accepted",
-                    "time/generate", "time/make_experience", "time/update", "time/weight_sync",
-                    "eval/score", "eval/reward"):
+        for key in ("score/mean", "reward/mean", "kl/mean", "loss/value", "response/length_mean",
+                    "rollout/tokens_per_s", "rollout/mean_accepted", "time/generate", "time/make_experience",
+                    "time/update", "time/weight_sync", "eval/score", "eval/reward", "eval/sampled_score"):
             assert math.isfinite(metrics[key]), key
         assert metrics["response/length_mean"] > 0
-    # the first update moved the policy away from the reference: KL is exactly 0 only before it
+    # iteration 0 is critic warm-up: the critic learns, the policy does not
+    assert "loss/policy" not in history[0]
+    for metrics in history[1:]:
+        for key in ("loss/policy", "policy/clip_frac", "policy/entropy"):
+            assert math.isfinite(metrics[key]), key
+    # so the policy is still the reference in iteration 1; the first policy update moves it away
     assert history[0]["kl/mean"] == pytest.approx(0.0, abs=1e-5)
-    assert history[1]["kl/mean"] != pytest.approx(0.0, abs=1e-7)
+    assert history[1]["kl/mean"] == pytest.approx(0.0, abs=1e-5)
+    assert history[2]["kl/mean"] != pytest.approx(0.0, abs=1e-7)
 
     # the checkpoint's actor loads on its own as a Hugging Face model
-    ckpt = Path(tmp_path) / "checkpoints" / "iter_00002"
-    assert (Path(tmp_path) / "checkpoints" / "latest").read_text() == "iter_00002"
+    ckpt = Path(tmp_path) / "checkpoints" / "iter_00003"
+    assert (Path(tmp_path) / "checkpoints" / "latest").read_text() == "iter_00003"
     model = AutoModelForCausalLM.from_pretrained(ckpt / "actor_hf")
     initial = AutoModelForCausalLM.from_pretrained(tiny_world.actor_path)
     assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
@@ -53,11 +59,14 @@ def test_two_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp
     # W&B recorded every iteration's metrics offline
     (run_file,) = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
     rows = read_wandb_history(run_file)
-    assert [row["_step"] for row in rows] == [0, 1, 2]
-    assert rows[2]["eval/score"] == pytest.approx(final_eval["eval/score"])
+    assert [row["_step"] for row in rows] == [0, 1, 2, 3]
+    assert rows[3]["eval/score"] == pytest.approx(final_eval["eval/score"])
     for row, metrics in zip(rows, history):
         assert row["score/mean"] == pytest.approx(metrics["score/mean"])
-        assert row["loss/policy"] == pytest.approx(metrics["loss/policy"])
+        assert row["loss/value"] == pytest.approx(metrics["loss/value"])
+        assert ("loss/policy" in row) == ("loss/policy" in metrics)
+        if "loss/policy" in metrics:
+            assert row["loss/policy"] == pytest.approx(metrics["loss/policy"])
 
 
 def test_resume_matches_uninterrupted_run(ray_cluster, tiny_world, tmp_path):

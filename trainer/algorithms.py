@@ -105,15 +105,19 @@ def compute_gae(
     return advantages * mask, returns * mask
 
 
-def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6, norm_std: bool = True) -> torch.Tensor:
     """Group-normalised scores (s - mean_g) / (std_g + eps) [B]; groups are contiguous runs of group_size.
 
     std is the unbiased sample std (as in OpenRLHF / verl); a group of one gets advantage 0.
+    norm_std=False keeps s - mean_g (Dr. GRPO, verl's norm_adv_by_std_in_grpo=False): dividing by a tiny
+    std blows small score differences within a group up to full-size advantages.
     """
     if group_size < 1 or scores.numel() % group_size != 0:
         raise ValueError(f"batch of {scores.numel()} scores does not split into groups of group_size={group_size}")
     groups = scores.float().view(-1, group_size)  # [G, n]
     mean = groups.mean(dim=1, keepdim=True)
+    if not norm_std:
+        return (groups - mean).view(-1)
     std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     return ((groups - mean) / (std + eps)).view(-1)
 

@@ -36,6 +36,9 @@ def timed(times: dict, name: str):
     times[name] = time.perf_counter() - start
 
 
+EVAL_STREAM = 2**32 - 1  # the seed stream of evaluation samples: never an iteration number
+
+
 def request_seed(seed: int, iteration: int, position: int) -> int:
     """A sampling seed per request that depends only on where it is in the run: resume-exact."""
     return int(np.random.SeedSequence([seed, iteration, position]).generate_state(1, np.uint64)[0] >> 1)
@@ -73,7 +76,8 @@ class Driver:
                 with timed(times, "update"):
                     train_metrics = self.update(experience, iteration)
                 with timed(times, "weight_sync"):
-                    self.sync_weights()
+                    if not self.policy_frozen(iteration):
+                        self.sync_weights()
             metrics = {"iteration": iteration, **gen_metrics, **exp_metrics, **train_metrics,
                        **{f"time/{k}": v for k, v in times.items()}, **evaluation}
             self.tracking.log(metrics, step=iteration)
@@ -91,20 +95,29 @@ class Driver:
         return bool(self.eval_prompts) and every > 0 and iteration % every == 0
 
     def evaluate(self) -> dict:
-        """Greedy responses to the fixed held-out prompts, scored like the training rewards."""
+        """The fixed held-out prompts, scored like the training rewards: greedy, and one sample each at the
+        rollout temperature (the policy RL optimises) with seeds fixed across evaluations."""
         g = self.cfg.generation
         greedy = SamplingParams(temperature=0.0, max_new_tokens=g.max_new_tokens, seed=0)
         requests = [GenRequest(f"eval:{i}", list(p.token_ids), greedy) for i, p in enumerate(self.eval_prompts)]
+        for i, p in enumerate(self.eval_prompts):
+            sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                      max_new_tokens=g.max_new_tokens, seed=request_seed(self.cfg.seed, EVAL_STREAM, i))
+            requests.append(GenRequest(f"eval-sampled:{i}", list(p.token_ids), sampling))
         outputs = self.fleet.run(requests)
+        greedy_out, sampled_out = outputs[: len(self.eval_prompts)], outputs[len(self.eval_prompts) :]
         prompts = [p.text for p in self.eval_prompts]
-        responses = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
-        seqs, attn, _ = make_sequences([p.token_ids for p in self.eval_prompts], [o.token_ids for o in outputs],
+        responses = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in greedy_out]
+        seqs, attn, _ = make_sequences([p.token_ids for p in self.eval_prompts], [o.token_ids for o in greedy_out],
                                        self.pad_id)
         rewards = ray.get(self.reward.score.remote(seqs, attn, prompts, responses))
-        task = {"eval/" + k.split("/")[1].replace("mean", "score"): v
-                for k, v in self._task_metrics(prompts, responses).items()}  # eval/score, eval/exact
-        return {"eval/reward": rewards.float().mean().item(), **task,
-                "eval/length_mean": float(np.mean([len(o.token_ids) for o in outputs]))}
+        metrics = {"eval/reward": rewards.float().mean().item(),
+                   "eval/length_mean": float(np.mean([len(o.token_ids) for o in greedy_out]))}
+        sampled = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in sampled_out]
+        for prefix, texts in (("eval/", responses), ("eval/sampled_", sampled)):
+            for k, v in self._task_metrics(prompts, texts).items():  # score/mean -> eval/score, eval/sampled_score
+                metrics[prefix + k.split("/")[1].replace("mean", "score")] = v
+        return metrics
 
     # --- phases --------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], iteration: int) -> tuple[list[Rollout], dict]:
@@ -170,7 +183,8 @@ class Driver:
             advantages = algo.masked_whiten(advantages, action_mask)
         else:
             rewards = None
-            adv = algo.grpo_advantages(algo.clip_reward(scores, t.reward_clip), t.samples_per_prompt)
+            adv = algo.grpo_advantages(algo.clip_reward(scores, t.reward_clip), t.samples_per_prompt,
+                                       norm_std=t.grpo_norm_std)
             advantages, returns = algo.expand_to_tokens(adv, action_mask), None
         exp = Experience(sequences=seqs, attention_mask=attn, action_mask=action_mask, num_actions=num_actions,
                          old_logprobs=old_logp, ref_logprobs=ref_logp, values=values, rewards=rewards,
@@ -200,13 +214,19 @@ class Driver:
             out["score/exact"] = float(np.mean([is_exact(p, r) for p, r in zip(prompts, responses)]))
         return out
 
+    def policy_frozen(self, iteration: int) -> bool:
+        """During critic warm-up only the critic learns: a fresh value head first learns the rewards' scale."""
+        return self.critic is not None and iteration < self.cfg.trainer.critic_warmup
+
     def update(self, experience: Experience, iteration: int) -> dict:
         """Critic and policy learn at the same time, each on its data-parallel shards."""
-        policy_refs = self.policy.call_sharded("update", experience, iteration)
+        policy_refs = [] if self.policy_frozen(iteration) else self.policy.call_sharded("update", experience, iteration)
         critic_refs = self.critic.call_sharded("update", experience, iteration) if self.critic else []
-        policy_metrics = ray.get(policy_refs)[0]  # already all-reduced across ranks
-        metrics = {f"policy/{k}": v for k, v in policy_metrics.items()}
-        metrics["loss/policy"] = policy_metrics.get("policy_loss", float("nan"))
+        metrics = {}
+        if policy_refs:
+            policy_metrics = ray.get(policy_refs)[0]  # already all-reduced across ranks
+            metrics = {f"policy/{k}": v for k, v in policy_metrics.items()}
+            metrics["loss/policy"] = policy_metrics.get("policy_loss", float("nan"))
         if critic_refs:
             critic_metrics = ray.get(critic_refs)[0]
             metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
