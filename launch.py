@@ -18,13 +18,12 @@ def summarize(history: list[dict], window: int = 3) -> str:
     evals = [row for row in history if "eval/score" in row or "eval/reward" in row]
     if len(evals) >= 2:
         first, last = evals[0]["iteration"], evals[-1]["iteration"]
-        keys = [k for k in ("eval/score", "eval/exact", "eval/reward") if k in evals[0]]
-        lines.append(f"held-out greedy, after {first} vs {last} iterations: "
-                     + ", ".join(f"{k} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in keys))
-        keys = [k for k in ("eval/sampled_score", "eval/sampled_exact") if k in evals[0]]
-        if keys:
-            lines.append(f"held-out sampled (rollout temperature), after {first} vs {last} iterations: "
-                         + ", ".join(f"{k} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in keys))
+        for label, candidates in (("greedy", ("eval/score", "eval/exact", "eval/reward")),
+                                  ("sampled (rollout temperature)", ("eval/sampled_score", "eval/sampled_exact"))):
+            keys = [k for k in candidates if k in evals[0]]
+            if keys:
+                lines.append(f"held-out {label}, after {first} vs {last} iterations: "
+                             + ", ".join(f"{k} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in keys))
         for key in ("eval/exact", "eval/sampled_score"):
             if key in evals[0]:
                 lines.append(f"{key} by iteration: " + "  ".join(f"{r['iteration']}: {r[key]:.3f}" for r in evals))

@@ -100,11 +100,12 @@ class Driver:
         g = self.cfg.generation
         greedy = SamplingParams(temperature=0.0, max_new_tokens=g.max_new_tokens, seed=0)
         requests = [GenRequest(f"eval:{i}", list(p.token_ids), greedy) for i, p in enumerate(self.eval_prompts)]
-        for i, p in enumerate(self.eval_prompts):
-            sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                      max_new_tokens=g.max_new_tokens, seed=request_seed(self.cfg.seed, EVAL_STREAM, i))
-            requests.append(GenRequest(f"eval-sampled:{i}", list(p.token_ids), sampling))
-        outputs = self.fleet.run(requests)
+        requests += [GenRequest(f"eval-sampled:{i}", list(p.token_ids),
+                                SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                               max_new_tokens=g.max_new_tokens,
+                                               seed=request_seed(self.cfg.seed, EVAL_STREAM, i)))
+                     for i, p in enumerate(self.eval_prompts)]
+        outputs = self.fleet.run(requests)  # request order: greedy outputs first, then sampled
         greedy_out, sampled_out = outputs[: len(self.eval_prompts)], outputs[len(self.eval_prompts) :]
         prompts = [p.text for p in self.eval_prompts]
         responses = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in greedy_out]
