@@ -62,11 +62,11 @@ def load_world(n_prompts: int, random_models: bool, world_dir: str | None = None
     """(actor, draft, prompt id lists, eos id, source). --random: untrained models of the world's shapes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer import task
+    from trainer.tiny import task
 
     if random_models:
-        from trainer import tiny_models as tm
-        from trainer.bootstrap import RECIPE
+        from trainer.tiny import models as tm
+        from trainer.tiny.bootstrap import RECIPE
 
         tok = tm.build_tokenizer()
         V = len(tok.get_vocab())
@@ -80,7 +80,7 @@ def load_world(n_prompts: int, random_models: bool, world_dir: str | None = None
         rows = [task.make_example(random.Random(i)) for i in range(n_prompts)]
         source = "random models with the tiny world's shapes (development only)"
     else:
-        from trainer.bootstrap import ensure_tiny_world, world_at
+        from trainer.tiny.bootstrap import ensure_tiny_world, world_at
 
         w = world_at(world_dir) if world_dir else ensure_tiny_world()
         tok = AutoTokenizer.from_pretrained(w.tokenizer_path)
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from trainer import task
+    from trainer.tiny import task
 
     n = args.prompts or (16 if args.quick else 64)
     actor, draft, prompts, eos, pad, source = load_world(n, args.random, args.world)

@@ -65,6 +65,7 @@ class SpeculativeEngine:
         self.row_of: dict[Hashable, int] = {}
         self.queue: collections.deque[GenRequest] = collections.deque()
         self.queued_ids: set = set()
+        self.reserved = 0  # slots held for incoming migrations: admission of queued requests leaves them free
         self.node_log: collections.deque = collections.deque(maxlen=node_log_steps)
         self.reset_stats()
 
@@ -319,7 +320,7 @@ class SpeculativeEngine:
     def _admit(self) -> None:
         """Move queued requests into free slots (FIFO) and prefill them as one ragged batch."""
         new = []
-        while self.queue and len(self.live) + len(new) < self.max_slots:
+        while self.queue and len(self.live) + len(new) + self.reserved < self.max_slots:
             new.append(self.queue.popleft())
             self.queued_ids.discard(new[-1].request_id)
         if not new:

@@ -30,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_world():
-    from trainer.bootstrap import ensure_tiny_world
+    from trainer.tiny.bootstrap import ensure_tiny_world
 
     return ensure_tiny_world()
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from trainer import task
-from trainer import tiny_models as tm
-from trainer.bootstrap import RECIPE, ensure_tiny_world, needs_rebuild, recipe_hash
+from trainer.tiny import task
+from trainer.tiny import models as tm
+from trainer.tiny.bootstrap import RECIPE, ensure_tiny_world, needs_rebuild, recipe_hash
 
 N_SAMPLE = 64
 DRAFT_AGREEMENT_FLOOR = 0.70  # measured ~0.80 on the built world; margin for a different machine's float rounding

@@ -210,7 +210,7 @@ class Driver:
         scores = [fn(p, r) for p, r in zip(prompts, responses)]
         out = {"score/mean": float(np.mean(scores))}
         if rule == "tiny_task":
-            from trainer.task import is_exact
+            from trainer.tiny.task import is_exact
 
             out["score/exact"] = float(np.mean([is_exact(p, r) for p, r in zip(prompts, responses)]))
         return out

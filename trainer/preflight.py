@@ -25,7 +25,7 @@ def resolve_paths(cfg: Config) -> RunPaths:
     paths = {"actor": m.actor, "draft": m.draft, "reward": m.reward, "train_prompts": cfg.data.train_path,
              "eval_prompts": cfg.data.eval_path}
     if TINY in paths.values():
-        from trainer.bootstrap import ensure_tiny_world
+        from trainer.tiny.bootstrap import ensure_tiny_world
 
         world = ensure_tiny_world()
         tiny = {"actor": world.actor_path, "draft": world.draft_path, "reward": world.reward_path,

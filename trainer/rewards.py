@@ -9,7 +9,7 @@ RuleReward = Callable[[str, str], float]
 
 # name -> "module:function"; the import is lazy so a rule's module loads only in the actor that uses it.
 RULE_REWARDS: dict[str, str] = {
-    "tiny_task": "trainer.task:score",
+    "tiny_task": "trainer.tiny.task:score",
 }
 
 

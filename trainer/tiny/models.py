@@ -1,6 +1,6 @@
 """Model-building and training helpers for the tiny world: tokenizer, SFT, draft distillation, reward model.
 
-Pure functions over HF models and token-id lists; `trainer/bootstrap.py` decides the order and caching.
+Pure functions over HF models and token-id lists; `trainer/tiny/bootstrap.py` decides the order and caching.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from trainer import task
+from trainer.tiny import task
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Renders a messages list to the bare prompt text (user contents concatenated), no special tokens.

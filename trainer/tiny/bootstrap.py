@@ -1,7 +1,7 @@
 """Build (once) and cache the tiny world: tokenizer, SFT'd actor, distilled draft, reward model, prompt files.
 
 `ensure_tiny_world()` returns the cached world, rebuilding it only when missing or when RECIPE changes.
-`python -m trainer.bootstrap` builds or reports it and prints its metrics.
+`python -m trainer.tiny.bootstrap` builds or reports it and prints its metrics.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainer import task
-from trainer import tiny_models as tm
+from trainer.tiny import task
+from trainer.tiny import models as tm
 
 # Everything that decides the world's content. Bump "version" when the code that uses it changes meaning.
 RECIPE = {
