@@ -107,6 +107,10 @@ class SpeculativeEngine:
             raise ValueError("load_draft_weights: this engine has no draft model")
         return self.draft.load_weights(named)
 
+    def on_draft_update(self) -> None:
+        """The draft's weights changed: acceptance records made with the old draft no longer describe it."""
+        self.node_log.clear()
+
     # ---- requests ------------------------------------------------------------------------------------------
     def add(self, request: GenRequest) -> None:
         """Queue a request; it joins the batch at the next step with a free slot."""
