@@ -12,13 +12,14 @@ from typing import Hashable, Iterable, Mapping, Sequence
 
 import torch
 
-from drafting.accept import accept
+from drafting.accept import walk
 from drafting.kv_store import KVCache
 from drafting.model import LeanDecoder
+from drafting.noise import GumbelScheme, block_size, position_keys
 from drafting.records import EngineStats, GenOutput, GenRequest, KVRange, SampleState, SamplingParams
-from drafting.sampling import as_int64, derive_seed, process_logits, sample_from, uniforms
-from drafting.strategy import DraftStrategy, parse_strategy
-from drafting.tree import TreeDrafter, draft_probs, select_nodes
+from drafting.sampling import as_int64, derive_seed, process_logits
+from drafting.strategy import DraftStrategy, StepView, parse_strategy
+from drafting.tree import TreeDrafter, close_under_ancestors, verify_tree
 
 MAX_DEPTH = 64  # RoPE table headroom beyond max_len for draft/verify node positions
 
@@ -43,6 +44,8 @@ class SpeculativeEngine:
             raise ValueError(f"draft vocab_size {self.draft.shape.vocab_size} != target vocab_size {V}: "
                              f"target and draft must share one vocabulary")
         self.eos = self._eos_tensor(eos_token_id)
+        self.block = block_size(V)  # noise block of two-level Gumbel-max (the whole vocabulary when small)
+        self.scheme = GumbelScheme()
         ts = self.target.shape
         self.tcache = KVCache(ts.layers, max_slots, ts.kv_heads, max_len, ts.head_dim, self.device, dtype)
         self.dcache = None
@@ -58,7 +61,7 @@ class SpeculativeEngine:
         self.rows = {
             "tokens": z(S, L), "logp": z(S, L, dt=torch.float32), "n": z(S), "dlen": z(S), "plen": z(S),
             "max_new": z(S), "temp": z(S, dt=torch.float32), "top_k": z(S), "top_p": z(S, dt=torch.float64),
-            "greedy": z(S, dt=torch.bool), "seed": z(S), "counter": z(S),
+            "greedy": z(S, dt=torch.bool), "seed": z(S),
             "steps": z(S), "drafted": z(S), "accepted": z(S),
         }
         self.live: list[GenRequest] = []  # request of each live row
@@ -83,17 +86,17 @@ class SpeculativeEngine:
     def set_strategy(self, strategy: str | DraftStrategy) -> None:
         """Switch the draft strategy between steps (live samples carry on)."""
         s = parse_strategy(strategy)
-        if s.depth > 0 and self.draft is None:
+        if s.max_depth > 0 and self.draft is None:
             raise ValueError(f"strategy {s.name!r} needs a draft model (draft=None)")
-        if s.depth >= MAX_DEPTH:
-            raise ValueError(f"strategy {s.name!r}: depth {s.depth} must be < {MAX_DEPTH}")
-        if s.depth > 0 and s.topk > self.target.shape.vocab_size:
+        if s.max_depth >= MAX_DEPTH:
+            raise ValueError(f"strategy {s.name!r}: depth {s.max_depth} must be < {MAX_DEPTH}")
+        if s.max_depth > 0 and s.topk > self.target.shape.vocab_size:
             raise ValueError(f"strategy {s.name!r}: topk {s.topk} exceeds the vocabulary size")
         self.strategy = s
-        if s.depth > 0:
-            pool = s.topk + (s.depth - 1) * s.topk * s.topk
-            if self.drafter is None or self.drafter.buf_k.shape[3] < pool:
-                self.drafter = TreeDrafter(self.draft, self.max_slots, pool)
+        if s.max_depth > 0:
+            pool = s.topk + (s.max_depth - 1) * s.width * s.topk
+            if self.drafter is None or self.drafter.max_nodes < pool:
+                self.drafter = TreeDrafter(self.draft, self.max_slots, pool, self.scheme)
 
     @torch.inference_mode()
     def load_target_weights(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -172,47 +175,73 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def step(self) -> list[GenOutput]:
         """Admit queued requests into free slots, advance every live sample by one draft/verify step (or one
-        token with strategy 'none'); returns the samples that finished (their slots are already free)."""
+        plain token); returns the samples that finished (their slots are already free)."""
         t0 = time.perf_counter()
         self._admit()
         if not self.live:
             return []
-        if self.strategy.depth == 0:
-            out = self._step_plain()
-        else:
-            out = self._step_speculative()
+        B, r = len(self.live), self.rows
+        view = StepView(B, int(r["n"][:B].max()), int((r["n"][:B] - r["dlen"][:B]).max()), r["temp"][:B])
+        out = self._step_speculative(view) if self.strategy.plan(view) else self._step_plain()
         self._time += time.perf_counter() - t0
         return out
 
     def _step_plain(self) -> list[GenOutput]:
+        """One target token per sample; the draft cache catches up at the next drafting step."""
         B, r = len(self.live), self.rows
         n = r["n"][:B]
         root = r["tokens"][:B].gather(1, (n - 1)[:, None])  # [B, 1]
         logits = self._append(self.target, self.tcache, n - 1, torch.ones_like(n), root, want_logits=True)[:, 0]
-        probs = self._process(logits, B, 1)  # [B, V]
-        u = uniforms(r["seed"][:B], r["counter"][:B], torch.zeros(1, dtype=torch.long, device=self.device))
-        tok = torch.where(r["greedy"][:B], logits.argmax(-1), sample_from(probs, u[:, 0]))  # [B]
-        lp = probs.gather(1, tok[:, None]).log()
-        allowed = self._commit(tok[:, None], torch.ones_like(n), lp)
+        tok, lp = self._target_tokens(logits, torch.arange(B, device=self.device), n)
+        allowed = self._commit(tok[:, None], torch.ones_like(n), lp[:, None])
         self._bookkeep(B, torch.zeros_like(n), torch.zeros_like(n), allowed)
         return self._finish(allowed)
 
-    def _step_speculative(self) -> list[GenOutput]:
+    def _target_tokens(self, logits: torch.Tensor, rows: torch.Tensor, position: torch.Tensor,
+                       children: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's token and its log-prob for M distributions: logits [M, V] of live rows `rows` [M] for
+        token index position [M] (children [M, K]: the drafted candidates there). Greedy rows take the argmax;
+        sampled rows the position-keyed Gumbel-max of the processed distribution, with noise only for them."""
+        r = self.rows
+        probs = process_logits(logits, r["temp"][rows], r["top_k"][rows], r["top_p"][rows],
+                               use_top_k=self._n_top_k > 0, use_top_p=self._n_top_p > 0)  # [M, V]
+        greedy = r["greedy"][rows]
+        tok = logits.argmax(-1)
+        sampled = (~greedy).nonzero().squeeze(1)
+        if sampled.numel():
+            keys = position_keys(r["seed"][rows[sampled]], position[sampled])
+            ch = None if children is None else children[sampled]
+            tok[sampled] = self.scheme.token(probs[sampled], keys, ch, self.block)
+        return tok, probs.gather(1, tok[:, None]).squeeze(1).log()
+
+    def _draft_probs(self, logits: torch.Tensor, B: int) -> torch.Tensor:
+        """The draft's distributions [B * w, V] for logits [B, w, V], processed with each row's sampling params
+        (the draft mimics what the target samples from, which is what couples their choices)."""
+        r, w = self.rows, logits.shape[1]
+        rep = (lambda x: x[:B].repeat_interleave(w)) if w > 1 else (lambda x: x[:B])  # noqa: E731
+        return process_logits(logits.reshape(B * w, -1), rep(r["temp"]), rep(r["top_k"]), rep(r["top_p"]),
+                              use_top_k=self._n_top_k > 0, use_top_p=self._n_top_p > 0)
+
+    def _step_speculative(self, view: StepView) -> list[GenOutput]:
         B, r, s = len(self.live), self.rows, self.strategy
-        n, dlen = r["n"][:B], r["dlen"][:B]
-        temp = r["temp"][:B]
-        # 1. draft catches up on committed tokens it has not seen, giving the root's child distribution
+        n, dlen, seed, greedy = r["n"][:B], r["dlen"][:B], r["seed"][:B], r["greedy"][:B]
+        # 1. the draft catches up on committed tokens it has not seen, giving the root's child distribution
         width = n - dlen
         W = int(width.max())
         pend_idx = (dlen[:, None] + torch.arange(W, device=self.device)).clamp(max=self.max_len)
         pending = r["tokens"][:B].gather(1, pend_idx)  # [B, W]
-        root_logits = self._append(self.draft, self.dcache, dlen, width, pending, want_logits=True)[:, 0]
+        root_logits = self._append(self.draft, self.dcache, dlen, width, pending, want_logits=True)  # [B, 1, V]
         r["dlen"][:B] = n
-        ctx = int(n.max())
-        # 2. draft tree, node choice
-        tree = self.drafter.build(s, self.dcache, n, draft_probs(root_logits, temp), temp, ctx)
-        counts = s.choose(tree.values, B, ctx)
-        vt = select_nodes(tree, r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1), counts, s.topk)
+        ctx = view.context
+        # 2. draft tree, level by level while the strategy wants another level; then the nodes to verify
+        tree = self.drafter.start(self._draft_probs(root_logits, B), n, seed, greedy, s.topk, s.width, self.block)
+        while s.deeper(tree, view):
+            self.drafter.choose_frontier(tree, s.width)
+            tree = self.drafter.grow(tree, self.dcache, n, ctx, seed, greedy, lambda lg: self._draft_probs(lg, B),
+                                     s.topk, self.block)
+        chosen = close_under_ancestors(tree, s.select(tree, view))
+        root = r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1)
+        vt = verify_tree(tree, chosen, root, s.topk)
         # 3. verify all chosen nodes of all samples in one target forward; tree K/V stay out of the cache
         T = vt.tokens.shape[1]
         tctx = ctx - 1
@@ -220,21 +249,47 @@ class SpeculativeEngine:
         positions = (n - 1)[:, None] + vt.depth
         logits, (nk, nv) = self.target.forward(vt.tokens, positions, torch.cat([ctx_mask, vt.mask], dim=2),
                                                self.tcache, slice(0, B), tctx, keep_kv=True)  # [B, T, V]
-        probs = self._process(logits.reshape(B * T, -1), B, T).view(B, T, -1)
-        acc = accept(vt, logits, probs, r["greedy"][:B], r["seed"][:B], r["counter"][:B], s.depth)
-        # 4. commit tokens (EOS / length truncation) and the accepted path's target K/V
+        # 4. walk the tree on the target's own tokens, computed only at the nodes the walk reaches
+        logp = torch.zeros(B, tree.levels + 1, device=self.device)
+
+        def choose(rows: torch.Tensor, nodes: torch.Tensor, level: int) -> torch.Tensor:
+            ch = vt.children[rows, nodes]
+            ch_tok = torch.where(ch >= 0, vt.tokens[rows].gather(1, ch.clamp(min=0)), -1)
+            tok, lp = self._target_tokens(logits[rows, nodes], rows, n[rows] + level, ch_tok)
+            logp[rows, level] = lp
+            return tok
+
+        acc = walk(vt, choose, tree.levels)
+        # 5. commit tokens (EOS / length truncation) and the accepted path's target K/V
         n_old = n.clone()
-        allowed = self._commit(acc.tokens, acc.count, acc.logprobs)
+        allowed = self._commit(acc.tokens, acc.count, logp)
         src = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=self.device), acc.path], dim=1)  # root + path
         j = torch.arange(src.shape[1], device=self.device)
         dst = torch.where(j < allowed[:, None], (n_old - 1)[:, None] + j, self.tcache.trash)  # [B, D + 1]
         bidx = torch.arange(B, device=self.device)[:, None]
         self.tcache.k[:, bidx, :, dst] = nk[:, bidx, :, src]  # [B, D + 1, L, Hkv, D]
         self.tcache.v[:, bidx, :, dst] = nv[:, bidx, :, src]
-        valid = vt.valid[:, 1:]
-        self.node_log.append((vt.values[valid].cpu(), acc.on_path[:, 1:][valid].cpu()))
+        self._record(tree, vt, acc, view)
         self._bookkeep(B, vt.counts, acc.count - 1, allowed)
         return self._finish(allowed)
+
+    def _record(self, tree, vt, acc, view: StepView) -> None:
+        """Log every tested node (verified, parent accepted) with its features: the acceptance predictor's data."""
+        B = vt.tokens.shape[0]
+        node = vt.node  # [B, T - 1] draft-tree index
+        par = tree.parents.gather(1, node)  # [B, T - 1], -1 = root
+        on_path_by_node = torch.zeros(B, tree.size + 1, dtype=torch.bool, device=self.device)
+        on_path_by_node.scatter_(1, torch.where(vt.valid[:, 1:], node, tree.size), acc.on_path[:, 1:])
+        parent_ok = torch.where(par < 0, torch.ones_like(par, dtype=torch.bool),
+                                on_path_by_node.gather(1, par.clamp(min=0)))
+        tested = vt.valid[:, 1:] & parent_ok
+        if not bool(tested.any()):
+            return
+        temp = view.temperature[:, None].expand_as(node)
+        feats = torch.stack([tree.value.gather(1, node), tree.q.gather(1, node), tree.margin.gather(1, node),
+                             tree.depth[node].float(), tree.rank[node].float(), temp.float()], dim=-1)[tested]
+        self.node_log.append((feats.cpu(), acc.on_path[:, 1:][tested].cpu()))
+        self.strategy.observe({"features": feats, "accepted": acc.on_path[:, 1:][tested]})
 
     def _append(self, model: LeanDecoder, cache: KVCache, start: torch.Tensor, width: torch.Tensor,
                 tokens: torch.Tensor, rows: slice | None = None, want_logits: bool = False) -> torch.Tensor | None:
@@ -257,13 +312,6 @@ class SpeculativeEngine:
                                   want_logits=want_logits)
         return logits
 
-    def _process(self, logits: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Processed target probabilities for [B * T, V] logits, each sample's params repeated over its T nodes."""
-        r = self.rows
-        rep = lambda x: x[:B].repeat_interleave(T) if T > 1 else x[:B]  # noqa: E731
-        return process_logits(logits, rep(r["temp"]), rep(r["top_k"]), rep(r["top_p"]),
-                              use_top_k=self._n_top_k > 0, use_top_p=self._n_top_p > 0)
-
     def _commit(self, new_tok: torch.Tensor, count: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
         """Append up to count[b] tokens of new_tok [B, W], cut after the first EOS, at max_new_tokens and at
         max_len. Returns the number appended per sample [B]."""
@@ -285,7 +333,6 @@ class SpeculativeEngine:
 
     def _bookkeep(self, B: int, drafted: torch.Tensor, accepted: torch.Tensor, emitted: torch.Tensor) -> None:
         r = self.rows
-        r["counter"][:B] += 1
         r["steps"][:B] += 1
         r["drafted"][:B] += drafted
         r["accepted"][:B] += accepted
@@ -334,7 +381,7 @@ class SpeculativeEngine:
         B0 = len(self.live)
         for req in new:
             sp, row, p = req.sampling, len(self.live), req.prompt_token_ids
-            self._set_row(row, p, [], sp, as_int64(sp.seed), 0, (0, 0, 0), None, draft_len=len(p) - 1)
+            self._set_row(row, p, [], sp, as_int64(sp.seed), (0, 0, 0), None, draft_len=len(p) - 1)
             self.live.append(req)
             self.row_of[req.request_id] = row
         widths = [len(q.prompt_token_ids) - 1 for q in new]
@@ -350,7 +397,7 @@ class SpeculativeEngine:
             g0 = g1
 
     def _set_row(self, row: int, prompt: list[int], response: list[int], sp: SamplingParams, seed: int,
-                 counter: int, counts: tuple[int, int, int], logprobs: list[float] | None, draft_len: int) -> None:
+                 counts: tuple[int, int, int], logprobs: list[float] | None, draft_len: int) -> None:
         r = self.rows
         seq = list(prompt) + list(response)
         r["tokens"][row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -360,7 +407,7 @@ class SpeculativeEngine:
         greedy = sp.temperature == 0
         vals = {"n": len(seq), "dlen": draft_len, "plen": len(prompt), "max_new": sp.max_new_tokens,
                 "temp": sp.temperature, "top_k": 0 if greedy else sp.top_k, "top_p": 1.0 if greedy else sp.top_p,
-                "greedy": greedy, "seed": seed, "counter": counter,
+                "greedy": greedy, "seed": seed,
                 "steps": counts[0], "drafted": counts[1], "accepted": counts[2]}
         for k, v in vals.items():
             r[k][row] = v
@@ -418,7 +465,7 @@ class SpeculativeEngine:
         toks = r["tokens"][row, :n].tolist()
         return SampleState(
             request_id=req.request_id, prompt_token_ids=toks[:plen], token_ids=toks[plen:],
-            sampling=SamplingParams(**vars(req.sampling)), seed=int(r["seed"][row]), counter=int(r["counter"][row]),
+            sampling=SamplingParams(**vars(req.sampling)), seed=int(r["seed"][row]),
             steps=int(r["steps"][row]), drafted=int(r["drafted"][row]), accepted=int(r["accepted"][row]),
             logprobs=r["logp"][row, plen:n].tolist() if req.sampling.logprobs else None,
             target_len=n - 1, draft_len=int(r["dlen"][row]), kv_start=kv_start,
@@ -452,7 +499,7 @@ class SpeculativeEngine:
         if covered < state.target_len:
             raise ValueError(f"import_sample {rid!r}: target KV covers [0, {covered}), need [0, {state.target_len})")
         sp = SamplingParams(**vars(state.sampling))
-        self._set_row(row, state.prompt_token_ids, state.token_ids, sp, state.seed, state.counter,
+        self._set_row(row, state.prompt_token_ids, state.token_ids, sp, state.seed,
                       (state.steps, state.drafted, state.accepted), state.logprobs,
                       draft_len=min(d_cov, state.draft_len, n - 1))
         self.live.append(GenRequest(rid, list(state.prompt_token_ids), sp))
@@ -473,8 +520,9 @@ class SpeculativeEngine:
                            step_ms=1000.0 * self._time / max(self._steps, 1))
 
     def acceptance_records(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(draft values, accepted) of every verified node over the last logged steps: what the acceptance
-        predictor is fitted on."""
+        """(features [M, 6], accepted [M]) of every tested node (verified with its parent accepted) over the last
+        logged steps: what the acceptance predictor is fitted on. Features: path value, own draft probability,
+        margin, depth, sibling rank, temperature."""
         if not self.node_log:
             return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
         vals, acc = zip(*self.node_log)

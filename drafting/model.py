@@ -1,4 +1,4 @@
-"""Lean decoder forward (gpt-fast style) over the weights of an HF Llama-family model (Llama, Qwen2, Mistral).
+"""Lean decoder forward (gpt-fast style) over the weights of an HF Llama-family model (Llama, Qwen2, Qwen3, Mistral).
 
 One function does a forward over [B, T] new tokens against a per-slot KV cache with an explicit boolean mask,
 so the same code serves prefill, plain decoding, draft-tree expansion and tree verification."""
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from drafting.kv_store import KVCache
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -95,6 +95,8 @@ class LeanDecoder:
                 "o_b": z(s.hidden) if has("self_attn.o_proj.bias") else None,
                 "gate_up_b": z(2 * inter) if has("mlp.gate_proj.bias") else None,
                 "down_b": z(s.hidden) if has("mlp.down_proj.bias") else None,
+                "q_norm": z(s.head_dim) if has("self_attn.q_norm.weight") else None,  # Qwen3: per-head RMSNorm
+                "k_norm": z(s.head_dim) if has("self_attn.k_norm.weight") else None,
             }
             names = {
                 "input_layernorm.weight": w["ln1"], "post_attention_layernorm.weight": w["ln2"],
@@ -108,6 +110,8 @@ class LeanDecoder:
                               "self_attn.v_proj.bias": w["qkv_b"][q + kv:]})
             if w["o_b"] is not None:
                 names["self_attn.o_proj.bias"] = w["o_b"]
+            if w["q_norm"] is not None:
+                names.update({"self_attn.q_norm.weight": w["q_norm"], "self_attn.k_norm.weight": w["k_norm"]})
             if w["gate_up_b"] is not None:
                 names.update({"mlp.gate_proj.bias": w["gate_up_b"][:inter], "mlp.up_proj.bias": w["gate_up_b"][inter:],
                               "mlp.down_proj.bias": w["down_b"]})
@@ -187,7 +191,11 @@ class LeanDecoder:
         for li, w in enumerate(self.layers):
             h = rms_norm(x, w["ln1"], s.eps)
             qkv = F.linear(h, w["qkv"], w["qkv_b"])  # [B, T, (Hq + 2 Hkv) D]
-            qk = apply_rope(qkv[..., :q_sz + kv_sz].view(B, T, s.heads + s.kv_heads, s.head_dim), cos, sin)
+            qk = qkv[..., :q_sz + kv_sz].view(B, T, s.heads + s.kv_heads, s.head_dim)
+            if w["q_norm"] is not None:  # Qwen3 normalises each q and k head before RoPE
+                qk = torch.cat([rms_norm(qk[:, :, :s.heads], w["q_norm"], s.eps),
+                                rms_norm(qk[:, :, s.heads:], w["k_norm"], s.eps)], dim=2)
+            qk = apply_rope(qk, cos, sin)
             q = qk[:, :, :s.heads].transpose(1, 2)  # [B, Hq, T, D]
             k = qk[:, :, s.heads:].transpose(1, 2)  # [B, Hkv, T, D]
             v = qkv[..., q_sz + kv_sz:].view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)

@@ -73,8 +73,7 @@ class SampleState:
     prompt_token_ids: list[int]
     token_ids: list[int]  # response so far
     sampling: SamplingParams
-    seed: int
-    counter: int  # counter-based RNG state: (seed, counter) fully determines future draws
+    seed: int  # with the absolute token position, all the randomness a sample's future tokens need
     steps: int
     drafted: int
     accepted: int

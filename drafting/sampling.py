@@ -1,7 +1,5 @@
-"""Logits processing (as HF `generate` does it), a counter-based RNG and inverse-CDF sampling.
-
-The RNG state of a sample is just (seed, counter): draws are pure functions of (seed, counter, draw index),
-so they vectorise over a batch and survive export/import unchanged."""
+"""Logits processing (as HF `generate` does it), the splitmix64 mixer behind every random draw, and
+inverse-CDF sampling. Draws are pure functions of integer keys (`drafting.noise`): the same on any device."""
 from __future__ import annotations
 
 import torch
@@ -27,13 +25,6 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     z = (z ^ _srl(z, 30)) * _M1
     z = (z ^ _srl(z, 27)) * _M2
     return z ^ _srl(z, 31)
-
-
-def uniforms(seed: torch.Tensor, counter: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-    """Uniforms in [0, 1), float64: seed, counter [B] int64; draw [K] or [B, K] int64 -> [B, K]."""
-    base = mix64(seed + _GOLDEN * (counter + 1))  # [B]
-    z = mix64(base[:, None] + _GOLDEN * (draw + 1))  # [B, K]
-    return _srl(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
 def as_int64(x: int) -> int:

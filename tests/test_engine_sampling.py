@@ -1,6 +1,7 @@
-"""Lossless sampling: emitted tokens follow the target's processed distribution (HF's own warpers give the
-expected p), checked by chi-square on a 12-token vocabulary, for chain and tree drafts, through both the
-accept and the reject paths of residual acceptance."""
+"""Lossless, schedule-invariant sampling: emitted tokens follow the target's processed distribution (HF's own
+warpers give the expected p), checked by chi-square on a 12-token vocabulary for chain and tree drafts through
+both the accept and the reject paths, with one- and two-level Gumbel-max; and a seeded sample's tokens do not
+depend on the strategy or the batch."""
 from collections import Counter
 
 import pytest
@@ -11,7 +12,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from drafting import SamplingParams, SpeculativeEngine
-from drafting.sampling import mix64, process_logits, sample_from, uniforms
+from drafting.noise import gumbel, position_keys
+from drafting.sampling import mix64, process_logits, sample_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,10 +66,12 @@ def chi_square(counts: Counter, p: torch.Tensor) -> tuple[float, int]:
     return stat, dof
 
 
-@pytest.mark.parametrize("strategy", ["chain:2", "tree:3,3,8"])
-def test_emitted_tokens_have_target_distribution(models, strategy):
+@pytest.mark.parametrize("strategy,block", [("chain:2", V), ("tree:3,3,8", V), ("tree:3,3,8", 4)])
+def test_emitted_tokens_have_target_distribution(models, strategy, block):
+    """block 4 < V: two-level Gumbel-max (a block of the vocabulary by mass, then a token inside it)."""
     target, draft = models
     eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=N, max_len=16)
+    eng.block = block
     outs = eng.generate([PROMPT] * N, SP)
     # first emitted token: accepted draft or correction token, ~ p(. | prompt)
     stat, dof = chi_square(Counter(o.token_ids[0] for o in outs), hf_processed(target, PROMPT))
@@ -95,7 +99,30 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(models):
     assert len({tuple(x) for x in a}) > 1  # one user seed, distinct derived seeds per prompt
 
 
-def test_counter_rng_is_splitmix64():
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_seeded_tokens_do_not_depend_on_strategy_or_batch(models, temperature, top_k, top_p):
+    """Every strategy, a batch of 64 and batches of 1 emit the same tokens for the same (prompt, seed)."""
+    target, draft = models
+    prompts = [[(3 * i + j) % V for j in range(1 + i % 5)] for i in range(64)]
+    sp = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=1000 + i,
+                         logprobs=True) for i in range(64)]
+    runs = {}
+    for strategy in ["none", "chain:1", "chain:4", "tree:3,2,6", "tree:4,2,10", "tree:6,3,24"]:
+        eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=64, max_len=32)
+        runs[strategy] = eng.generate(prompts, sp)
+        if strategy != "none":
+            assert eng.stats().mean_accepted > 0.3  # drafts really were accepted
+    eng = SpeculativeEngine(target, draft, strategy="tree:3,2,6", max_slots=1, max_len=32)
+    runs["batch of 1"] = [eng.generate([p], [s])[0] for p, s in zip(prompts[:16], sp[:16])]
+    ref = [o.token_ids for o in runs["none"]]
+    assert len({tuple(t) for t in ref}) > 32  # really sampled
+    for name, outs in runs.items():
+        assert [o.token_ids for o in outs] == ref[:len(outs)], name
+        for o, r in zip(outs, runs["none"]):
+            assert o.logprobs == pytest.approx(r.logprobs, abs=1e-5), name
+
+
+def test_noise_is_splitmix64_keyed_and_gumbel_distributed():
     """Pinned to a pure-Python splitmix64 so draws are identical on every device and after migration."""
     M = (1 << 64) - 1
 
@@ -108,9 +135,12 @@ def test_counter_rng_is_splitmix64():
     for x in [0, 1, 12345, (1 << 63) + 7, M]:
         signed = x - (1 << 64) if x >= (1 << 63) else x
         assert int(mix64(torch.tensor([signed]))) & M == ref_mix(x)
-    u = uniforms(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 9]), torch.arange(1000))
-    assert u.shape == (3, 1000) and 0 <= float(u.min()) and float(u.max()) < 1
-    assert abs(float(u.mean()) - 0.5) < 0.02
+    keys = position_keys(torch.tensor([1, 1, 2]), torch.tensor([5, 6, 5]))
+    g = gumbel(keys, torch.arange(20000), stream=0)
+    assert g.shape == (3, 20000)
+    assert not torch.equal(g[0], g[1]) and not torch.equal(g[0], g[2])  # other position, other seed
+    assert torch.equal(g[0, 100:200], gumbel(keys[:1], torch.arange(100, 200), stream=0)[0])  # keyed by index
+    assert abs(float(g.mean()) - 0.5772) < 0.02 and abs(float(g.var()) - 1.6449) < 0.05
 
 
 def test_process_logits_matches_hf_warpers_and_inverse_cdf():
