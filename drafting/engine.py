@@ -29,7 +29,10 @@ class SpeculativeEngine:
 
     def __init__(self, target, draft=None, strategy: str | DraftStrategy = "tree:4,2,16", max_slots: int = 64,
                  max_len: int = 256, device="cpu", dtype: torch.dtype = torch.float32,
-                 eos_token_id: int | Sequence[int] | None = None, node_log_steps: int = 256):
+                 eos_token_id: int | Sequence[int] | None = None, node_log_steps: int = 256,
+                 calibration=None, step_log_steps: int = 100000):
+        """calibration (needed by strategy 'adaptive'): a calibration file path, 'auto' (the cached profile of
+        this model pair here, profiled on first use), or a `Calibration`."""
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if max_len < 2:
@@ -53,7 +56,9 @@ class SpeculativeEngine:
             ds = self.draft.shape
             self.dcache = KVCache(ds.layers, max_slots, ds.kv_heads, max_len, ds.head_dim, self.device, dtype)
         self.drafter: TreeDrafter | None = None
-        self.set_strategy(strategy)
+        self.dtype = dtype
+        self.calibration_spec, self.calibration = calibration, None
+        self.strategy = parse_strategy("none")
 
         S, L, dev = max_slots, max_len + 1, self.device
         z = lambda *shape, dt=torch.long: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
@@ -70,7 +75,9 @@ class SpeculativeEngine:
         self.queued_ids: set = set()
         self.reserved = 0  # slots held for incoming migrations: admission of queued requests leaves them free
         self.node_log: collections.deque = collections.deque(maxlen=node_log_steps)
+        self.step_log: collections.deque = collections.deque(maxlen=step_log_steps)  # one dict per step
         self.reset_stats()
+        self.set_strategy(strategy)
 
     # ---- configuration -------------------------------------------------------------------------------------
     def _eos_tensor(self, eos) -> torch.Tensor | None:
@@ -85,6 +92,12 @@ class SpeculativeEngine:
 
     def set_strategy(self, strategy: str | DraftStrategy) -> None:
         """Switch the draft strategy between steps (live samples carry on)."""
+        if isinstance(strategy, str) and strategy.strip().lower() == "adaptive":
+            from drafting.adaptive import AdaptiveStrategy
+
+            if self.draft is None:
+                raise ValueError("strategy 'adaptive' needs a draft model (draft=None)")
+            strategy = AdaptiveStrategy(self.load_calibration())
         s = parse_strategy(strategy)
         if s.max_depth > 0 and self.draft is None:
             raise ValueError(f"strategy {s.name!r} needs a draft model (draft=None)")
@@ -94,7 +107,7 @@ class SpeculativeEngine:
             raise ValueError(f"strategy {s.name!r}: topk {s.topk} exceeds the vocabulary size")
         self.strategy = s
         if s.max_depth > 0:
-            pool = s.topk + (s.max_depth - 1) * s.width * s.topk
+            pool = s.topk + (s.max_depth - 1) * s.max_width * s.topk
             if self.drafter is None or self.drafter.max_nodes < pool:
                 self.drafter = TreeDrafter(self.draft, self.max_slots, pool, self.scheme)
 
@@ -111,8 +124,36 @@ class SpeculativeEngine:
         return self.draft.load_weights(named)
 
     def on_draft_update(self) -> None:
-        """The draft's weights changed: acceptance records made with the old draft no longer describe it."""
+        """The draft's weights changed: acceptance records made with the old draft no longer describe it, and
+        the acceptance predictor refits on new ones."""
         self.node_log.clear()
+        self.strategy.reset()
+
+    # ---- calibration ---------------------------------------------------------------------------------------
+    def calibration_key(self) -> dict:
+        from drafting.calibration import calibration_key
+
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        return calibration_key(self.target.config, self.draft.config if self.draft else None, str(self.dtype),
+                               device, torch.get_num_threads())
+
+    def load_calibration(self):
+        """The calibration this engine's adaptive strategy and the load balancer use (see __init__)."""
+        if self.calibration is None:
+            if self.calibration_spec is None:
+                raise ValueError("strategy 'adaptive' needs a calibration: a file from `python -m drafting.profile`"
+                                 " or calibration='auto'")
+            from drafting.profile import resolve_calibration
+
+            self.calibration = resolve_calibration(self, self.calibration_spec)
+        return self.calibration
+
+    @property
+    def saturation_live(self) -> int | None:
+        """Live samples where plain decoding's throughput stops growing (the roofline's saturation point)."""
+        if self.calibration is None and self.calibration_spec is not None:
+            self.load_calibration()
+        return None if self.calibration is None else self.calibration.saturation_live
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add(self, request: GenRequest) -> None:
@@ -182,8 +223,18 @@ class SpeculativeEngine:
             return []
         B, r = len(self.live), self.rows
         view = StepView(B, int(r["n"][:B].max()), int((r["n"][:B] - r["dlen"][:B]).max()), r["temp"][:B])
-        out = self._step_speculative(view) if self.strategy.plan(view) else self._step_plain()
-        self._time += time.perf_counter() - t0
+        self._log = {"live": B, "ctx": view.context, "lag": view.draft_lag, "t_admit": time.perf_counter() - t0}
+        t1 = time.perf_counter()
+        draft = self.strategy.plan(view)
+        self._log["t_policy"] = time.perf_counter() - t1
+        out = self._step_speculative(view) if draft else self._step_plain()
+        dt = time.perf_counter() - t0
+        self._time += dt
+        self._log["t_total"] = dt
+        decision = getattr(self.strategy, "decision", None)
+        if decision:
+            self._log.update({f"plan_{k}": v for k, v in decision.items()})
+        self.step_log.append(self._log)
         return out
 
     def _step_plain(self) -> list[GenOutput]:
@@ -195,6 +246,7 @@ class SpeculativeEngine:
         tok, lp = self._target_tokens(logits, torch.arange(B, device=self.device), n)
         allowed = self._commit(tok[:, None], torch.ones_like(n), lp[:, None])
         self._bookkeep(B, torch.zeros_like(n), torch.zeros_like(n), allowed)
+        self._log.update({"plain": True, "levels": 0, "nodes": 0, "accepted": 0})
         return self._finish(allowed)
 
     def _target_tokens(self, logits: torch.Tensor, rows: torch.Tensor, position: torch.Tensor,
@@ -224,6 +276,7 @@ class SpeculativeEngine:
 
     def _step_speculative(self, view: StepView) -> list[GenOutput]:
         B, r, s = len(self.live), self.rows, self.strategy
+        self._log["_t_spec"] = time.perf_counter()
         n, dlen, seed, greedy = r["n"][:B], r["dlen"][:B], r["seed"][:B], r["greedy"][:B]
         # 1. the draft catches up on committed tokens it has not seen, giving the root's child distribution
         width = n - dlen
@@ -235,27 +288,42 @@ class SpeculativeEngine:
         ctx = view.context
         # 2. draft tree, level by level while the strategy wants another level; then the nodes to verify
         tree = self.drafter.start(self._draft_probs(root_logits, B), n, seed, greedy, s.topk, s.width, self.block)
-        while s.deeper(tree, view):
+        log, clock = self._log, time.perf_counter
+        t = clock()
+        log["t_root"], levels, t_policy = t - log.pop("_t_spec", t), [], 0.0
+        while True:
+            t = clock()
+            s.score(tree, view)
+            more = s.deeper(tree, view)
+            t_policy += clock() - t
+            if not more:
+                break
+            t = clock()
             self.drafter.choose_frontier(tree, s.width)
             tree = self.drafter.grow(tree, self.dcache, n, ctx, seed, greedy, lambda lg: self._draft_probs(lg, B),
                                      s.topk, self.block)
+            levels.append((s.width, clock() - t))
+        t = clock()
         chosen = close_under_ancestors(tree, s.select(tree, view))
+        log["t_policy"] += t_policy + clock() - t
         root = r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1)
         vt = verify_tree(tree, chosen, root, s.topk)
+        t_verify = clock()
         # 3. verify all chosen nodes of all samples in one target forward; tree K/V stay out of the cache
         T = vt.tokens.shape[1]
         tctx = ctx - 1
         ctx_mask = (torch.arange(tctx, device=self.device)[None, :] < (n - 1)[:, None])[:, None, :].expand(B, T, tctx)
         positions = (n - 1)[:, None] + vt.depth
         logits, (nk, nv) = self.target.forward(vt.tokens, positions, torch.cat([ctx_mask, vt.mask], dim=2),
-                                               self.tcache, slice(0, B), tctx, keep_kv=True)  # [B, T, V]
+                                               self.tcache, slice(0, B), tctx, keep_kv=True, valid=vt.valid)
+        packed = vt.valid.view(-1).cumsum(0).sub_(1).view(B, T)  # row of each verify node in logits [N, V]
         # 4. walk the tree on the target's own tokens, computed only at the nodes the walk reaches
         logp = torch.zeros(B, tree.levels + 1, device=self.device)
 
         def choose(rows: torch.Tensor, nodes: torch.Tensor, level: int) -> torch.Tensor:
             ch = vt.children[rows, nodes]
             ch_tok = torch.where(ch >= 0, vt.tokens[rows].gather(1, ch.clamp(min=0)), -1)
-            tok, lp = self._target_tokens(logits[rows, nodes], rows, n[rows] + level, ch_tok)
+            tok, lp = self._target_tokens(logits[packed[rows, nodes]], rows, n[rows] + level, ch_tok)
             logp[rows, level] = lp
             return tok
 
@@ -269,9 +337,16 @@ class SpeculativeEngine:
         bidx = torch.arange(B, device=self.device)[:, None]
         self.tcache.k[:, bidx, :, dst] = nk[:, bidx, :, src]  # [B, D + 1, L, Hkv, D]
         self.tcache.v[:, bidx, :, dst] = nv[:, bidx, :, src]
+        t_verify = clock() - t_verify
         self._record(tree, vt, acc, view)
+        t = clock()
         self._bookkeep(B, vt.counts, acc.count - 1, allowed)
-        return self._finish(allowed)
+        out = self._finish(allowed)
+        log.update({"plain": False, "levels": tree.levels, "level_widths": [w for w, _ in levels],
+                    "t_levels": [dt for _, dt in levels], "nodes": int(vt.counts.sum()),
+                    "width": int(vt.tokens.shape[1]), "accepted": int((acc.count - 1).sum()),
+                    "t_verify": t_verify + clock() - t})
+        return out
 
     def _record(self, tree, vt, acc, view: StepView) -> None:
         """Log every tested node (verified, parent accepted) with its features: the acceptance predictor's data."""
@@ -288,8 +363,12 @@ class SpeculativeEngine:
         temp = view.temperature[:, None].expand_as(node)
         feats = torch.stack([tree.value.gather(1, node), tree.q.gather(1, node), tree.margin.gather(1, node),
                              tree.depth[node].float(), tree.rank[node].float(), temp.float()], dim=-1)[tested]
-        self.node_log.append((feats.cpu(), acc.on_path[:, 1:][tested].cpu()))
-        self.strategy.observe({"features": feats, "accepted": acc.on_path[:, 1:][tested]})
+        accepted = acc.on_path[:, 1:][tested]
+        self.node_log.append((feats.cpu(), accepted.cpu()))
+        predicted = None if tree.cond is None else tree.cond.gather(1, node)[tested]
+        t = time.perf_counter()
+        self.strategy.observe({"features": feats, "accepted": accepted, "predicted": predicted})
+        self._log["t_policy"] += time.perf_counter() - t
 
     def _append(self, model: LeanDecoder, cache: KVCache, start: torch.Tensor, width: torch.Tensor,
                 tokens: torch.Tensor, rows: slice | None = None, want_logits: bool = False) -> torch.Tensor | None:
@@ -441,6 +520,13 @@ class SpeculativeEngine:
         if request_id not in self.row_of:
             raise KeyError(f"request {request_id!r} is not live in this engine")
         return self.row_of[request_id]
+
+    def sample_loads(self) -> list[tuple[Hashable, int, int, int]]:
+        """(request id, committed target KV positions, tokens generated, max_new_tokens) of each live sample:
+        what the load balancer ranks samples by when it picks which to move."""
+        B, r = len(self.live), self.rows
+        n, plen, max_new = (r[k][:B].tolist() for k in ("n", "plen", "max_new"))
+        return [(q.request_id, n[b] - 1, n[b] - plen[b], max_new[b]) for b, q in enumerate(self.live)]
 
     @torch.inference_mode()
     def export_kv(self, request_id: Hashable, start: int, end: int) -> KVRange:

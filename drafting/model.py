@@ -168,7 +168,7 @@ class LeanDecoder:
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache,
                 rows: slice, ctx: int, write_pos: torch.Tensor | None = None,
                 extra: tuple[torch.Tensor, torch.Tensor] | None = None, logits_at: torch.Tensor | None = None,
-                keep_kv: bool = False, want_logits: bool = True):
+                keep_kv: bool = False, want_logits: bool = True, valid: torch.Tensor | None = None):
         """Forward over new tokens against cache rows `rows`.
 
         tokens, positions: [B, T]. Keys attended, in this order: cache[:ctx] of the rows, then `extra`
@@ -176,11 +176,17 @@ class LeanDecoder:
         is given: then new K/V are first written into the cache at those columns and only cache[:ctx] is read.
         mask: [B, T, S] bool, True = attend, S = number of keys. logits_at [B, K]: token indices to project
         (default all). positions must lie inside the RoPE table (max_positions; the engine guarantees it).
-        Returns (logits [B, K, V] or None, (new_k, new_v) [L, B, Hkv, T, D] or None)."""
+        valid [B, T] bool (packing, not with write_pos): only these tokens go through the projections and the
+        MLP, in row-major order; padding costs attention only, and logits come back packed [N, V].
+        Returns (logits [B, K, V] or [N, V] or None, (new_k, new_v) [L, B, Hkv, T, D] or None)."""
         s = self.shape
         B, T = tokens.shape
-        x = self.embed[tokens]  # [B, T, H]
-        cos, sin = self.cos[positions][:, :, None], self.sin_signed[positions][:, :, None]  # [B, T, 1, D]
+        pack = None
+        if valid is not None:
+            pack = valid.reshape(-1).nonzero().squeeze(1)  # [N] positions of real tokens in the flat [B * T]
+            tokens, positions = tokens.reshape(-1)[pack], positions.reshape(-1)[pack]  # [N]
+        x = self.embed[tokens]  # [B, T, H] or [N, H]
+        cos, sin = self.cos[positions].unsqueeze(-2), self.sin_signed[positions].unsqueeze(-2)  # [.., 1, D]
         attn_mask = mask[:, None]  # [B, 1, T, S]
         row_idx = torch.arange(rows.start, rows.stop, device=tokens.device)[:, None].expand(B, T)
         q_sz, kv_sz = s.heads * s.head_dim, s.kv_heads * s.head_dim
@@ -190,15 +196,18 @@ class LeanDecoder:
             new_v = torch.empty_like(new_k)
         for li, w in enumerate(self.layers):
             h = rms_norm(x, w["ln1"], s.eps)
-            qkv = F.linear(h, w["qkv"], w["qkv_b"])  # [B, T, (Hq + 2 Hkv) D]
-            qk = qkv[..., :q_sz + kv_sz].view(B, T, s.heads + s.kv_heads, s.head_dim)
+            qkv = F.linear(h, w["qkv"], w["qkv_b"])  # [B, T, (Hq + 2 Hkv) D] or [N, ...]
+            qk = qkv[..., :q_sz + kv_sz].unflatten(-1, (s.heads + s.kv_heads, s.head_dim))
             if w["q_norm"] is not None:  # Qwen3 normalises each q and k head before RoPE
-                qk = torch.cat([rms_norm(qk[:, :, :s.heads], w["q_norm"], s.eps),
-                                rms_norm(qk[:, :, s.heads:], w["k_norm"], s.eps)], dim=2)
-            qk = apply_rope(qk, cos, sin)
+                qk = torch.cat([rms_norm(qk[..., :s.heads, :], w["q_norm"], s.eps),
+                                rms_norm(qk[..., s.heads:, :], w["k_norm"], s.eps)], dim=-2)
+            qk, vv = apply_rope(qk, cos, sin), qkv[..., q_sz + kv_sz:]
+            if pack is not None:  # back to [B, T] for attention, zeros in the padding
+                qk = qk.new_zeros(B * T, *qk.shape[1:]).index_copy_(0, pack, qk).view(B, T, *qk.shape[1:])
+                vv = vv.new_zeros(B * T, kv_sz).index_copy_(0, pack, vv).view(B, T, kv_sz)
             q = qk[:, :, :s.heads].transpose(1, 2)  # [B, Hq, T, D]
             k = qk[:, :, s.heads:].transpose(1, 2)  # [B, Hkv, T, D]
-            v = qkv[..., q_sz + kv_sz:].view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
+            v = vv.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
             if keep_kv:
                 new_k[li], new_v[li] = k, v
             if write_pos is not None:
@@ -214,7 +223,10 @@ class LeanDecoder:
                 keys, vals = torch.cat(ks + [k], dim=2), torch.cat(vs + [v], dim=2)  # [B, Hkv, S, D]
             a = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask,
                                                enable_gqa=s.heads != s.kv_heads)  # [B, Hq, T, D]
-            x = x + F.linear(a.transpose(1, 2).reshape(B, T, q_sz), w["o"], w["o_b"])
+            a = a.transpose(1, 2).reshape(B, T, q_sz)
+            if pack is not None:
+                a = a.view(B * T, q_sz).index_select(0, pack)  # [N, q_sz]
+            x = x + F.linear(a, w["o"], w["o_b"])
             h = rms_norm(x, w["ln2"], s.eps)
             gate, up = F.linear(h, w["gate_up"], w["gate_up_b"]).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w["down"], w["down_b"])

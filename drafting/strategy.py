@@ -40,9 +40,16 @@ class DraftStrategy:
     def max_depth(self) -> int:
         return self.depth
 
+    @property
+    def max_width(self) -> int:
+        return self.width
+
     def plan(self, view: StepView) -> bool:
         """Draft this step (True) or take a plain step that skips the draft model (False)."""
         return self.depth > 0
+
+    def score(self, tree: DraftTree, view: StepView) -> None:
+        """Called after each drafted level: set `tree.score` of the new nodes (static: their draft value)."""
 
     def deeper(self, tree: DraftTree, view: StepView) -> bool:
         """Draft one more level on top of `tree`."""
@@ -54,6 +61,9 @@ class DraftStrategy:
 
     def observe(self, record: dict) -> None:
         """What the step did (features of tested nodes, accepted flags, timings); static strategies ignore it."""
+
+    def reset(self) -> None:
+        """The draft's weights changed; static strategies keep nothing about it."""
 
 
 def parse_strategy(spec: str | DraftStrategy) -> DraftStrategy:

@@ -28,7 +28,8 @@ class DraftTree:
     rank: torch.Tensor  # [N] rank among its siblings (0 = the draft's best guess)
     anc: torch.Tensor  # [B, N, N] bool: anc[b, i, j] = node j is node i or one of its ancestors
     frontier: torch.Tensor  # [B, w] nodes of the newest level to expand next
-    score: torch.Tensor  # [B, N] what the strategy ranks nodes by (value, or predicted acceptance)
+    score: torch.Tensor  # [B, N] what the strategy ranks nodes by (value, or predicted path acceptance)
+    cond: torch.Tensor | None = None  # [B, <= N] predicted acceptance given the parent (adaptive strategy)
 
     @property
     def size(self) -> int:
@@ -139,7 +140,7 @@ class TreeDrafter:
                          cat(tree.q, q), cat(tree.margin, margin.reshape(B, M)),
                          cat(tree.depth, torch.full((M,), level + 1, dtype=torch.long, device=dev)),
                          cat(tree.rank, torch.arange(k, device=dev).repeat(w)), anc, frontier,
-                         cat(tree.score, value))
+                         cat(tree.score, value), tree.cond)
 
 
 def close_under_ancestors(tree: DraftTree, chosen: torch.Tensor) -> torch.Tensor:

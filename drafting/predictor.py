@@ -1,0 +1,145 @@
+"""Acceptance predictor: the probability that the target accepts a draft node given that its parent was
+accepted, from what the draft already knows about the node. A node's probability of being on the accepted
+path is the product of these along its path.
+
+Fitted with scikit-learn on the engine's own accept/reject records and refitted online over a sliding window
+(the actor changes during RLHF, and the draft with it): logistic regression on the node's features against
+isotonic regression on its draft probability, whichever has the lower log-loss on the window's newest
+records. Until enough records exist the draft probability itself is the prediction (EAGLE-2's assumption).
+Calibration is scored prequentially: each node's prediction is made before its outcome is known."""
+from __future__ import annotations
+
+import warnings
+from collections import deque
+
+import numpy as np
+import torch
+
+# columns of the engine's node records (`SpeculativeEngine._record`)
+FEATURES = ("value", "q", "margin", "depth", "rank", "temperature")
+FAMILIES = ("logistic", "isotonic")
+
+
+def design(feats: torch.Tensor) -> torch.Tensor:
+    """[M, 6] records -> [M, 7] regression inputs: log path value, log own probability, clipped margin, depth,
+    sibling rank, temperature, greedy flag."""
+    value, q, margin, depth, rank, temp = feats.unbind(-1)
+    return torch.stack([value.clamp(min=1e-9).log(), q.clamp(min=1e-9).log(), margin.clamp(-20, 20), depth, rank,
+                        temp, (temp == 0).float()], dim=-1)
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def calibration_table(pred: np.ndarray, outcome: np.ndarray, bins: int = 10) -> tuple[list[dict], float]:
+    """Predicted vs observed acceptance per equal-width bin of the prediction, and the expected calibration
+    error (bin-size weighted mean |observed - predicted|)."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(pred, edges) - 1, 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            p, o = float(pred[sel].mean()), float(outcome[sel].mean())
+            rows.append({"bin": [round(edges[b], 2), round(edges[b + 1], 2)], "count": int(sel.sum()),
+                         "predicted": round(p, 4), "observed": round(o, 4)})
+            ece += sel.sum() / len(pred) * abs(o - p)
+    return rows, float(ece)
+
+
+class AcceptancePredictor:
+    def __init__(self, window: int = 16000, refit_every: int = 8000, min_records: int = 1000,
+                 history: int = 200000):
+        self.window, self.refit_every, self.min_records = window, refit_every, min_records
+        self._X: deque = deque()  # (design rows, outcomes) chunks, newest last
+        self._n = 0  # records in the window
+        self._since_fit = 0
+        self.family: str | None = None  # None: the prior (draft probability)
+        self.heldout_logloss: dict = {}
+        self.fits = 0
+        self._w = self._b = None  # logistic, as torch tensors
+        self._iso_x = self._iso_y = None  # isotonic thresholds
+        self._preq: deque = deque(maxlen=history)  # (predicted, accepted) chunks, for calibration reports
+
+    # -- prediction (hot path: torch only)
+    def predict(self, feats: torch.Tensor) -> torch.Tensor:
+        """[M, 6] node records -> [M] acceptance probability given the parent accepted."""
+        if self.family == "logistic":
+            return torch.sigmoid(design(feats) @ self._w.to(feats.device) + self._b)
+        q = feats[:, FEATURES.index("q")]
+        if self.family == "isotonic":
+            x, y = self._iso_x.to(q.device), self._iso_y.to(q.device)
+            i = torch.searchsorted(x, q.contiguous()).clamp(1, len(x) - 1)
+            t = ((q - x[i - 1]) / (x[i] - x[i - 1]).clamp(min=1e-12)).clamp(0, 1)
+            return y[i - 1] + t * (y[i] - y[i - 1])
+        return q.clamp(0.01, 0.99)
+
+    # -- learning
+    def observe(self, feats: torch.Tensor, accepted: torch.Tensor, predicted: torch.Tensor | None = None) -> bool:
+        """Add tested nodes' records; refit when enough new ones arrived. Returns whether it refitted."""
+        X = design(feats).cpu().numpy()
+        y = accepted.cpu().numpy().astype(np.float64)
+        if predicted is not None:
+            self._preq.append((predicted.detach().cpu().numpy(), y))
+        self._X.append((X, y))
+        self._n += len(y)
+        self._since_fit += len(y)
+        while self._n - len(self._X[0][1]) >= self.window:
+            self._n -= len(self._X.popleft()[1])
+        due = self._since_fit >= (self.refit_every if self.family else self.min_records)
+        if due and self._n >= self.min_records:
+            self.refit()
+            return True
+        return False
+
+    def reset(self) -> None:
+        """The draft or the actor changed: records of the old pair no longer describe the new one. The current
+        fit stays in use until enough new records arrive."""
+        self._X.clear()
+        self._n = self._since_fit = 0
+
+    def refit(self) -> None:
+        """Fit both families on the older 80% of the window, score them on the newest 20%, keep the better one
+        refitted on the whole window."""
+        from sklearn.isotonic import IsotonicRegression
+        from sklearn.linear_model import LogisticRegression
+        from threadpoolctl import threadpool_limits
+
+        X = np.concatenate([c[0] for c in self._X])
+        y = np.concatenate([c[1] for c in self._X])
+        self._since_fit = 0
+        if y.min() == y.max():  # one class only: nothing to separate
+            return
+        cut = int(0.8 * len(y))
+        q = np.exp(X[:, 1])
+        with warnings.catch_warnings(), threadpool_limits(1):  # a small fit inside a decoding step
+            warnings.simplefilter("ignore")
+            logit = LogisticRegression(C=1.0, max_iter=200).fit(X[:cut], y[:cut]) if y[:cut].min() != y[:cut].max() \
+                else None
+            iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(q[:cut], y[:cut])
+            scores = {"isotonic": log_loss(y[cut:], iso.predict(q[cut:]))}
+            if logit is not None:
+                scores["logistic"] = log_loss(y[cut:], logit.predict_proba(X[cut:])[:, 1])
+            best = min(scores, key=scores.get)
+            if best == "logistic":
+                logit = LogisticRegression(C=1.0, max_iter=200).fit(X, y)
+                self._w = torch.tensor(logit.coef_[0], dtype=torch.float32)
+                self._b = float(logit.intercept_[0])
+            else:
+                iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(q, y)
+                self._iso_x = torch.tensor(iso.X_thresholds_, dtype=torch.float32)
+                self._iso_y = torch.tensor(iso.y_thresholds_, dtype=torch.float32)
+        self.family, self.heldout_logloss = best, scores
+        self.fits += 1
+
+    def calibration(self, bins: int = 10) -> dict:
+        """Prequential calibration: every prediction was made before its node was verified."""
+        if not self._preq:
+            return {"bins": [], "ece": float("nan"), "records": 0}
+        pred = np.concatenate([c[0] for c in self._preq])
+        obs = np.concatenate([c[1] for c in self._preq])
+        rows, ece = calibration_table(pred, obs, bins)
+        return {"bins": rows, "ece": ece, "records": int(len(pred)), "family": self.family,
+                "heldout_logloss": self.heldout_logloss, "fits": self.fits}

@@ -1,0 +1,144 @@
+"""Adaptive drafting's pure parts on known inputs: the step-time model (family chosen by cross-validation,
+roofline, refusal of a file made elsewhere), the acceptance predictor (fit, calibration, reset) and the
+selection (ancestor-closed, many nodes for a long tail, few for a full batch, plain when drafting cannot pay)."""
+import numpy as np
+import pytest
+import torch
+
+from drafting.adaptive import AdaptiveStrategy
+from drafting.calibration import Calibration, CalibrationError, load_calibration
+from drafting.predictor import AcceptancePredictor, calibration_table
+from drafting.strategy import StepView
+from drafting.tree import DraftTree, close_under_ancestors
+
+KEY = {"models": "abc", "dtype": "float32", "device": "cpu", "threads": 1, "version": 1}
+
+
+def synthetic(token_ms=0.1, level_ms=0.2, step_ms=1.0, live=(1, 2, 4, 8, 16, 32, 64), ctx=(16, 64, 128)):
+    """Timings from a known formula: every step pays `step_ms`, every verified token `token_ms`."""
+    samples = {"plain": [], "root": [], "level": [], "verify": []}
+    for B in live:
+        for c in ctx:
+            samples["plain"].append([B, c, step_ms + token_ms * B + 1e-4 * B * c])
+            for w in (1, 2, 4):
+                samples["root"].append([B, w, c, 0.1 + 0.01 * B * w])
+                samples["level"].append([B, w, c, level_ms + 0.01 * B * w])
+            for n in (0, 1, 2, 4, 8):
+                samples["verify"].append([B, B * (1 + n), 1 + n, c, step_ms + token_ms * B * (1 + n)
+                                          + 1e-5 * B * (1 + n) * c])
+    return Calibration(dict(KEY), samples, meta={"max_slots": 64, "roofline_ctx": 64}).fit()
+
+
+@pytest.fixture(scope="module")
+def cal():
+    return synthetic()
+
+
+def test_step_model_family_by_cross_validation_and_roofline(cal):
+    assert cal.families["verify"] == "linear"  # the formula is linear in the physics features
+    assert cal.cv_error["verify"]["linear"] < 0.01
+    assert cal.verify_ms(8, [16], [2], 64)[0] == pytest.approx(1.0 + 0.1 * 16 + 1e-5 * 8 * 2 * 64, rel=0.02)
+    # plain throughput B / (1 + 0.1 B + 1e-4 B ctx) grows towards 1 / (0.1 + 0.0064): 90% of the best at 64 slots
+    live = np.arange(1, 65)
+    tps = live / (1.0 + 0.1 * live + 1e-4 * live * 64)
+    assert cal.saturation_live == int(live[np.argmax(tps >= 0.9 * tps.max())])
+    assert cal.roofline["tokens_per_s"][-1] == pytest.approx(1000 * tps[-1], rel=0.02)
+
+
+def test_calibration_file_for_other_hardware_is_refused(cal, tmp_path):
+    path = cal.save(tmp_path / "cal.json")
+    again = load_calibration(path, KEY)
+    assert again.families == cal.families and again.saturation_live == cal.saturation_live
+    with pytest.raises(CalibrationError, match=r"cal.json was made for other models or hardware: threads 1 "
+                                               r"\(here 2\)"):
+        load_calibration(path, {**KEY, "threads": 2})
+    with pytest.raises(CalibrationError, match="calibration file not found"):
+        load_calibration(tmp_path / "missing.json", KEY)
+
+
+def tree_of(scores: torch.Tensor, parents: torch.Tensor) -> DraftTree:
+    """A hand-made tree; `scores` are path acceptances."""
+    B, N = scores.shape
+    depth = torch.ones(N, dtype=torch.long)
+    anc = torch.eye(N, dtype=torch.bool).expand(B, N, N).clone()
+    for i in range(N):
+        p = int(parents[0, i])
+        if p >= 0:
+            depth[i] = depth[p] + 1
+            anc[:, i] |= anc[:, p]
+    tree = DraftTree(torch.zeros(B, N, dtype=torch.long), parents, scores.clone(), scores.clone(),
+                     torch.zeros(B, N), depth, torch.zeros(N, dtype=torch.long), anc, torch.zeros(B, 0),
+                     scores.clone())
+    tree.cond = scores.clone()
+    return tree
+
+
+def view(B, ctx=64):
+    return StepView(B, ctx, 1, torch.ones(B))
+
+
+def test_selection_ranks_all_samples_together_and_closes_ancestors(cal):
+    s = AdaptiveStrategy(cal)
+    chain = torch.tensor([[-1, 0, 1, 2, 3, 4]])  # a chain of 6 nodes
+    # sample 0 is confident, sample 1 hopeless
+    scores = torch.tensor([[0.95, 0.9, 0.85, 0.8, 0.75, 0.7], [0.05, 0.01, 0.005, 0.002, 0.001, 0.0005]])
+    tree = tree_of(scores, chain.expand(2, 6).clone())
+    s.plan(view(2))
+    chosen = s.select(tree, view(2))
+    assert chosen[0].sum() >= 4 and chosen[1].sum() == 0
+    # closure is enforced, not assumed: a child alone brings its whole path
+    lone = torch.zeros(2, 6, dtype=torch.bool)
+    lone[0, 3] = True
+    assert close_under_ancestors(tree, lone)[0].tolist() == [True, True, True, True, False, False]
+
+
+def test_long_tail_verifies_more_nodes_per_sample_than_a_full_batch(cal):
+    scores = 0.8 ** torch.arange(1, 7, dtype=torch.float32)
+    per_sample = {}
+    for B in (1, 64):
+        s = AdaptiveStrategy(cal)
+        tree = tree_of(scores.expand(B, 6).clone(), torch.tensor([[-1, 0, 1, 2, 3, 4]]).expand(B, 6).clone())
+        s.plan(view(B))
+        per_sample[B] = float(s.select(tree, view(B)).sum()) / B
+    assert per_sample[1] == 6 and per_sample[64] < 3
+
+
+def test_plain_step_when_drafting_cannot_pay():
+    costly = synthetic(level_ms=50.0)  # a draft level costs 50 plain tokens' worth
+    assert not AdaptiveStrategy(costly).plan(view(64))
+    assert AdaptiveStrategy(synthetic()).plan(view(1))
+
+
+def test_depth_stops_when_another_level_cannot_raise_the_rate():
+    scores = torch.tensor([[0.9, 0.81]])
+    for level_ms, expect in ((0.2, True), (500.0, False)):
+        s = AdaptiveStrategy(synthetic(level_ms=level_ms))
+        tree = tree_of(scores, torch.tensor([[-1, 0]]))
+        s.plan(view(1))
+        assert s.deeper(tree, view(1)) is expect
+
+
+def test_predictor_fits_online_and_is_calibrated():
+    gen = torch.Generator().manual_seed(0)
+
+    def records(n):
+        q = torch.rand(n, generator=gen) * 0.98 + 0.01
+        margin = torch.randn(n, generator=gen)
+        p = torch.sigmoid(2.0 * (q.log() + 0.7) + 1.5 * margin)
+        acc = torch.rand(n, generator=gen) < p
+        feats = torch.stack([q, q, margin, torch.ones(n), torch.zeros(n), torch.ones(n)], dim=1)
+        return feats, acc, p
+
+    pred = AcceptancePredictor(window=4000, refit_every=2000, min_records=1000)
+    f, _, _ = records(5)
+    assert pred.family is None and torch.equal(pred.predict(f), f[:, 1].clamp(0.01, 0.99))  # the prior: q
+    for _ in range(3):
+        f, a, _ = records(1000)
+        pred.observe(f, a, pred.predict(f))
+    assert pred.family == "logistic" and pred.fits >= 1  # the margin matters: isotonic on q alone loses
+    f, a, p = records(5000)
+    rows, ece = calibration_table(pred.predict(f).numpy(), a.numpy())
+    assert ece < 0.05 and sum(r["count"] for r in rows) == 5000
+    assert float((pred.predict(f) - p).abs().mean()) < 0.05
+    pred.reset()
+    assert pred._n == 0 and pred.family == "logistic"  # the old fit serves until new records arrive
