@@ -42,17 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.algorithm=ppo")
     args = parser.parse_args(argv)
     from trainer.data import DataError
+    from trainer.reward_fn import RewardFnError
 
     try:
         cfg = load_config(args.config, args.overrides)
         from trainer.run import run
 
         history = run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, RewardFnError) as e:
+        # raised in an actor, it arrives wrapped in Ray's RayTaskError (still of this type): show the cause alone
+        kind = {ConfigError: "config", DataError: "data", RewardFnError: "reward"}
+        print(f"{next(v for k, v in kind.items() if isinstance(e, k))} error: {getattr(e, 'cause', e)}",
+              file=sys.stderr)
         return 2
     if history:
         print(summarize(history))

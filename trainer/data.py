@@ -1,22 +1,35 @@
-"""Prompt data: JSONL or Parquet in, tokenized prompts out, in a seeded order a checkpoint can resume."""
+"""Prompt data: JSONL or Parquet rows in (Verl's or OpenRLHF's layout), tokenized prompts out, in a seeded
+order a checkpoint can resume. Each prompt carries what the reward function needs: data_source, the ground
+truth and extra_info, as Verl's reward functions expect them."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+_MISSING = object()
+
 
 class DataError(ValueError):
-    """Bad prompt data; the message names the file and the problem."""
+    """Bad prompt data; the message names the file, the row and the key."""
 
 
 @dataclass
 class Prompt:
-    index: int  # row number in the source file: stable across shuffles and restarts
+    index: int  # row number in the source file (from 0): stable across shuffles and restarts
     text: str  # the prompt as the model sees it (chat template already applied)
     token_ids: list[int]
+    source: str = ""  # the file it came from: errors name "<file> row <index>"
+    data_source: str = ""  # Verl's data_source column (the file's name when absent)
+    ground_truth: Any = None  # the row's value at label_key, handed to the reward function
+    extra_info: dict = field(default_factory=dict)  # Verl's extra_info column
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} row {self.index}"
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -42,35 +55,86 @@ def read_rows(path: str | Path) -> list[dict]:
     raise DataError(f"{path}: unsupported prompt file type {suffix!r} (use .jsonl or .parquet)")
 
 
-def render_prompt(row: dict, tokenizer, prompt_key: str, messages_key: str, path) -> str:
-    """A row's prompt text: the `prompt` column, or `messages` through the tokenizer's chat template."""
-    if prompt_key in row and row[prompt_key] is not None:
-        return str(row[prompt_key])
-    if messages_key in row and row[messages_key] is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{path}: column {messages_key!r} needs a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(row[messages_key], tokenize=False, add_generation_prompt=True)
-    raise DataError(f"{path}: row has neither a {prompt_key!r} nor a {messages_key!r} column "
-                    f"(columns: {', '.join(sorted(row))})")
+def lookup(row: dict, key: str):
+    """row[key], where a dotted key reaches into nested columns (reward_model.ground_truth); _MISSING if absent."""
+    if key in row:
+        return row[key]
+    value = row
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
 
 
-def load_prompts(path, tokenizer, max_prompt_len: int, prompt_key="prompt", messages_key="messages",
-                 overlong="filter") -> list[Prompt]:
-    """Tokenize every row; drop (or cut, keeping the end) prompts longer than max_prompt_len tokens."""
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def render_prompt(value, tokenizer, apply_chat_template: bool, where: str, key: str) -> str:
+    """A message list goes through the tokenizer's chat template; a string is the text itself (or, with
+    apply_chat_template, one user message through the template)."""
+    if isinstance(value, str) and apply_chat_template:
+        value = [{"role": "user", "content": value}]
+    elif isinstance(value, str):
+        return value
+    if not _is_messages(value):
+        raise DataError(f"{where}: {key} holds {type(value).__name__} {repr(value)[:60]}; expected a string "
+                        "or a list of {role, content} messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: {key} holds chat messages but the actor's tokenizer has no chat template")
+    return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_prompt(text: str, tokenizer) -> list[int]:
+    """The tokenizer's own special tokens once: a chat template that already starts with BOS keeps one."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def load_prompts(path, tokenizer, max_prompt_len: int, prompt_key: str = "prompt", label_key: str | None = None,
+                 apply_chat_template: bool = False, overlong: str = "filter", size: int | None = None,
+                 what: str = "data.train") -> list[Prompt]:
+    """Tokenize every row; drop (or cut, keeping the end) prompts longer than max_prompt_len tokens.
+
+    label_key given: every row must hold a ground truth there (the reward function needs one). `what` is the
+    config section the keys come from, so an error names the key to change."""
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no prompts in file")
     prompts = []
     for i, row in enumerate(rows):
-        text = render_prompt(row, tokenizer, prompt_key, messages_key, path)
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        where = f"{path} row {i}"
+        value = lookup(row, prompt_key)
+        if value is _MISSING or value is None:
+            raise DataError(f"{where}: no {prompt_key!r} ({what}.prompt_key; columns: {', '.join(sorted(row))})")
+        text = render_prompt(value, tokenizer, apply_chat_template, where, f"{what}.prompt_key {prompt_key!r}")
+        ground_truth = None
+        if label_key is not None:
+            ground_truth = lookup(row, label_key)
+            if ground_truth is _MISSING or ground_truth is None:
+                raise DataError(f"{where}: no ground truth at {what}.label_key {label_key!r}, which "
+                                f"trainer.reward_fn needs (columns: {', '.join(sorted(row))})")
+        data_source = row.get("data_source") or Path(path).stem
+        extra_info = row.get("extra_info") or {}
+        if not isinstance(data_source, str):
+            raise DataError(f"{where}: data_source holds {type(data_source).__name__}; expected a string")
+        if not isinstance(extra_info, dict):
+            raise DataError(f"{where}: extra_info holds {type(extra_info).__name__}; expected a mapping")
+        ids = tokenize_prompt(text, tokenizer)
         if len(ids) > max_prompt_len:
             if overlong == "filter":
                 continue
             ids = ids[-max_prompt_len:]  # the end of a prompt holds the question
-        prompts.append(Prompt(index=i, text=text, token_ids=ids))
+        prompts.append(Prompt(i, text, ids, str(path), data_source, ground_truth, extra_info))
+        if size is not None and len(prompts) == size:
+            break
     if not prompts:
-        raise DataError(f"{path}: all {len(rows)} prompts are longer than max_prompt_len={max_prompt_len}")
+        raise DataError(f"{path}: all {len(rows)} prompts are longer than data.max_prompt_len={max_prompt_len}")
     return prompts
 
 

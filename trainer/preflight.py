@@ -1,4 +1,5 @@
-"""Checks that run before any long work: model paths, vocabularies, reward head, cluster resources.
+"""Checks that run before any long work: model paths and families, vocabularies, reward head, the generation
+instances' memory, cluster resources.
 
 Each failure is one line naming the config key and the cause.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.schema import TINY, Config, ConfigError
+from configs.schema import TINY, Config, ConfigError, adapts_draft
 
 
 @dataclass
@@ -17,13 +18,15 @@ class RunPaths:
     reward: str
     train_prompts: str
     eval_prompts: str | None
+    reward_fn: str | None = None  # "/absolute/file.py:name": the reward actor may run in another directory
 
 
 def resolve_paths(cfg: Config) -> RunPaths:
     """Map "tiny" entries to the tiny world, building it on first use."""
     m = cfg.model
-    paths = {"actor": m.actor, "draft": m.draft, "reward": m.reward, "train_prompts": cfg.data.train_path,
-             "eval_prompts": cfg.data.eval_path}
+    paths = {"actor": m.actor, "draft": m.draft, "reward": m.reward, "train_prompts": cfg.data.train.path,
+             "eval_prompts": cfg.data.eval.path}
+    paths = {k: v if v in (None, TINY) else str(Path(v).expanduser()) for k, v in paths.items()}
     if TINY in paths.values():
         from trainer.tiny.bootstrap import ensure_tiny_world
 
@@ -31,7 +34,13 @@ def resolve_paths(cfg: Config) -> RunPaths:
         tiny = {"actor": world.actor_path, "draft": world.draft_path, "reward": world.reward_path,
                 "train_prompts": world.train_prompts, "eval_prompts": world.eval_prompts}
         paths = {k: str(tiny[k]) if v == TINY else v for k, v in paths.items()}
-    return RunPaths(**paths)
+    reward_fn = None
+    if cfg.trainer.reward_fn:
+        from trainer.reward_fn import split_spec
+
+        file, name = split_spec(cfg.trainer.reward_fn)
+        reward_fn = f"{file.resolve()}:{name}"
+    return RunPaths(**paths, reward_fn=reward_fn)
 
 
 def _model_config(path: str, key: str):
@@ -47,14 +56,24 @@ def _model_config(path: str, key: str):
         raise ConfigError(f"{key}: cannot read the model config in {path}: {e}") from None
 
 
-def check_models(cfg: Config, paths: RunPaths) -> None:
+def _check_generation_model(config, path: str, key: str) -> None:
+    """The lean engine decodes a few Llama-shaped families only: refuse others here, before any actor starts."""
+    from drafting.model import SUPPORTED
+
+    if config.model_type not in SUPPORTED:
+        raise ConfigError(f"{key}: model type {config.model_type!r} ({path}) is not supported by the generation "
+                          f"engine (supported: {', '.join(SUPPORTED)})")
+    if not any(a.endswith("ForCausalLM") for a in config.architectures or []):
+        raise ConfigError(f"{key}: {path} is {config.architectures}, not a causal LM")
+
+
+def check_models(cfg: Config, paths: RunPaths):
+    """Returns the actor's and the draft's HF configs (the memory check sizes their caches)."""
     actor = _model_config(paths.actor, "model.actor")
     draft = _model_config(paths.draft, "model.draft")
     reward = _model_config(paths.reward, "model.reward")
-    if not any(a.endswith("ForCausalLM") for a in actor.architectures or []):
-        raise ConfigError(f"model.actor: {paths.actor} is {actor.architectures}, not a causal LM")
-    if not any(a.endswith("ForCausalLM") for a in draft.architectures or []):
-        raise ConfigError(f"model.draft: {paths.draft} is {draft.architectures}, not a causal LM")
+    _check_generation_model(actor, paths.actor, "model.actor")
+    _check_generation_model(draft, paths.draft, "model.draft")
     if draft.vocab_size != actor.vocab_size:
         raise ConfigError(f"model.draft: vocabulary size {draft.vocab_size} != actor's {actor.vocab_size}; "
                           "speculative decoding needs one shared vocabulary")
@@ -70,16 +89,90 @@ def check_models(cfg: Config, paths: RunPaths) -> None:
         raise ConfigError(f"generation.max_len: {cfg.generation.max_len} exceeds the actor's "
                           f"max_position_embeddings={max_pos}")
     if not Path(paths.train_prompts).is_file():
-        raise ConfigError(f"data.train_path: prompt file not found: {paths.train_prompts}")
+        raise ConfigError(f"data.train.path: prompt file not found: {paths.train_prompts}")
     if paths.eval_prompts is not None and not Path(paths.eval_prompts).is_file():
-        raise ConfigError(f"data.eval_path: prompt file not found: {paths.eval_prompts}")
+        raise ConfigError(f"data.eval.path: prompt file not found: {paths.eval_prompts}")
+    return actor, draft
+
+
+# ------------------------------------------------------------------------------- generation memory
+GiB = 2**30
+USABLE = 0.9  # of an instance's memory for weights + K/V; the rest for activations, logits, the CUDA context
+
+
+def weight_bytes(config, dtype_bytes: int) -> int:
+    """Parameters of a Llama-shaped decoder (every family the engine runs) times the bytes per element."""
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    embed = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    return (embed + layers * layer + h) * dtype_bytes
+
+
+def kv_bytes_per_position(config, dtype_bytes: int) -> int:
+    """K and V of one token in every layer: what one slot's cache costs per position."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+
+def instance_memory(cfg: Config) -> tuple[int, str]:
+    """Bytes one generation instance may use, and where the figure comes from."""
+    g = cfg.generation
+    if g.memory_gb is not None:
+        return int(g.memory_gb * GiB), "generation.memory_gb"
+    if g.gpus_per_instance > 0:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        def gpu_memory() -> int:
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory
+
+        total = ray.get(gpu_memory.options(num_gpus=g.gpus_per_instance).remote())
+        # the engine runs on one device; a fraction of a GPU gets that fraction of its memory
+        share = min(g.gpus_per_instance, 1.0)
+        return int(total * share), f"GPU memory x generation.gpus_per_instance={g.gpus_per_instance:g}"
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
+    """The engine preallocates K/V for max_slots x (max_len + 1) positions, target and draft: with both models'
+    weights it must fit in USABLE of the instance's memory."""
+    import torch
+
+    g = cfg.generation
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, cfg.model.dtype)).element_size()
+    weights = weight_bytes(actor, dtype_bytes) + weight_bytes(draft, dtype_bytes)
+    per_position = kv_bytes_per_position(actor, dtype_bytes) + kv_bytes_per_position(draft, dtype_bytes)
+    kv = g.max_slots * (g.max_len + 1) * per_position
+    usable = int(USABLE * memory)
+    if weights + kv <= usable:
+        return
+    have = f"{_size(usable)} ({USABLE:.0%} of {_size(memory)}, {source})"
+    if weights >= usable:
+        raise ConfigError(f"generation.gpus_per_instance: the actor and draft weights ({_size(weights)}) "
+                          f"alone exceed one instance's {have}")
+    room = usable - weights
+    slots, length = room // ((g.max_len + 1) * per_position), room // (g.max_slots * per_position) - 1
+    raise ConfigError(f"generation.max_slots={g.max_slots} x generation.max_len={g.max_len}: K/V "
+                      f"{_size(kv)} + weights {_size(weights)} do not fit in {have}; "
+                      f"the largest that fit: generation.max_slots={slots} at this max_len, or "
+                      f"generation.max_len={length} at this max_slots")
 
 
 def required_resources(cfg: Config) -> dict[str, float]:
     """CPUs and GPUs the run's actors ask Ray for."""
     g, t = cfg.generation, cfg.trainer
     trainer_ranks = t.world_size * (2 if t.algorithm == "ppo" else 1)  # policy (+ critic for PPO)
-    others = 2  # reward + reference
+    others = 2 + int(adapts_draft(cfg))  # reward + reference (+ the draft trainer)
     return {
         "CPU": g.num_instances * g.cpus_per_instance + (trainer_ranks + others) * t.cpus_per_actor,
         "GPU": g.num_instances * g.gpus_per_instance + (trainer_ranks + others) * t.gpus_per_actor,

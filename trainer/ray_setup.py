@@ -2,6 +2,7 @@
 local one bound to loopback so nothing listens beyond this machine."""
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -15,6 +16,10 @@ def _stay_on_loopback() -> None:
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+# Workers have no terminal: Hugging Face's per-actor bars ("Loading weights", "Writing model shards") are noise.
+WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def init_ray(num_cpus: int | None = None, namespace: str = "rlhfspec") -> dict:
     """Connect (or reuse an existing connection); returns the cluster's resources."""
     if not ray.is_initialized():
@@ -24,10 +29,15 @@ def init_ray(num_cpus: int | None = None, namespace: str = "rlhfspec") -> dict:
         if address:
             if address.split("://")[-1].startswith((LOOPBACK, "localhost")):
                 _stay_on_loopback()
-            ray.init(address=address, namespace=namespace, log_to_driver=True)
+            # merged with a submitted job's runtime env (its working_dir stays)
+            ray.init(address=address, namespace=namespace, log_to_driver=True, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": WORKER_ENV})
         else:
             _stay_on_loopback()
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the same for worker processes
+            # Ray turns token authentication on for a local cluster and warns that it did: wanted, not news
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), namespace=namespace,
-                     include_dashboard=False, _node_ip_address=LOOPBACK, runtime_env={"env_vars": env})
+                     include_dashboard=False, _node_ip_address=LOOPBACK, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {**env, **WORKER_ENV}})
     return ray.cluster_resources()

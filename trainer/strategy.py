@@ -6,6 +6,8 @@ Also the one place that loads the HF models the training roles use, failing fast
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Iterator
@@ -111,6 +113,8 @@ class DeepspeedStrategy:
     # -- process group
     def setup_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         """Join the role's process group: NCCL on CUDA, gloo on CPU; env vars set for DeepSpeed too."""
+        if self.device.type == "cpu":  # said, not detected: DeepSpeed warns when it falls back to CPU itself
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         self.rank, self.world_size = rank, world_size
@@ -124,14 +128,16 @@ class DeepspeedStrategy:
         if self.device.type == "cuda":
             torch.cuda.set_device(0 if self.device.index is None else self.device.index)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            auto_mpi_discovery=False,
-            verbose=False,
-        )
+        # on CPU DeepSpeed builds its shared-memory op here and print()s that it did, from every rank
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+                auto_mpi_discovery=False,
+                verbose=False,
+            )
         torch.manual_seed(self.seed)
 
     # -- engine

@@ -1,7 +1,7 @@
 """The tiny world's verifiable task: sort (or reverse) a list of digits.
 
 Lengths are geometric (p=0.1, clipped to 1..64), so response lengths are long-tailed like real RLHF
-rollouts: most answers are short, a few are very long. The score is computed from the prompt alone.
+rollouts: most answers are short, a few are very long. The training reward is `trainer/tiny/reward.py`.
 """
 
 from __future__ import annotations
@@ -65,8 +65,13 @@ def is_exact(prompt: str, response: str) -> bool:
 
 
 def score(prompt: str, response: str) -> float:
+    """The score of a response to a prompt (the answer follows from the prompt)."""
+    return answer_score(response, " ".join(target_of(prompt)))
+
+
+def answer_score(response: str, answer: str) -> float:
     """1.0 for the exact answer; else 0.5 * fraction of correct positions (over the longer of the two)."""
-    target, words = target_of(prompt), _response_words(response)
+    target, words = answer.split(), _response_words(response)
     if words == target:
         return 1.0
     correct = sum(a == b for a, b in zip(words, target))

@@ -1,0 +1,156 @@
+"""Bring your own prompts, reward and model: the Verl example config on the tiny world (a reward file's scores
+reach the experience batch), and every bad input stops before training with exit status 2 and one line, also
+when the error is raised inside a Ray actor."""
+import glob
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import launch
+from configs.schema import CONFIG_DIR
+from conftest import ROOT
+from trainer.data import PromptSampler
+
+EXAMPLE = str(CONFIG_DIR / "tiny_verl.yaml")
+QUICK = ["trainer.iterations=1", "trainer.prompts_per_iteration=4", "trainer.samples_per_prompt=2",
+         "trainer.micro_batch_size=8", "generation.num_instances=1", "generation.max_slots=16", "trainer.save_every=0",
+         "tracking.wandb=false", "tracking.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_world, tmp_path_factory):
+    """Verl-format Parquet files of the tiny task, reward files, and models the engine cannot take."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import GPT2Config, LlamaConfig
+
+    from trainer.tiny.make_verl_data import write_verl_data
+
+    root = tmp_path_factory.mktemp("byo")
+    train, test = write_verl_data(root / "verl")
+    rows = pq.read_table(train).slice(0, 4).to_pylist()
+    rows[2]["reward_model"] = {"style": "rule", "ground_truth": None}
+    pq.write_table(pa.Table.from_pylist(rows), root / "no_truth.parquet")
+    pq.write_table(pa.Table.from_pylist([{"prompt": 17}, {"prompt": 18}]), root / "int_prompt.parquet")
+    files = {"train": train, "test": test, "no_truth": root / "no_truth.parquet",
+             "int_prompt": root / "int_prompt.parquet"}
+    for name, body in {
+        "probe": """
+            evaluated = 0  # test rows scored in this process (the dry run's 4 are the driver's)
+
+            def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+                global evaluated
+                assert data_source == "tiny/sort" and isinstance(ground_truth, str), (data_source, ground_truth)
+                if extra_info["split"] == "test":
+                    evaluated += 1
+                    if evaluated > 8:  # the reward actor scored 4 greedy + 4 sampled before iteration 0
+                        raise ValueError("evaluation is closed")
+                index = extra_info["index"]
+                return {"score": (index % 5) / 4, "index": index, "train": float(extra_info["split"] == "train")}
+        """,
+        "raises": """
+            def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+                return float(extra_info["difficulty"])
+        """,
+        "text": """
+            def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+                return "high"
+        """,
+    }.items():
+        files[name] = root / f"{name}.py"
+        files[name].write_text(textwrap.dedent(body))
+    no_template = root / "actor_no_template"  # the tiny actor's config and tokenizer, without a chat template
+    no_template.mkdir()
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_world.actor_path}/{f}", no_template)
+    files["no_template"] = no_template
+    GPT2Config(vocab_size=18, n_embd=32, n_layer=1, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(
+        root / "gpt2")
+    files["gpt2"] = root / "gpt2"
+    LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                architectures=["LlamaForCausalLM"]).save_pretrained(root / "draft32")
+    files["draft32"] = root / "draft32"
+    return files
+
+
+def bad_cases(f):
+    train = f"data.train.path={f['train']}"
+    return [
+        ([train, "trainer.reward_fn=nope/reward.py:compute_score"],
+         f"reward error: trainer.reward_fn: file not found: {ROOT}/nope/reward.py"),
+        ([train, "trainer.reward_fn=trainer/tiny/reward.py:score"],
+         f"reward error: trainer.reward_fn: {ROOT}/trainer/tiny/reward.py has no function 'score' "
+         "(functions: compute_score)"),
+        ([train, f"trainer.reward_fn={f['raises']}"],
+         f"reward error: {f['raises']}:compute_score raised on sample 0 ({f['train']} row 0): KeyError: "
+         "'difficulty' (dry run at start-up: the ground truth as the response)"),
+        ([train, f"trainer.reward_fn={f['text']}"],
+         f"reward error: {f['text']}:compute_score returned 'high' (str) on sample 0 ({f['train']} row 0); "
+         "expected a finite float or a dict with a 'score' key (dry run at start-up: the ground truth as the "
+         "response)"),
+        ([f"data.train.path={f['no_truth']}"],
+         f"data error: {f['no_truth']} row 2: no ground truth at data.train.label_key 'reward_model.ground_truth', "
+         "which trainer.reward_fn needs (columns: ability, data_source, extra_info, prompt, reward_model)"),
+        ([train, f"model.actor={f['no_template']}"],
+         f"data error: {f['train']} row 0: data.train.prompt_key 'prompt' holds chat messages but the actor's "
+         "tokenizer has no chat template"),
+        ([f"data.train.path={f['int_prompt']}", "trainer.reward_fn=null", "trainer.rm_weight=1"],
+         f"data error: {f['int_prompt']} row 0: data.train.prompt_key 'prompt' holds int 17; expected a string or a "
+         "list of {role, content} messages"),
+        ([train, f"model.actor={f['gpt2']}"],
+         f"config error: model.actor: model type 'gpt2' ({f['gpt2']}) is not supported by the generation engine "
+         "(supported: llama, qwen2, qwen3, mistral)"),
+        ([train, f"model.draft={f['draft32']}"],
+         "config error: model.draft: vocabulary size 32 != actor's 18; speculative decoding needs one shared "
+         "vocabulary"),
+        ([train, "generation.memory_gb=0.04"],
+         "config error: generation.max_slots=16 x generation.max_len=160: K/V 21.4 MiB + weights 24.8 MiB do not "
+         "fit in 36.9 MiB (90% of 41.0 MiB, generation.memory_gb); the largest that fit: generation.max_slots=9 at "
+         "this max_len, or generation.max_len=89 at this max_slots"),
+    ]
+
+
+CASES = ["missing file", "missing function", "raises", "not a number", "no ground truth", "no chat template",
+         "wrong column type", "gpt2 actor", "draft vocabulary", "kv does not fit"]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASES)
+def test_bad_input_exits_2_with_one_line(ray_cluster, inputs, capsys, case):
+    overrides, line = bad_cases(inputs)[case]
+    code = launch.main(["--config", EXAMPLE, *QUICK, "data.eval.path=null", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (code, err) == (2, [line])
+
+
+def test_verl_example_iteration_then_an_error_inside_the_reward_actor(ray_cluster, inputs, tmp_path):
+    """configs/tiny_verl.yaml for one iteration with a reward file whose scores follow from each row's extra_info:
+    the experience batch's rewards are reward_fn_weight x those scores, extra keys are metrics, evaluation uses
+    the same function. Then the function raises inside the reward actor (final evaluation): exit status 2 and
+    one line, no traceback."""
+    from trainer.tracking import read_wandb_history
+
+    out = subprocess.run([sys.executable, "launch.py", "--config", EXAMPLE, *QUICK, "tracking.wandb=true",
+                          f"data.train.path={inputs['train']}", f"data.eval.path={inputs['test']}",
+                          "data.eval.size=4", f"trainer.reward_fn={inputs['probe']}", "trainer.reward_fn_weight=2.0",
+                          f"trainer.output_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"reward error: {inputs['probe']}:compute_score raised on sample 0 ({inputs['test']} row 0): "
+        "ValueError: evaluation is closed")
+    assert "Traceback" not in out.stdout + out.stderr
+    assert "[iter 0] eval_score=" in out.stdout
+
+    (run_file,) = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
+    (first,) = read_wandb_history(run_file)
+    rows = PromptSampler(list(range(4096)), 0, True).next_batch(4)  # the first batch's rows (seed 0, shuffled)
+    assert first["score/mean"] == pytest.approx(np.mean([(i % 5) / 4 for i in rows]))
+    assert first["reward/mean"] == pytest.approx(2.0 * first["score/mean"])  # Experience.scores: weighted
+    assert first["score/index"] == pytest.approx(np.mean(rows)) and first["score/train"] == 1.0
+    # evaluation (before the iteration): test.parquet rows 0..3, greedy and sampled
+    assert first["eval/score"] == first["eval/sampled_score"] == pytest.approx(np.mean([0, 1, 2, 3]) / 4)
+    assert first["eval/index"] == 1.5 and first["eval/train"] == 0.0
