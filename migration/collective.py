@@ -4,6 +4,14 @@ The policy trainer's default group belongs to DeepSpeed, and `ray.util.collectiv
 initialises the default group itself, so the two collide in one process. Like OpenRLHF's weight-sync
 group, this builds a standalone gloo (CPU) or NCCL (CUDA) group from a TCP store whose address the
 caller passes around through Ray.
+
+The generation instances' KV group (sample migration) is one of these too, with a timeout of seconds. In the
+pinned Ray (2.60), `ray.util.collective`'s GLOO group is `torch.distributed`'s default group plus subgroups:
+its op timeout is torch's default (30 minutes; `gloo_timeout` only bounds the rendezvous), its send/recv carry
+no tag, and a process can join one default group only, so the group cannot be rebuilt without a dead member.
+Ray's tensor transport (`@ray.method(tensor_transport=...)`) rides on those same groups. A transfer to a dead
+or stuck peer must fail in seconds and concurrent orders must not mix their messages, so the KV group uses
+this class: its own store, its own timeout, tagged point-to-point messages, rebuilt freely.
 """
 from __future__ import annotations
 
@@ -27,7 +35,9 @@ class CollectiveGroup:
                  backend: str = "gloo", timeout_s: float = 300.0):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.backend = rank, world_size, backend
-        self._store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        # joining waits for every member to start; the ops' timeout (short for the KV group) bounds the transfers
+        joining = datetime.timedelta(seconds=max(timeout_s, 60.0))
+        self._store = dist.TCPStore(host, port, world_size, rank == 0, timeout=joining)
         store = dist.PrefixStore(name, self._store)
         if backend == "nccl":
             self._pg = dist.ProcessGroupNCCL(store, rank, world_size)

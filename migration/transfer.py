@@ -1,0 +1,314 @@
+"""Moving running samples, with their KV, from one engine to another over a collective group (no Ray inside).
+
+One migration order moves a few samples from a source to a destination in two stages (Llumnix-style):
+
+    source                                          destination
+    PLANNED                                         RESERVED         slots held before anything is sent
+    STAGE1_SENT   committed KV prefix  ---------->  STAGE1_RECEIVED  the source keeps decoding meanwhile
+    FROZEN        at a step boundary: export the delta and state, remove the samples, hold their slots
+    STAGE2_SENT   delta + state        ---------->  IMPORTED         at a step boundary, into the reserved slots
+                  the verdict (from the balancer): moved = what the destination imported
+    RELEASED      drops its copy, frees the slots   CONFIRMED        outputs of the samples may leave
+    RESUMED       re-imports its copy (not moved)   ABORTED          reservation released (any failure)
+    ABORTED       failed before the freeze: the samples never stopped
+
+Stop-and-copy (`two_stage=False`) skips stage 1: stage 2 then carries the whole KV. The source never decides
+alone whether a frozen sample moved: only the destination knows whether it imported, so the source holds its
+copy until the verdict. Each stage is one contiguous buffer (all layers' K/V of target and draft for every
+sample in the order) plus a small pickled header, sent as three messages: sizes, header, payload."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from drafting.records import KVRange, SampleState
+
+AtBoundary = Callable[[Callable[[], object]], object]  # runs a function at the engine's next step boundary
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_KV_FIELDS = ("target_k", "target_v", "draft_k", "draft_v")
+
+
+class SourceState(enum.Enum):
+    PLANNED = "planned"
+    STAGE1_SENT = "stage1_sent"
+    FROZEN = "frozen"
+    STAGE2_SENT = "stage2_sent"
+    RELEASED = "released"
+    RESUMED = "resumed"
+    ABORTED = "aborted"
+
+
+class DestState(enum.Enum):
+    RESERVED = "reserved"
+    STAGE1_RECEIVED = "stage1_received"
+    STAGE2_RECEIVED = "stage2_received"
+    IMPORTED = "imported"
+    CONFIRMED = "confirmed"
+    ABORTED = "aborted"
+
+
+@dataclass
+class TransferRecord:
+    """One side's account of an order: what moved, how many bytes, how long each stage took."""
+
+    order_id: int
+    state: str
+    request_ids: list = field(default_factory=list)  # source: samples frozen; destination: samples imported
+    bytes: int = 0
+    stage1_ms: float = 0.0
+    stage2_ms: float = 0.0
+    t_freeze: float | None = None  # source: wall clock when the samples left its batch
+    t_resume: float | None = None  # destination: wall clock when its first step with them began
+    error: str | None = None
+
+
+# ---- wire format ---------------------------------------------------------------------------------------------
+def pack(meta: object, tensors: Sequence[torch.Tensor | None], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header [H] uint8, payload [N]): tensors flattened into one buffer, their shapes and `meta` pickled."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype if present else torch.float32
+    if any(t.dtype != dtype for t in present):
+        raise ValueError("pack: all KV tensors of one transfer must share a dtype")
+    shapes = [None if t is None else tuple(t.shape) for t in tensors]
+    header = torch.frombuffer(bytearray(pickle.dumps((meta, shapes, _DTYPES.index(dtype)))), dtype=torch.uint8)
+    payload = torch.cat([t.reshape(-1) for t in present]) if present else torch.empty(0, dtype=dtype)
+    return header.to(device), payload.to(device)
+
+
+def unpack(header: torch.Tensor, payload: torch.Tensor) -> tuple[object, list[torch.Tensor | None]]:
+    """Inverse of pack; the tensors are views into the payload."""
+    meta, shapes, _ = pickle.loads(header.cpu().numpy().tobytes())
+    out, offset = [], 0
+    for shape in shapes:
+        if shape is None:
+            out.append(None)
+            continue
+        n = 1
+        for d in shape:
+            n *= d
+        out.append(payload[offset:offset + n].view(shape))
+        offset += n
+    return meta, out
+
+
+def send_stage(group, peer: int, tag: int, meta: object, tensors: Sequence[torch.Tensor | None]) -> int:
+    """Send one stage to `peer`; returns the bytes sent."""
+    header, payload = pack(meta, tensors, group.device)
+    dtype = _DTYPES.index(payload.dtype)
+    sizes = torch.tensor([header.numel(), payload.numel(), dtype], dtype=torch.int64, device=group.device)
+    group.send(sizes, peer, tag)
+    group.send(header, peer, tag + 1)
+    if payload.numel():
+        group.send(payload, peer, tag + 2)
+    return sizes.numel() * 8 + header.numel() + payload.numel() * payload.element_size()
+
+
+def recv_stage(group, peer: int, tag: int) -> tuple[object, list[torch.Tensor | None], int]:
+    """Receive one stage from `peer`: (meta, tensors, bytes)."""
+    sizes = group.recv(torch.zeros(3, dtype=torch.int64, device=group.device), peer, tag)
+    n_header, n_payload, dtype = (int(x) for x in sizes.tolist())
+    header = group.recv(torch.empty(n_header, dtype=torch.uint8, device=group.device), peer, tag + 1)
+    payload = torch.empty(n_payload, dtype=_DTYPES[dtype], device=group.device)
+    if n_payload:
+        group.recv(payload, peer, tag + 2)
+    meta, tensors = unpack(header, payload)
+    return meta, tensors, sizes.numel() * 8 + n_header + n_payload * payload.element_size()
+
+
+def stage_tag(order_id: int, stage: int) -> int:
+    """Message tags unique per (order, stage), so concurrent orders between one pair never mix."""
+    return ((order_id % (1 << 24)) * 4 + stage) * 4
+
+
+def _strip(state: SampleState) -> SampleState:
+    return dataclasses.replace(state, **{f: None for f in _KV_FIELDS})
+
+
+# ---- the two sides --------------------------------------------------------------------------------------------
+class Emigration:
+    """Source side of one running-sample order. `run` does stage 1 and stage 2; `finish` applies the verdict."""
+
+    def __init__(self, order_id: int, request_ids: Sequence[Hashable], peer: int, two_stage: bool, group, engine,
+                 at_boundary: AtBoundary, fault: Callable[[str], None] = lambda point: None):
+        self.order_id, self.request_ids, self.peer, self.two_stage = order_id, list(request_ids), peer, two_stage
+        self.group, self.engine, self.at_boundary, self.fault = group, engine, at_boundary, fault
+        self.state = SourceState.PLANNED
+        self.record = TransferRecord(order_id, self.state.value)
+        self.prefix: dict[Hashable, KVRange] = {}
+        self.frozen: list[SampleState] = []  # the fallback: what the source re-imports if the move fails
+
+    def _set(self, state: SourceState) -> None:
+        self.state = state
+        self.record.state = state.value
+
+    def run(self) -> TransferRecord:
+        try:
+            if self.two_stage:
+                self._stage1()
+            self.fault("source:after_stage1")
+        except Exception as e:  # noqa: BLE001 - the samples never stopped: nothing to undo
+            self._set(SourceState.ABORTED)
+            self.record.error = f"{type(e).__name__}: {e}"
+            return self.record
+        self._freeze()
+        try:
+            meta = [_strip(s) for s in self.frozen]
+            tensors = [getattr(s, f) for s in self.frozen for f in _KV_FIELDS]
+            self.record.bytes += send_stage(self.group, self.peer, stage_tag(self.order_id, 2), meta, tensors)
+        except Exception as e:  # noqa: BLE001 - whether the destination imported is its call: wait for the verdict
+            self.record.error = f"{type(e).__name__}: {e}"
+        self.record.stage2_ms = 1000 * (time.time() - self.record.t_freeze)  # freeze, export, send
+        self._set(SourceState.STAGE2_SENT)
+        return self.record
+
+    def _stage1(self) -> None:
+        """Copy each sample's committed KV prefix (target and draft up to the shorter of the two, so stage 2 can
+        start both at one position) and send it while the samples keep decoding here."""
+        def export() -> tuple[float, dict]:
+            t0, out = time.perf_counter(), {}
+            for rid in self.request_ids:
+                try:
+                    kv = self.engine.export_kv(rid, 0, self.engine.max_len)
+                except KeyError:
+                    continue  # finished since the plan
+                cut = kv.target_k.shape[2] if kv.draft_k is None else min(kv.target_k.shape[2], kv.draft_k.shape[2])
+                trim = lambda t: None if t is None else t[:, :, :cut]  # noqa: E731
+                out[rid] = KVRange(0, trim(kv.target_k), trim(kv.target_v), trim(kv.draft_k), trim(kv.draft_v))
+            return t0, out
+
+        t0, self.prefix = self.at_boundary(export)  # timed from the export, not from the wait for a boundary
+        tensors = [getattr(kr, f) for kr in self.prefix.values() for f in _KV_FIELDS]
+        self.record.bytes += send_stage(self.group, self.peer, stage_tag(self.order_id, 1), list(self.prefix), tensors)
+        self.record.stage1_ms = 1000 * (time.perf_counter() - t0)
+        self._set(SourceState.STAGE1_SENT)
+
+    def _freeze(self) -> None:
+        """At a step boundary: export what stage 1 did not carry plus the state, take the samples out of the batch
+        and hold their slots, so a failed move can resume them here."""
+        wanted = list(self.prefix) if self.two_stage else self.request_ids
+
+        def freeze() -> tuple[float, list[SampleState]]:
+            t_freeze, states = time.time(), []
+            for rid in wanted:
+                start = self.prefix[rid].target_k.shape[2] if rid in self.prefix else 0
+                try:
+                    states.append(self.engine.export_sample(rid, kv_start=start))
+                except KeyError:
+                    continue  # finished between the stages
+            for state in states:  # only once every copy exists
+                self.engine.remove(state.request_id)
+            self.engine.reserved += len(states)
+            return t_freeze, states
+
+        self.record.t_freeze, self.frozen = self.at_boundary(freeze)
+        self.record.request_ids = [s.request_id for s in self.frozen]
+        self._set(SourceState.FROZEN)
+
+    def finish(self, moved: Sequence[Hashable]) -> TransferRecord:
+        """The verdict: samples in `moved` live on at the destination; every other frozen one resumes here."""
+        if self.state is not SourceState.STAGE2_SENT:
+            return self.record
+        moved = set(moved)
+        back = [s for s in self.frozen if s.request_id not in moved]
+
+        def settle() -> None:
+            self.engine.reserved -= len(self.frozen)
+            for s in back:
+                self.engine.import_sample(s, prefix=[self.prefix[s.request_id]] if s.request_id in self.prefix else [])
+
+        self.at_boundary(settle)
+        self.frozen, self.prefix = [], {}
+        self._set(SourceState.RESUMED if back else SourceState.RELEASED)
+        return self.record
+
+
+class Immigration:
+    """Destination side of one running-sample order: reserve, receive both stages, import at a step boundary."""
+
+    def __init__(self, order_id: int, slots: int, peer: int, two_stage: bool, group, engine, at_boundary: AtBoundary,
+                 on_import: Callable[[Hashable], None] = lambda rid: None,
+                 fault: Callable[[str], None] = lambda point: None):
+        self.order_id, self.slots, self.peer, self.two_stage = order_id, slots, peer, two_stage
+        self.group, self.engine, self.at_boundary = group, engine, at_boundary
+        self.on_import, self.fault = on_import, fault
+        self.held = 0
+        self.state = DestState.RESERVED
+        self.record = TransferRecord(order_id, self.state.value)
+
+    def _set(self, state: DestState) -> None:
+        self.state = state
+        self.record.state = state.value
+
+    def reserve(self) -> bool:
+        """Hold `slots` free slots for this order, or refuse (before anything is sent) when there are fewer."""
+        def take() -> bool:
+            free = self.engine.max_slots - len(self.engine.live) - self.engine.reserved
+            if free < self.slots:
+                return False
+            self.engine.reserved += self.slots
+            self.held = self.slots
+            return True
+
+        ok = self.at_boundary(take)
+        if not ok:
+            self._set(DestState.ABORTED)
+            self.record.error = f"refused: fewer than {self.slots} free slots"
+        return ok
+
+    def run(self) -> TransferRecord:
+        try:
+            prefix = {}
+            if self.two_stage:
+                t0 = time.perf_counter()
+                rids, tensors, n = recv_stage(self.group, self.peer, stage_tag(self.order_id, 1))
+                prefix = {rid: KVRange(0, *tensors[4 * i:4 * i + 4]) for i, rid in enumerate(rids)}
+                self.record.bytes += n
+                self.record.stage1_ms = 1000 * (time.perf_counter() - t0)
+                self._set(DestState.STAGE1_RECEIVED)
+            self.fault("destination:after_stage1")
+            t0 = time.perf_counter()
+            metas, tensors, n = recv_stage(self.group, self.peer, stage_tag(self.order_id, 2))
+            self.record.bytes += n
+            states = [dataclasses.replace(m, **dict(zip(_KV_FIELDS, tensors[4 * i:4 * i + 4])))
+                      for i, m in enumerate(metas)]
+            self._set(DestState.STAGE2_RECEIVED)
+        except Exception as e:  # noqa: BLE001 - the source resumes its copy; give the slots back
+            self._abort(e)
+            return self.record
+
+        def land() -> float:
+            self.engine.reserved -= self.held  # released right before the imports take the slots
+            self.held = 0
+            for s in states:
+                self.engine.import_sample(s, prefix=[prefix[s.request_id]] if s.request_id in prefix else [])
+                self.record.request_ids.append(s.request_id)
+                self.on_import(s.request_id)
+            return time.time()  # the step that runs next is the first with these samples
+
+        try:
+            self.record.t_resume = self.at_boundary(land)
+        except Exception as e:  # noqa: BLE001 - samples imported before the error stay (and count as moved)
+            self._abort(e)
+            return self.record
+        self.record.stage2_ms = 1000 * (time.perf_counter() - t0)
+        self._set(DestState.IMPORTED)
+        return self.record
+
+    def _abort(self, error: Exception) -> None:
+        self.record.error = f"{type(error).__name__}: {error}"
+        if self.held:
+            def release() -> None:
+                self.engine.reserved -= self.held
+                self.held = 0
+
+            self.at_boundary(release)
+        self._set(DestState.ABORTED)
+
+    def confirm(self) -> None:
+        self._set(DestState.CONFIRMED)
