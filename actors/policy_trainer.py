@@ -9,7 +9,7 @@ import torch
 from actors.trainer_group import TrainerRank
 from actors.weight_sync import WeightSender
 from trainer import algorithms as algo
-from trainer.experience import Experience, sequence_logprobs
+from trainer.experience import Experience, sequence_logprobs, sequence_logprobs_topk
 from trainer.strategy import load_causal_lm
 
 
@@ -24,6 +24,9 @@ class PolicyTrainer(WeightSender, TrainerRank):
         model.config.use_cache = False
         return model
 
+    def sync_tensors(self):
+        return self.strategy.full_state_dict(self.engine)
+
     @torch.no_grad()
     def compute_logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
         """Log-probs [B, R] of the response tokens under the current policy (the rollout's temperature)."""
@@ -31,6 +34,18 @@ class PolicyTrainer(WeightSender, TrainerRank):
         temperature = float(self.cfg.get("temperature", 1.0))
         return self._forward_batched(
             lambda s, a: sequence_logprobs(self.engine, s, a, num_actions, temperature),
+            sequences, attention_mask, num_actions,
+        )
+
+    @torch.no_grad()
+    def compute_logprobs_topk(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int,
+                              k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """compute_logprobs plus the draft trainer's teacher from the same logits: top-k log-probs and ids
+        [B, R, k] per response position (a top-k of logits the pass computes anyway)."""
+        self.engine.eval()
+        temperature = float(self.cfg.get("temperature", 1.0))
+        return self._forward_batched(
+            lambda s, a: sequence_logprobs_topk(self.engine, s, a, num_actions, temperature, k),
             sequences, attention_mask, num_actions,
         )
 

@@ -99,7 +99,8 @@ class TrainerRank:
         return self.strategy.all_reduce_mean(local)
 
     def _forward_batched(self, fn, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int):
-        """fn(seqs, mask) -> [b, R] over micro batches; [B, R] float on CPU (B may be 0 on an uneven split).
+        """fn(seqs, mask) -> [b, R] (or a tuple of [b, R, ...]) over micro batches; [B, R] on CPU, floats as
+        float32 (B may be 0 on an uneven split).
 
         Under ZeRO-3 every forward is a collective, so every rank runs the same number (padding with a dummy row).
         """
@@ -116,9 +117,15 @@ class TrainerRank:
         dummy = torch.zeros(1, sequences.shape[1], dtype=torch.long, device=self.device)
         out = [fn(sequences[c], attention_mask[c]) if c is not None else fn(dummy, torch.ones_like(dummy))
                for c in chunks]
-        if not out:
-            return torch.zeros(0, num_actions)
-        return torch.cat(out)[:batch].float().cpu()[order.argsort()]
+        if not out:  # an empty shard: one dummy row gives the outputs' shapes, then none of it is kept
+            out = [fn(dummy, torch.ones_like(dummy))]
+        unsort = order.argsort()
+
+        def gather(parts):
+            t = torch.cat(parts)[:batch].cpu()
+            return (t.float() if t.is_floating_point() else t)[unsort]
+
+        return tuple(map(gather, zip(*out))) if isinstance(out[0], tuple) else gather(out)
 
     # -- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> bool:

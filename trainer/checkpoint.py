@@ -1,5 +1,6 @@
 """Checkpoints every k iterations: DeepSpeed states (weights + optimizer) for policy and critic, the actor
-in Hugging Face format, and the driver's own state (data cursor, RNG, reward statistics, W&B run id).
+in Hugging Face format, the draft trainer's weights and optimizer (online draft adaptation), and the driver's
+own state (data cursor, RNG, reward statistics, W&B run id).
 
 A checkpoint counts only once `latest` names it, so a crash mid-save never leaves a half checkpoint
 to resume from.
@@ -17,9 +18,9 @@ import torch
 
 
 class CheckpointManager:
-    def __init__(self, root: str, every: int, policy, critic):
+    def __init__(self, root: str, every: int, policy, critic, draft=None):
         self.root, self.every = Path(root) / "checkpoints", every
-        self.policy, self.critic = policy, critic
+        self.policy, self.critic, self.draft = policy, critic, draft
 
     def due(self, iteration: int) -> bool:
         return self.every > 0 and (iteration + 1) % self.every == 0
@@ -31,6 +32,8 @@ class CheckpointManager:
         jobs.append(self.policy.actors[0].save_hf.remote(str(path / "actor_hf")))
         if self.critic:
             jobs += self.critic.call_all("save_checkpoint", str(path / "critic"))
+        if self.draft is not None:
+            jobs.append(self.draft.save_checkpoint.remote(str(path / "draft")))
         ray.get(jobs)
         state = {
             "completed_iterations": iteration + 1,
@@ -59,6 +62,8 @@ class CheckpointManager:
         jobs = self.policy.call_all("load_checkpoint", str(path / "policy"))
         if self.critic:
             jobs += self.critic.call_all("load_checkpoint", str(path / "critic"))
+        if self.draft is not None:
+            jobs.append(self.draft.load_checkpoint.remote(str(path / "draft")))
         ray.get(jobs)
         sampler.load_state(state["data"])
         reward_moments.load_state_dict(state["reward_moments"])

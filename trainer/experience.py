@@ -31,6 +31,9 @@ class Experience:
     advantages: torch.Tensor | None = None  # [B, R]
     returns: torch.Tensor | None = None  # [B, R]
     scores: torch.Tensor | None = None  # [B]
+    # the old policy's top-k per response position, the draft trainer's teacher (draft.loss=kl_topk)
+    topk_logprobs: torch.Tensor | None = None  # [B, R, k] float
+    topk_ids: torch.Tensor | None = None  # [B, R, k] long
     info: dict = field(default_factory=dict)  # per-sample stats: tensors [B] or lists of length B
 
     def __post_init__(self) -> None:
@@ -46,6 +49,11 @@ class Experience:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (b, self.num_actions):
                 raise ValueError(f"Experience.{name} has shape {tuple(value.shape)}, expected {(b, self.num_actions)}")
+        for name in ("topk_logprobs", "topk_ids"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 3 or tuple(value.shape[:2]) != (b, self.num_actions)):
+                raise ValueError(f"Experience.{name} has shape {tuple(value.shape)}, "
+                                 f"expected {(b, self.num_actions)} + (k,)")
 
     @property
     def batch_size(self) -> int:
@@ -168,6 +176,26 @@ def _pad_actions(x: torch.Tensor, num_actions: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, num_actions - x.shape[1]))
 
 
+def response_logits(
+    model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits / temperature [B, R', V] at the positions that predict the response tokens, and those tokens
+    [B, R'] (R' <= R: columns that are padding in every row are skipped). Logits at [P-1, T-1) predict [P, T)."""
+    sequences, attention_mask, num_actions = trim_padding(sequences, attention_mask, num_actions)
+    out = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=num_actions + 1,  # only positions [P-1, T) are needed
+    )
+    logits = out.logits[:, :-1].float()  # [B, R', V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits, sequences[:, -num_actions:]
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     sequences: torch.Tensor,  # [B, T]
@@ -178,26 +206,27 @@ def sequence_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs [B, R] of the response tokens under logits / temperature (the rollout's temperature).
 
-    Logits at positions [P-1, T-1) predict tokens [P, T). With return_entropy also the entropy [B, R].
-    Columns that are padding in every row are skipped; their outputs are 0.
+    With return_entropy also the entropy [B, R]. Columns that are padding in every row come out 0.
     """
-    full_actions = num_actions
-    sequences, attention_mask, num_actions = trim_padding(sequences, attention_mask, num_actions)
-    out = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=num_actions + 1,  # only positions [P-1, T) are needed
-    )
-    logits = out.logits[:, :-1].float()  # [B, R, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = sequences[:, -num_actions:]  # [B, R]
-    logprobs = _pad_actions(torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1), full_actions)
+    logits, targets = response_logits(model, sequences, attention_mask, num_actions, temperature)
+    logprobs = _pad_actions(torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1), num_actions)
     if return_entropy:
-        return logprobs, _pad_actions(entropy_from_logits(logits), full_actions)
+        return logprobs, _pad_actions(entropy_from_logits(logits), num_actions)
     return logprobs
+
+
+def sequence_logprobs_topk(
+    model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int,
+    temperature: float, k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The old-logprob pass plus the draft's teacher from the same logits: log-probs [B, R] of the response
+    tokens, and the top-k log-probs [B, R, k] with their token ids [B, R, k] at every response position."""
+    logits, targets = response_logits(model, sequences, attention_mask, num_actions, temperature)
+    logp_all = torch.log_softmax(logits, dim=-1)  # [B, R', V]
+    logprobs = _pad_actions(logp_all.gather(-1, targets[..., None]).squeeze(-1), num_actions)
+    top_logp, top_ids = logp_all.topk(min(k, logp_all.shape[-1]), dim=-1)  # [B, R', k] each
+    pad = (0, 0, 0, num_actions - top_logp.shape[1])
+    return logprobs, torch.nn.functional.pad(top_logp, pad), torch.nn.functional.pad(top_ids, pad)
 
 
 def hidden_states(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
