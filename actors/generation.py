@@ -1,6 +1,9 @@
 """GenerationInstance: a Ray actor that owns one speculative engine and steps it in the background."""
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -9,7 +12,10 @@ import ray
 import torch
 
 from drafting import GenRequest, SpeculativeEngine
-from migration.collective import CollectiveGroup
+from actors.weight_sync import ACTOR_SRC, DRAFT_SRC, receive_broadcast
+from migration.collective import CollectiveGroup, free_port
+from migration.planner import InstanceLoad, SampleLoad
+from migration.transfer import Emigration, Immigration, TransferRecord
 
 
 @dataclass
@@ -21,23 +27,43 @@ class InstanceStats:
     tokens_per_s: float
     mean_accepted: float
     steps: int
+    weight_version: int = 0  # the weight push the instance decodes with (actor)
+    draft_version: int = 0  # ... and the draft's (0 = the draft it started with)
+    kv_tokens: int = 0  # committed KV positions of the live samples
+    recent_tokens_per_s: float = 0.0  # committed tokens per second over the last few seconds
+    saturation_live: int | None = None  # live samples where throughput stops growing (engine calibration)
+    step_ms: float = 0.0  # mean wall time of one engine step so far
 
 
 class GenerationInstance:
     """Thin actor: requests in, finished rollouts out; all decoding logic lives in `drafting/`."""
 
     def __init__(self, index: int, actor_path: str, draft_path: str, strategy: str, max_slots: int,
-                 max_len: int, device: str = "cpu", threads: int = 1, dtype: str = "float32"):
+                 max_len: int, device: str = "cpu", threads: int = 1, dtype: str = "float32",
+                 calibration: str | None = "auto"):
         torch.set_num_threads(threads)
         self.index = index
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
         self.engine = SpeculativeEngine(actor_path, draft_path, strategy=strategy, max_slots=max_slots,
-                                        max_len=max_len, device=self.device, dtype=getattr(torch, dtype))
+                                        max_len=max_len, device=self.device, dtype=getattr(torch, dtype),
+                                        calibration=calibration if draft_path else None)
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._finished = []
         self._error: BaseException | None = None
         self._weight_group: CollectiveGroup | None = None
+        self.weight_version = self.draft_version = 0
+        # sample reallocation: calls run at step boundaries, the KV group, orders in flight, outputs held back
+        self._calls: list = []
+        self._calls_lock = threading.Lock()
+        self._kv_group: CollectiveGroup | None = None
+        self._orders: dict = {}
+        self._unconfirmed: set = set()  # imported, the move not yet confirmed: outputs wait in _withheld
+        self._withheld: list = []
+        self._recent: collections.deque = collections.deque()  # (time, tokens committed by one step)
+        self._tokens_seen = 0
+        self._crash_point: str | None = None
+        self.saturation_live: int | None = None  # resolve_saturation() reads it when a balancer needs it
         self._loop = threading.Thread(target=self._step_loop, daemon=True, name=f"gen-{index}")
         self._loop.start()
 
@@ -46,11 +72,17 @@ class GenerationInstance:
             self._work.wait()
             try:
                 with self._lock:
+                    self._run_boundary_calls()
                     done = self.engine.step()
-                    self._finished.extend(done)
+                    for out in done:  # weights change only between rollouts: these made the whole sample
+                        out.stats.update(weight_version=self.weight_version, draft_version=self.draft_version,
+                                         instance=self.index)  # where it finished (migrations move samples)
+                        (self._withheld if out.request_id in self._unconfirmed else self._finished).append(out)
                     stats = self.engine.stats()
-                    if stats.live == 0 and stats.queued == 0:
-                        self._work.clear()
+                    self._note_tokens(stats.tokens)
+                    with self._calls_lock:
+                        if stats.live == 0 and stats.queued == 0 and not self._calls:
+                            self._work.clear()
             except BaseException as e:  # noqa: BLE001 - surfaced to the driver on its next call
                 self._error = e
                 self._work.clear()
@@ -85,25 +117,183 @@ class GenerationInstance:
         with self._lock:
             s = self.engine.stats()
             return InstanceStats(self.index, s.live, s.queued, len(self._finished), s.tokens_per_s,
-                                 s.mean_accepted, s.steps)
+                                 s.mean_accepted, s.steps, self.weight_version, self.draft_version,
+                                 kv_tokens=sum(kv for _, kv, _, _ in self.engine.sample_loads()),
+                                 recent_tokens_per_s=self._recent_rate(2.0), saturation_live=self.saturation_live,
+                                 step_ms=s.step_ms)
+
+    def drafting_summary(self) -> dict:
+        """What the draft strategy did since the last call (plain steps, nodes, levels, predicted vs realised
+        acceptance, selection overhead), and the acceptance predictor's calibration; the log is emptied."""
+        from drafting.steplog import summarize
+
+        with self._lock:
+            steps = list(self.engine.step_log)
+            self.engine.step_log.clear()
+            out = summarize(steps)
+            predictor = getattr(self.engine.strategy, "predictor", None)
+            if predictor is not None:
+                out["predictor_ece"] = predictor.calibration()["ece"]
+            return out
 
     # --- weight sync: trainer rank 0 broadcasts, every instance receives -------------------------
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
         self._weight_group = CollectiveGroup(host, port, rank, world_size, "weights", backend)
         return True
 
-    def receive_weights(self, specs: list[tuple[str, tuple, str]]) -> int:
-        """Receive every parameter named in specs from rank 0, then load them into the engine."""
-        named = {}
-        for name, shape, dtype in specs:
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self._weight_group.device)
-            named[name] = self._weight_group.broadcast(tensor, src=0)
+    def receive_weights(self, specs: list[tuple[str, tuple, str]], version: int = 0,
+                        draft_specs: list[tuple[str, tuple, str]] | None = None, draft_version: int = 0) -> dict:
+        """One weight push: the actor's parameters from the policy's rank 0, then (draft_specs given) the draft's
+        from the draft trainer, loaded into the engine. Returns the seconds each part took here."""
+        start = time.perf_counter()
+        target = receive_broadcast(self._weight_group, specs, ACTOR_SRC)
+        received = time.perf_counter()
+        draft = receive_broadcast(self._weight_group, draft_specs, DRAFT_SRC) if draft_specs else None
+        draft_received = time.perf_counter()
         with self._lock:  # only between iterations: no sample is live
-            self.engine.load_target_weights(named)
-        return len(named)
+            self.engine.load_target_weights(target)
+            self.weight_version = version
+            loaded = time.perf_counter()
+            if draft is not None:
+                self.engine.load_draft_weights(draft)
+                self.engine.on_draft_update()  # acceptance records of the old draft go; the predictor refits
+                self.draft_version = draft_version
+        return {"target_s": (received - start) + (loaded - draft_received),
+                "draft_s": (draft_received - received) + (time.perf_counter() - loaded)}
 
     def ping(self) -> int:
         return self.index
+
+    # --- sample reallocation: the instances' KV group and both ends of a migration order ---------
+    def _run_boundary_calls(self) -> None:
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the caller gets it
+                future.set_exception(e)
+
+    def _at_boundary(self, fn):
+        """Run fn under the step lock between two steps (rows move when slots free, so an export or import must
+        not interleave with a step); the step loop runs it first thing before its next step."""
+        future = concurrent.futures.Future()
+        with self._calls_lock:
+            self._calls.append((fn, future))
+            self._work.set()
+        while True:
+            self._check()
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                continue
+
+    def resolve_saturation(self) -> int | None:
+        """The engine's profiled saturation point (balancer threshold `auto`), read between rollouts: reading it
+        may profile the model pair on first use, which needs an idle engine and must not stall a rollout.
+        None (the balancer then falls back to a stated default) when there is none."""
+        def read() -> int | None:
+            try:
+                return getattr(self.engine, "saturation_live", None)
+            except Exception as e:  # noqa: BLE001 - a missing or unusable calibration only costs the default
+                print(f"generation instance {self.index}: no saturation point ({e})", flush=True)
+                return None
+
+        self.saturation_live = self._at_boundary(read)
+        return self.saturation_live
+
+    def _note_tokens(self, total: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, total - self._tokens_seen if total >= self._tokens_seen else total))
+        self._tokens_seen = total
+        while now - self._recent[0][0] > 30.0:
+            self._recent.popleft()
+
+    def _recent_rate(self, window_s: float) -> float:
+        now = time.monotonic()
+        return sum(n for t, n in self._recent if now - t <= window_s) / window_s
+
+    def load(self, window_s: float = 2.0) -> InstanceLoad:
+        """What the load balancer plans from: counts, KV held, recent throughput, each running sample."""
+        def read() -> InstanceLoad:
+            e = self.engine
+            samples = [SampleLoad(*row) for row in e.sample_loads()]
+            return InstanceLoad(self.index, len(e.live), len(e.queue), e.max_slots, e.reserved,
+                                sum(s.kv_tokens for s in samples), self._recent_rate(window_s),
+                                self.saturation_live, samples, [q.request_id for q in e.queue])
+
+        return self._at_boundary(read)  # a waiter on the step lock itself can starve behind the loop
+
+    def kv_group_address(self) -> tuple[str, int]:
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def join_kv_group(self, host: str, port: int, rank: int, world_size: int, backend: str, name: str,
+                      timeout_s: float) -> bool:
+        self._kv_group = None  # a rebuilt group replaces the old one (a member died or a transfer failed)
+        self._kv_group = CollectiveGroup(host, port, rank, world_size, name, backend, timeout_s)
+        return True
+
+    def take_queued(self, request_ids: list) -> list[GenRequest]:
+        """Remove these requests from the queue (those not admitted yet) and hand them over."""
+        def take() -> list[GenRequest]:
+            wanted = set(request_ids)
+            taken = [q for q in self.engine.queue if q.request_id in wanted]
+            for q in taken:
+                self.engine.remove(q.request_id)
+            return taken
+
+        return self._at_boundary(take)
+
+    def reserve(self, order_id: int, slots: int, peer: int, two_stage: bool) -> bool:
+        """Destination: hold slots for an order from KV-group rank `peer`; False = refused, nothing was sent."""
+        self._check()
+        order = Immigration(order_id, slots, peer, two_stage, self._kv_group, self.engine, self._at_boundary,
+                            self._unconfirmed.add, self._fault)
+        if not order.reserve():
+            return False
+        self._orders["in", order_id] = order
+        return True
+
+    def migrate_in(self, order_id: int) -> TransferRecord:
+        """Destination: receive both stages and import; returns which samples landed."""
+        return self._orders["in", order_id].run()
+
+    def finish_in(self, order_id: int) -> TransferRecord:
+        """Destination: the move is recorded; outputs of the imported samples may leave."""
+        order = self._orders.pop(("in", order_id))
+        if order.record.request_ids:
+            order.confirm()
+        ids = set(order.record.request_ids)
+
+        def release() -> None:
+            self._unconfirmed -= ids
+            self._finished += [o for o in self._withheld if o.request_id in ids]
+            self._withheld = [o for o in self._withheld if o.request_id not in ids]
+
+        self._at_boundary(release)
+        return order.record
+
+    def migrate_out(self, order_id: int, request_ids: list, peer: int, two_stage: bool) -> TransferRecord:
+        """Source: stage 1 (unless stop-and-copy) and stage 2 to KV-group rank `peer`."""
+        self._check()
+        order = Emigration(order_id, request_ids, peer, two_stage, self._kv_group, self.engine, self._at_boundary,
+                           self._fault)
+        self._orders["out", order_id] = order
+        return order.run()
+
+    def finish_out(self, order_id: int, moved: list) -> TransferRecord:
+        """Source: the verdict. Samples in `moved` live on at the destination; the rest resume here."""
+        return self._orders.pop(("out", order_id)).finish(moved)
+
+    def crash_at(self, point: str | None) -> None:
+        """Fault injection for tests: the process exits when a migration reaches `point`
+        ("source:after_stage1" or "destination:after_stage1")."""
+        self._crash_point = point
+
+    def _fault(self, point: str) -> None:
+        if point == self._crash_point:
+            os._exit(1)
 
 
 GenerationInstanceActor = ray.remote(GenerationInstance)

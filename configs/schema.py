@@ -33,12 +33,19 @@ class ModelConfig:
 
 
 @dataclass
+class PromptFileConfig:
+    """One prompt file and how to read its rows: Verl's Parquet rows as they are, or OpenRLHF-style columns."""
+    path: typing.Optional[str] = TINY  # JSONL or Parquet; "tiny" = the tiny world's; null (eval) = no evaluation
+    prompt_key: str = "prompt"  # a string (used as text) or a list of {role, content} messages (chat template)
+    label_key: str = "reward_model.ground_truth"  # the ground truth for trainer.reward_fn; dots reach into a column
+    apply_chat_template: bool = False  # render a string prompt as one user message (OpenRLHF's flag)
+    size: typing.Optional[int] = None  # only the first N prompts; null = all
+
+
+@dataclass
 class DataConfig:
-    train_path: str = TINY  # JSONL or Parquet; "tiny" = the tiny world's prompts
-    eval_path: typing.Optional[str] = TINY  # held-out prompts scored greedily; null = no evaluation
-    eval_size: int = 64  # how many eval prompts (from the top of the file)
-    prompt_key: str = "prompt"  # a text column ...
-    messages_key: str = "messages"  # ... or a chat column rendered with the chat template
+    train: PromptFileConfig = field(default_factory=PromptFileConfig)
+    eval: PromptFileConfig = field(default_factory=PromptFileConfig)  # held-out prompts, scored greedy and sampled
     max_prompt_len: int = 80  # longer prompts are dropped (filter) or cut (truncate)
     overlong: str = "filter"  # "filter" | "truncate"
     shuffle: bool = True
@@ -47,7 +54,8 @@ class DataConfig:
 @dataclass
 class GenerationConfig:
     num_instances: int = 2
-    strategy: str = "tree:3,2,6"  # none | chain:k | tree:depth,topk,nodes
+    strategy: str = "tree:3,2,6"  # adaptive | none | chain:k | tree:depth,topk,nodes
+    calibration: str = "auto"  # adaptive's step-time model: "auto" (profiled here on first use, cached) or a file
     max_slots: int = 64  # live samples per instance; more wait in the queue
     max_len: int = 160  # prompt + response tokens per sample
     max_new_tokens: int = 72
@@ -57,6 +65,19 @@ class GenerationConfig:
     gpus_per_instance: float = 0.0
     cpus_per_instance: float = 1.0
     threads_per_instance: int = 1
+    memory_gb: typing.Optional[float] = None  # one instance's device memory (GiB); null = measured by the preflight
+    assignment: str = "round_robin"  # "round_robin" | "chunk": contiguous slices of the batch (groups together)
+
+
+@dataclass
+class BalancerConfig:
+    """The load balancer: moves queued requests and running samples (with their KV) between instances."""
+    enabled: bool = False
+    interval_s: float = 0.25  # seconds between polls of the instances' loads
+    threshold: typing.Union[str, int] = "auto"  # live samples; "auto" = the engine's profiled saturation point
+    cooldown_s: float = 0.5  # an instance sits out this long after each order it took part in
+    two_stage: bool = True  # false: stop-and-copy (freeze, copy all KV, resume), for comparison
+    transfer_timeout_s: float = 5.0  # a KV transfer to a dead or stuck instance fails after this long
 
 
 @dataclass
@@ -85,8 +106,8 @@ class TrainerConfig:
     grpo_norm_std: bool = True  # divide GRPO advantages by the group's std (False: Dr. GRPO)
     reward_clip: float = 10.0
     normalize_reward: bool = False
-    rule_reward: typing.Optional[str] = "tiny_task"  # a rule-based reward function by name
-    rule_weight: float = 1.0
+    reward_fn: typing.Optional[str] = None  # "path/to/file.py:function", Verl's compute_score signature
+    reward_fn_weight: float = 1.0  # reward = reward_fn_weight * function score + rm_weight * reward model score
     rm_weight: float = 1.0
     save_every: int = 5  # iterations between checkpoints; 0 = never
     eval_every: int = 4  # iterations between greedy evaluations (also before the first and after the last)
@@ -95,6 +116,21 @@ class TrainerConfig:
     gpus_per_actor: float = 0.0  # per trainer/critic rank and per reward/reference actor
     cpus_per_actor: float = 1.0
     threads_per_actor: int = 1
+
+
+DRAFT_LOSSES = ("kl_topk", "ce_sampled")
+
+
+@dataclass
+class DraftConfig:
+    """Online draft adaptation: a draft trainer distils the draft toward the actor on every rollout. Loss, lr and
+    steps are the best by accepted tokens per step on the tiny world's drift benchmark (bench/draft_drift.py)."""
+    online: bool = True  # on whenever the rollout drafts (generation.strategy is not none)
+    loss: str = "kl_topk"  # "kl_topk": forward KL on the actor's top-k + tail | "ce_sampled": CE on sampled tokens
+    top_k: int = 8  # actor log-probs per response position handed over by the old-logprob pass (kl_topk)
+    lr: float = 3e-4
+    steps: int = 16  # optimizer steps per iteration ...
+    batch_size: int = 32  # ... each on this many samples of the rollout (16 x 32 = 4 passes over 128 samples)
 
 
 @dataclass
@@ -112,22 +148,32 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_STRATEGY = re.compile(r"^(none|chain:\d+|tree:\d+,\d+,\d+)$")
+_STRATEGY = re.compile(r"^(adaptive|none|chain:\d+|tree:\d+,\d+,\d+)$")
+_REWARD_FN = re.compile(r"^.+\.py(:[A-Za-z_]\w*)?$")
 _CHOICES = {
     "model.critic_init": ("reward", "actor"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.overlong": ("filter", "truncate"),
+    "generation.assignment": ("round_robin", "chunk"),
     "trainer.algorithm": ("ppo", "grpo"),
     "trainer.kl_estimator": ("k1", "k2", "k3"),
+    "draft.loss": DRAFT_LOSSES,
     "tracking.wandb_mode": ("offline", "online", "disabled"),
 }
+
+
+def adapts_draft(cfg: Config) -> bool:
+    """Online draft adaptation runs when draft.online is on and the rollout drafts at all."""
+    return cfg.draft.online and cfg.generation.strategy != "none"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -182,6 +228,12 @@ def _coerce(value, kind, key: str):
         if value is None:
             return None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is typing.Union:  # e.g. balancer.threshold: "auto" or a number
+        kinds = typing.get_args(kind)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+        return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):  # YAML reads 1e-5 as a string
@@ -205,7 +257,7 @@ def validate(cfg: Config) -> None:
                 "generation.max_new_tokens", "generation.threads_per_instance", "data.max_prompt_len",
                 "trainer.iterations", "trainer.prompts_per_iteration", "trainer.samples_per_prompt",
                 "trainer.world_size", "trainer.micro_batch_size", "trainer.ppo_epochs",
-                "trainer.threads_per_actor", "data.eval_size"]
+                "trainer.threads_per_actor", "draft.top_k", "draft.steps", "draft.batch_size"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be positive, got {flat[key]}")
@@ -213,14 +265,18 @@ def validate(cfg: Config) -> None:
                     "generation.cpus_per_instance", "trainer.actor_lr", "trainer.critic_lr",
                     "trainer.kl_coef", "trainer.save_every", "trainer.gpus_per_actor",
                     "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip", "trainer.eval_every",
-                    "trainer.critic_warmup"]
+                    "trainer.critic_warmup", "draft.lr"]
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must not be negative, got {flat[key]}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
     if not _STRATEGY.match(g.strategy):
-        raise ConfigError(f"generation.strategy: {g.strategy!r} is not none, chain:K or tree:DEPTH,TOPK,NODES")
+        raise ConfigError(f"generation.strategy: {g.strategy!r} is not adaptive, none, chain:K or "
+                          f"tree:DEPTH,TOPK,NODES")
+    if g.calibration != "auto" and not Path(g.calibration).expanduser().is_file():
+        raise ConfigError(f"generation.calibration: {g.calibration!r} is neither 'auto' nor a calibration file "
+                          f"(python -m drafting.profile writes one)")
     if g.max_len <= d.max_prompt_len:
         raise ConfigError(f"generation.max_len: {g.max_len} leaves no room for a response after "
                           f"data.max_prompt_len={d.max_prompt_len}")
@@ -239,3 +295,26 @@ def validate(cfg: Config) -> None:
                           f"{t.prompts_per_iteration * t.samples_per_prompt} samples of an iteration")
     if not 0 <= t.gamma <= 1 or not 0 <= t.lam <= 1:
         raise ConfigError("trainer.gamma / trainer.lam: must be in [0, 1]")
+    if d.train.path is None:
+        raise ConfigError("data.train.path: a prompt file is needed")
+    for split in ("train", "eval"):
+        size = getattr(d, split).size
+        if size is not None and size <= 0:
+            raise ConfigError(f"data.{split}.size: must be positive or null, got {size}")
+    if g.memory_gb is not None and g.memory_gb <= 0:
+        raise ConfigError(f"generation.memory_gb: must be positive or null, got {g.memory_gb}")
+    if t.reward_fn is not None and not _REWARD_FN.match(t.reward_fn):
+        raise ConfigError(f"trainer.reward_fn: {t.reward_fn!r} is not path/to/file.py:function_name")
+    if t.reward_fn is None and t.rm_weight == 0:
+        raise ConfigError("trainer.rm_weight: 0 and no trainer.reward_fn: nothing would score the samples")
+    validate_balancer(cfg.balancer)
+
+
+def validate_balancer(b: BalancerConfig) -> None:
+    if b.threshold != "auto" and (not isinstance(b.threshold, int) or b.threshold < 1):
+        raise ConfigError(f"balancer.threshold: want auto or a positive number of live samples, got {b.threshold!r}")
+    for key in ("interval_s", "transfer_timeout_s"):
+        if not getattr(b, key) > 0:
+            raise ConfigError(f"balancer.{key}: must be positive, got {getattr(b, key)}")
+    if b.cooldown_s < 0:
+        raise ConfigError(f"balancer.cooldown_s: must not be negative, got {b.cooldown_s}")

@@ -62,7 +62,6 @@ def _physics(component: str, X: np.ndarray) -> np.ndarray:
 
 
 def _family(name: str, component: str):
-    from sklearn.ensemble import HistGradientBoostingRegressor
     from sklearn.linear_model import LinearRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer, PolynomialFeatures, StandardScaler
@@ -71,18 +70,18 @@ def _family(name: str, component: str):
         return make_pipeline(FunctionTransformer(lambda X: _physics(component, X)), LinearRegression(positive=True))
     if name == "poly2":
         return make_pipeline(StandardScaler(), PolynomialFeatures(2), Ridge(alpha=1e-3))
-    if name == "boosting":  # trees, monotone in every input: more work never takes less time
-        return HistGradientBoostingRegressor(max_iter=60, learning_rate=0.2, min_samples_leaf=3,
-                                             monotonic_cst=[1] * len(COLUMNS[component]), random_state=0)
     raise ValueError(f"unknown step-model family {name!r}")
 
 
-FAMILIES = ("linear", "poly2", "boosting")
+# Smooth families only: the selection weighs each extra node against the marginal cost of verifying it, and a
+# tree ensemble's piecewise-constant prediction says that cost is zero almost everywhere (a monotone boosted
+# model won the cross-validation by 1-2 points on one profile and then drafted without limit).
+FAMILIES = ("linear", "poly2")
 
 
 def _closed_form(name: str, component: str, model):
-    """The fitted linear families as plain numpy (sklearn's per-call overhead would dominate the per-step
-    selection, which evaluates the model many times); None: use `model.predict`."""
+    """The fitted model as plain numpy: sklearn's per-call overhead would dominate the per-step selection,
+    which evaluates the model many times."""
     if name == "linear":
         reg = model[-1]
         w, b = reg.coef_.copy(), float(reg.intercept_)
@@ -92,7 +91,7 @@ def _closed_form(name: str, component: str, model):
         mean, scale, powers = scaler.mean_.copy(), scaler.scale_.copy(), poly.powers_.astype(np.float64)
         w, b = reg.coef_.copy(), float(reg.intercept_)
         return lambda X: np.prod(((X - mean) / scale)[:, None, :] ** powers[None], axis=2) @ w + b
-    return None
+    raise ValueError(f"unknown step-model family {name!r}")
 
 
 def _mape(y: np.ndarray, pred: np.ndarray) -> float:
@@ -128,7 +127,7 @@ class Calibration:
     path: str | None = None
 
     def __post_init__(self):
-        self._models, self._fast = {}, {}
+        self._models, self._fast, self._memo, self._tables = {}, {}, {}, {}
 
     # -- fitting
     def fit(self, choose: bool = True) -> "Calibration":
@@ -145,9 +144,11 @@ class Calibration:
                 warnings.simplefilter("ignore")
                 self._models[comp] = _family(self.families[comp], comp).fit(X, y)
             self._fast[comp] = _closed_form(self.families[comp], comp, self._models[comp])
+        self._memo.clear()
         if len(heldout) == len(COLUMNS):
             self.step_cv_error = self._step_cv_error(heldout)
         self.roofline = self._roofline()
+        self._tabulate()
         return self
 
     def _xy(self, comp: str) -> tuple[np.ndarray, np.ndarray]:
@@ -171,18 +172,39 @@ class Calibration:
 
     # -- prediction (milliseconds)
     def predict(self, comp: str, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        fast = self._fast.get(comp)
-        return np.maximum(fast(X) if fast else self._models[comp].predict(X), 1e-3)
+        return np.maximum(self._fast[comp](np.asarray(X, dtype=np.float64)), 1e-3)
+
+    def _tabulate(self) -> None:
+        """The scalar components on a grid (live 1..max_slots, catch-up 1..64 tokens, widths 1..8, context in
+        steps of 8), predicted once: the per-step policy then reads a table instead of calling a model."""
+        S, L = int(self.meta.get("max_slots", 64)), int(self.meta.get("max_len", 256))
+        ctx = np.arange(0, L + 8, 8, dtype=np.float64)
+        live = np.arange(0, S + 1, dtype=np.float64)
+        self._tables = {}
+        for comp, mid in (("plain", None), ("root", np.arange(0, 65)), ("level", np.arange(0, 9))):
+            axes = [live] + ([] if mid is None else [mid.astype(np.float64)]) + [ctx]
+            grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+            self._tables[comp] = self.predict(comp, np.maximum(grid, 1)).reshape([len(a) for a in axes])
+
+    def _scalar(self, comp: str, *x: int) -> float:
+        """One prediction from the table (context to the nearest 8 tokens); outside it, a memoised model call."""
+        table = self._tables.get(comp)
+        c = (x[-1] + 4) // 8
+        if table is not None and all(0 <= v < n for v, n in zip((*x[:-1], c), table.shape)):
+            return float(table[(*x[:-1], c)])
+        key = (comp, *x)
+        if key not in self._memo:
+            self._memo[key] = float(self.predict(comp, [x])[0])
+        return self._memo[key]
 
     def plain_ms(self, live: int, ctx: int) -> float:
-        return float(self.predict("plain", [[live, ctx]])[0])
+        return self._scalar("plain", live, ctx)
 
     def root_ms(self, live: int, lag: int, ctx: int) -> float:
-        return float(self.predict("root", [[live, lag, ctx]])[0])
+        return self._scalar("root", live, lag, ctx)
 
     def level_ms(self, live: int, width: int, ctx: int) -> float:
-        return float(self.predict("level", [[live, width, ctx]])[0])
+        return self._scalar("level", live, width, ctx)
 
     def verify_ms(self, live: int, tokens: np.ndarray, width: np.ndarray, ctx: int) -> np.ndarray:
         """Verify time for many candidate selections at once: tokens, width [K] (packed tokens incl. roots, and

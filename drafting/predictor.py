@@ -13,19 +13,18 @@ import warnings
 from collections import deque
 
 import numpy as np
-import torch
 
 # columns of the engine's node records (`SpeculativeEngine._record`)
 FEATURES = ("value", "q", "margin", "depth", "rank", "temperature")
 FAMILIES = ("logistic", "isotonic")
 
 
-def design(feats: torch.Tensor) -> torch.Tensor:
+def design(feats: np.ndarray) -> np.ndarray:
     """[M, 6] records -> [M, 7] regression inputs: log path value, log own probability, clipped margin, depth,
     sibling rank, temperature, greedy flag."""
-    value, q, margin, depth, rank, temp = feats.unbind(-1)
-    return torch.stack([value.clamp(min=1e-9).log(), q.clamp(min=1e-9).log(), margin.clamp(-20, 20), depth, rank,
-                        temp, (temp == 0).float()], dim=-1)
+    value, q, margin, depth, rank, temp = np.asarray(feats, dtype=np.float64).T
+    return np.stack([np.log(np.maximum(value, 1e-9)), np.log(np.maximum(q, 1e-9)), np.clip(margin, -20, 20), depth,
+                     rank, temp, (temp == 0).astype(np.float64)], axis=1)
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
@@ -59,30 +58,27 @@ class AcceptancePredictor:
         self.family: str | None = None  # None: the prior (draft probability)
         self.heldout_logloss: dict = {}
         self.fits = 0
-        self._w = self._b = None  # logistic, as torch tensors
+        self._w = self._b = None  # logistic
         self._iso_x = self._iso_y = None  # isotonic thresholds
         self._preq: deque = deque(maxlen=history)  # (predicted, accepted) chunks, for calibration reports
 
-    # -- prediction (hot path: torch only)
-    def predict(self, feats: torch.Tensor) -> torch.Tensor:
+    # -- prediction (hot path: small numpy arrays, cheaper per call than torch)
+    def predict(self, feats: np.ndarray) -> np.ndarray:
         """[M, 6] node records -> [M] acceptance probability given the parent accepted."""
         if self.family == "logistic":
-            return torch.sigmoid(design(feats) @ self._w.to(feats.device) + self._b)
-        q = feats[:, FEATURES.index("q")]
+            return 1.0 / (1.0 + np.exp(-(design(feats) @ self._w + self._b)))
+        q = np.asarray(feats, dtype=np.float64)[:, FEATURES.index("q")]
         if self.family == "isotonic":
-            x, y = self._iso_x.to(q.device), self._iso_y.to(q.device)
-            i = torch.searchsorted(x, q.contiguous()).clamp(1, len(x) - 1)
-            t = ((q - x[i - 1]) / (x[i] - x[i - 1]).clamp(min=1e-12)).clamp(0, 1)
-            return y[i - 1] + t * (y[i] - y[i - 1])
-        return q.clamp(0.01, 0.99)
+            return np.interp(q, self._iso_x, self._iso_y)
+        return np.clip(q, 0.01, 0.99)
 
     # -- learning
-    def observe(self, feats: torch.Tensor, accepted: torch.Tensor, predicted: torch.Tensor | None = None) -> bool:
+    def observe(self, feats: np.ndarray, accepted: np.ndarray, predicted: np.ndarray | None = None) -> bool:
         """Add tested nodes' records; refit when enough new ones arrived. Returns whether it refitted."""
-        X = design(feats).cpu().numpy()
-        y = accepted.cpu().numpy().astype(np.float64)
+        X = design(feats)
+        y = np.asarray(accepted, dtype=np.float64)
         if predicted is not None:
-            self._preq.append((predicted.detach().cpu().numpy(), y))
+            self._preq.append((np.asarray(predicted, dtype=np.float64), y))
         self._X.append((X, y))
         self._n += len(y)
         self._since_fit += len(y)
@@ -125,12 +121,10 @@ class AcceptancePredictor:
             best = min(scores, key=scores.get)
             if best == "logistic":
                 logit = LogisticRegression(C=1.0, max_iter=200).fit(X, y)
-                self._w = torch.tensor(logit.coef_[0], dtype=torch.float32)
-                self._b = float(logit.intercept_[0])
+                self._w, self._b = logit.coef_[0].copy(), float(logit.intercept_[0])
             else:
                 iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(q, y)
-                self._iso_x = torch.tensor(iso.X_thresholds_, dtype=torch.float32)
-                self._iso_y = torch.tensor(iso.y_thresholds_, dtype=torch.float32)
+                self._iso_x, self._iso_y = iso.X_thresholds_.copy(), iso.y_thresholds_.copy()
         self.family, self.heldout_logloss = best, scores
         self.fits += 1
 

@@ -9,12 +9,15 @@ from configs.schema import CONFIG_DIR, ConfigError, load_config
 
 def test_defaults_and_overrides():
     cfg = load_config(None, ["trainer.actor_lr=2e-6", "generation.num_instances=3", "tracking.run_name=x",
-                             "trainer.rule_reward=null"])
+                             "trainer.reward_fn=null", "trainer.rm_weight=1", "data.eval.path=null",
+                             "data.train.label_key=reward_model.ground_truth"])
     assert cfg.trainer.actor_lr == 2e-6 and isinstance(cfg.trainer.actor_lr, float)
     assert cfg.generation.num_instances == 3
     assert cfg.tracking.run_name == "x"
-    assert cfg.trainer.rule_reward is None
+    assert cfg.trainer.reward_fn is None
     assert cfg.model.actor == "tiny"
+    assert cfg.data.eval.path is None and cfg.data.train.label_key == "reward_model.ground_truth"
+    assert cfg.data.eval.label_key == "answer"  # train and eval files are described separately
 
 
 def test_cluster_example_is_valid():
@@ -30,7 +33,7 @@ def test_cluster_example_is_valid():
     ("generation.num_instances=true", "generation.num_instances: expected int, got bool"),
     ("generation.max_len=64", "generation.max_len: 64 leaves no room for a response after data.max_prompt_len=80"),
     ("generation.max_new_tokens=500", "generation.max_new_tokens: 500 does not fit"),
-    ("generation.strategy=tree:3", "generation.strategy: 'tree:3' is not none"),
+    ("generation.strategy=tree:3", "generation.strategy: 'tree:3' is not adaptive, none"),
     ("generation.top_p=1.5", "generation.top_p: must be in (0, 1]"),
     ("trainer.algorithm=dpo", "trainer.algorithm: 'dpo' is not one of ppo, grpo"),
     ("trainer.zero_stage=4", "trainer.zero_stage: must be 0..3"),
@@ -38,6 +41,12 @@ def test_cluster_example_is_valid():
     ("nosection.x=1", "nosection: unknown key"),
     ("generation=3", "generation: expected a mapping"),
     ("oops", "override 'oops': expected key.sub=value"),
+    ("data.eval.size=0", "data.eval.size: must be positive or null, got 0"),
+    ("data.train.path=null", "data.train.path: a prompt file is needed"),
+    ("data.train_path=x.jsonl", "data.train_path: unknown key (known: train, eval, "),
+    ("trainer.reward_fn=reward", "trainer.reward_fn: 'reward' is not path/to/file.py:function_name"),
+    ("trainer.reward_fn=null", "trainer.rm_weight: 0 and no trainer.reward_fn: nothing would score the samples"),
+    ("generation.memory_gb=-1", "generation.memory_gb: must be positive or null, got -1.0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -89,10 +98,10 @@ def test_too_many_instances_for_the_cluster():
     from trainer.preflight import check_resources
 
     cfg = load_config(None, ["generation.num_instances=40", "generation.cpus_per_instance=1"])
-    with pytest.raises(ConfigError, match=r"generation.num_instances=40 .* needs 40.75 CPU but the Ray cluster has 8"):
+    with pytest.raises(ConfigError, match=r"generation.num_instances=40 .* needs 40.8 CPU but the Ray cluster has 8"):
         check_resources(cfg, {"CPU": 8.0})
     gpu = load_config(CONFIG_DIR / "cluster_8b.yaml")
-    with pytest.raises(ConfigError, match=r"needs 26 GPU but the Ray cluster has 0"):
+    with pytest.raises(ConfigError, match=r"needs 27 GPU but the Ray cluster has 0"):
         check_resources(gpu, {"CPU": 1000.0})
 
 
@@ -101,3 +110,28 @@ def test_launch_reports_bad_config_in_one_line():
                          text=True, cwd=CONFIG_DIR.parent, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "config error: generation.num_instances: must be positive, got 0"
+
+
+def test_kv_cache_must_fit_the_instance_memory():
+    """The engine's dense K/V for max_slots x max_len, target and draft, plus both models' weights: the cluster
+    example fits an 80 GB GPU; 256 slots do not, and the error names the largest values that fit."""
+    from transformers import LlamaConfig
+
+    from trainer.preflight import check_memory, kv_bytes_per_position, weight_bytes
+
+    # the shapes of Llama-3.1-8B and Llama-3.2-1B (configs only)
+    actor = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8)
+    draft = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    assert (weight_bytes(actor, 1), weight_bytes(draft, 1)) == (8_030_261_248, 1_235_814_400)  # published counts
+    assert (kv_bytes_per_position(actor, 2), kv_bytes_per_position(draft, 2)) == (128 * 1024, 32 * 1024)
+    gpu = 80 * 10**9
+    check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml"), actor, draft, gpu, "an 80 GB GPU")
+    with pytest.raises(ConfigError) as err:
+        check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml", ["generation.max_slots=256"]), actor, draft, gpu,
+                     "an 80 GB GPU")
+    assert str(err.value) == (
+        "generation.max_slots=256 x generation.max_len=3072: K/V 120.0 GiB + weights 17.3 GiB do not fit in "
+        "67.1 GiB (90% of 74.5 GiB, an 80 GB GPU); the largest that fit: generation.max_slots=106 at this "
+        "max_len, or generation.max_len=1273 at this max_slots")

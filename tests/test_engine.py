@@ -114,6 +114,20 @@ def test_greedy_equals_hf_generate(models, kind, strategy):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_equals_hf_generate_adaptive(models, kind, calibrate):
+    """The adaptive strategy (plain steps, varying depth and nodes per sample) changes speed, not tokens."""
+    target, draft = models[kind]
+    ref = hf_greedy(target, PROMPTS, 12)
+    eng = SpeculativeEngine(target, draft, strategy="adaptive", max_slots=3, max_len=48,
+                            calibration=calibrate(target, draft))
+    outs = eng.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
+    assert [o.token_ids for o in outs] == ref
+    log = list(eng.step_log)
+    assert len({(s["plain"], s["levels"], s["nodes"]) for s in log}) > 1  # decisions really varied
+    assert all("plan_predicted_accepted" in s for s in log if not s["plain"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("strategy", ["chain:4", "tree:4,3,16"])
 def test_greedy_equals_hf_generate_draft_is_target(models, kind, strategy):
     """draft == target: every draft is accepted, long accepted runs, still == HF."""

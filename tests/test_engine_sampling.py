@@ -66,11 +66,16 @@ def chi_square(counts: Counter, p: torch.Tensor) -> tuple[float, int]:
     return stat, dof
 
 
-@pytest.mark.parametrize("strategy,block", [("chain:2", V), ("tree:3,3,8", V), ("tree:3,3,8", 4)])
-def test_emitted_tokens_have_target_distribution(models, strategy, block):
+@pytest.fixture(scope="module")
+def calibration(models, calibrate):
+    return calibrate.friendly(*models)
+
+
+@pytest.mark.parametrize("strategy,block", [("chain:2", V), ("tree:3,3,8", V), ("tree:3,3,8", 4), ("adaptive", V)])
+def test_emitted_tokens_have_target_distribution(models, calibration, strategy, block):
     """block 4 < V: two-level Gumbel-max (a block of the vocabulary by mass, then a token inside it)."""
     target, draft = models
-    eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=N, max_len=16)
+    eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=N, max_len=16, calibration=calibration)
     eng.block = block
     outs = eng.generate([PROMPT] * N, SP)
     # first emitted token: accepted draft or correction token, ~ p(. | prompt)
@@ -100,15 +105,15 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(models):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
-def test_seeded_tokens_do_not_depend_on_strategy_or_batch(models, temperature, top_k, top_p):
+def test_seeded_tokens_do_not_depend_on_strategy_or_batch(models, calibration, temperature, top_k, top_p):
     """Every strategy, a batch of 64 and batches of 1 emit the same tokens for the same (prompt, seed)."""
     target, draft = models
     prompts = [[(3 * i + j) % V for j in range(1 + i % 5)] for i in range(64)]
     sp = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=1000 + i,
                          logprobs=True) for i in range(64)]
     runs = {}
-    for strategy in ["none", "chain:1", "chain:4", "tree:3,2,6", "tree:4,2,10", "tree:6,3,24"]:
-        eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=64, max_len=32)
+    for strategy in ["none", "chain:1", "chain:4", "tree:3,2,6", "tree:4,2,10", "tree:6,3,24", "adaptive"]:
+        eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=64, max_len=32, calibration=calibration)
         runs[strategy] = eng.generate(prompts, sp)
         if strategy != "none":
             assert eng.stats().mean_accepted > 0.3  # drafts really were accepted

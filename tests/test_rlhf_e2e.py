@@ -28,7 +28,7 @@ def test_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_pat
 
     cfg, history = run_config(tmp_path, "trainer.algorithm=ppo", "trainer.iterations=3", "trainer.world_size=2",
                               "generation.num_instances=2", "trainer.save_every=3", "trainer.rm_weight=0.5",
-                              "data.eval_size=8", "trainer.eval_every=1", "trainer.critic_warmup=1",
+                              "data.eval.size=8", "trainer.eval_every=1", "trainer.critic_warmup=1",
                               "model.critic_init=reward")
     assert len(history) == 4  # three iterations and the closing evaluation
     final_eval = history.pop()
@@ -36,9 +36,12 @@ def test_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_pat
     for metrics in history:
         for key in ("score/mean", "reward/mean", "kl/mean", "loss/value", "response/length_mean",
                     "rollout/tokens_per_s", "rollout/mean_accepted", "time/generate", "time/make_experience",
-                    "time/update", "time/weight_sync", "eval/score", "eval/reward", "eval/sampled_score"):
+                    "time/update", "time/weight_sync", "eval/score", "eval/reward", "eval/sampled_score",
+                    "rollout/acceptance_rate", "draft/loss", "time/draft_sync", "time/draft_wait"):
             assert math.isfinite(metrics[key]), key
         assert metrics["response/length_mean"] > 0
+    # the draft adapts online (on by default): every push carries a version, the rollouts report theirs
+    assert [(m["rollout/weight_version"], m["rollout/draft_version"]) for m in history] == [(0, 0), (1, 1), (2, 2)]
     # iteration 0 is critic warm-up: the critic learns, the policy does not
     assert "loss/policy" not in history[0]
     for metrics in history[1:]:
@@ -55,6 +58,9 @@ def test_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(ckpt / "actor_hf")
     initial = AutoModelForCausalLM.from_pretrained(tiny_world.actor_path)
     assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
+    draft = AutoModelForCausalLM.from_pretrained(ckpt / "draft" / "hf")
+    initial_draft = AutoModelForCausalLM.from_pretrained(tiny_world.draft_path)
+    assert not torch.equal(draft.model.embed_tokens.weight, initial_draft.model.embed_tokens.weight)
 
     # W&B recorded every iteration's metrics offline
     (run_file,) = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
@@ -71,11 +77,13 @@ def test_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_pat
 
 def test_resume_matches_uninterrupted_run(ray_cluster, tiny_world, tmp_path):
     common = ["trainer.algorithm=grpo", "trainer.world_size=1", "generation.num_instances=1",
-              "trainer.save_every=1", "tracking.wandb=false", "data.eval_path=null"]
+              "trainer.save_every=1", "tracking.wandb=false", "data.eval.path=null"]
     _, straight = run_config(tmp_path / "a", *common, "trainer.iterations=2")
     _, first = run_config(tmp_path / "b", *common, "trainer.iterations=1")
     _, resumed = run_config(tmp_path / "b", *common, "trainer.iterations=2", "trainer.resume=true")
     assert first[0]["score/mean"] == straight[0]["score/mean"]
     assert len(resumed) == 1  # only iteration 2 ran
-    for key in ("score/mean", "reward/mean", "response/length_mean", "kl/mean", "loss/policy", "policy/entropy"):
+    # the draft's weights and AdamW states come back too: the same draft decodes and learns the same
+    for key in ("score/mean", "reward/mean", "response/length_mean", "kl/mean", "loss/policy", "policy/entropy",
+                "rollout/mean_accepted", "draft/loss"):
         assert resumed[0][key] == pytest.approx(straight[1][key], rel=1e-4, abs=1e-6), key

@@ -10,9 +10,10 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.trainer_group import create_trainer_group
+from configs.schema import TrainerConfig
 from trainer import algorithms as algo
+from trainer.data import Prompt
 from trainer.experience import Experience, make_sequences, sequence_logprobs
-from trainer.rewards import get_rule_reward
 from trainer.strategy import load_scalar_head_model
 
 PER_RANK = {"num_cpus": 0.5, "num_gpus": 0}
@@ -150,35 +151,40 @@ def test_critic_from_actor_keeps_backbone_with_fresh_head(models):
 
 
 # ------------------------------------------------------------------------------------ reward, reference
-def test_reward_padding_invariance_and_rule_sum(models):
-    prompts_text = ["reverse : 1 2 =", "reverse : 3 =", "reverse : 4 5 6 ="]
+TINY_REWARD = "trainer/tiny/reward.py:compute_score"
+
+
+def test_reward_padding_invariance_and_weighted_sum(models):
+    prompts = [Prompt(i, "", [], "p.jsonl", "tiny/sort", answer) for i, answer in enumerate(["2 1", "3", "6 5 4"])]
     responses_text = ["2 1", "7", "6 5"]
     seqs, attn, _ = make_sequences([[1, 5, 6, 7], [1, 8], [1, 9, 10]], [[11, 12], [13, 14, 15, 2], [16]], pad_id=0)
-    rm_only = RewardActor(models["reward"], rm_weight=1.0)
-    batch = rm_only.score(seqs, attn, prompts_text, responses_text)
+    rm_only = RewardActor(models["reward"], TrainerConfig(rm_weight=1.0))
+    batch = rm_only.score(seqs, attn, prompts, responses_text)
+    assert batch.fn is None
+    batch = batch.total
     for i in range(3):
         alone = attn[i].bool()
-        single = rm_only.score(seqs[i : i + 1, alone], attn[i : i + 1, alone], prompts_text[i : i + 1],
-                               responses_text[i : i + 1])
+        single = rm_only.score(seqs[i : i + 1, alone], attn[i : i + 1, alone], prompts[i : i + 1],
+                               responses_text[i : i + 1]).total
         torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=0)
     assert batch.std() > 0  # the scores really depend on the tokens
 
-    both = RewardActor(models["reward"], rule_reward="tiny_task", rule_weight=2.0, rm_weight=0.5)
-    rule = torch.tensor([1.0, 0.0, 0.5 * 2 / 3])  # exact; wrong digit; 2 of 3 positions right
-    torch.testing.assert_close(both.score(seqs, attn, prompts_text, responses_text), 0.5 * batch + 2.0 * rule)
+    both = RewardActor(models["reward"], TrainerConfig(reward_fn=TINY_REWARD, reward_fn_weight=2.0, rm_weight=0.5))
+    scored = both.score(seqs, attn, prompts, responses_text)
+    fn = torch.tensor([1.0, 0.0, 0.5 * 2 / 3])  # exact; wrong digit; 2 of 3 positions right
+    torch.testing.assert_close(scored.total, 0.5 * batch + 2.0 * fn)
+    assert scored.fn.scores == pytest.approx(fn.tolist()) and scored.fn.extra == {"exact": [1.0, 0.0, 0.0]}
 
 
 def test_reward_model_errors_name_the_path(models, tmp_path):
     with pytest.raises(ValueError, match=r"actor.*ForSequenceClassification"):
-        RewardActor(models["actor"])
+        RewardActor(models["actor"], TrainerConfig())
     with pytest.raises(FileNotFoundError, match="missing_rm"):
-        RewardActor(str(tmp_path / "missing_rm"))
+        RewardActor(str(tmp_path / "missing_rm"), TrainerConfig())
     with pytest.raises(ValueError, match="reward2.*num_labels=2"):
-        RewardActor(models["reward2"])
-    with pytest.raises(ValueError, match=r"unknown rule reward 'nope'; known: \['tiny_task'\]"):
-        get_rule_reward("nope")
-    with pytest.raises(ValueError, match="no rule_reward"):
-        RewardActor(None, rule_weight=1.0, rm_weight=0.0)
+        RewardActor(models["reward2"], TrainerConfig())
+    with pytest.raises(ValueError, match="rm_weight is 0 and there is no reward_fn"):
+        RewardActor(None, TrainerConfig(rm_weight=0.0))
 
 
 def test_reference_logprobs(models):

@@ -1,9 +1,10 @@
 """The single controller: one RLHF iteration reads top to bottom as the algorithm (verl's `fit()`)."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ray
@@ -51,6 +52,8 @@ class Driver:
         self.cfg, self.tokenizer, self.sampler = cfg, tokenizer, sampler
         self.fleet: RolloutFleet = actors.fleet
         self.policy, self.critic = actors.policy, actors.critic
+        self.draft = actors.draft  # DraftTrainer handle, or None when the draft does not adapt online
+        self.weight_version = 0  # the last weight push: iterations whose updates it includes
         self.reference, self.reward = actors.reference, actors.reward
         self.tracking, self.checkpoints = tracking, checkpoints
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -76,8 +79,8 @@ class Driver:
                 with timed(times, "update"):
                     train_metrics = self.update(experience, iteration)
                 with timed(times, "weight_sync"):
-                    if not self.policy_frozen(iteration):
-                        self.sync_weights()
+                    if not self.policy_frozen(iteration) or self.draft is not None:
+                        train_metrics.update(self.sync_weights(iteration + 1))
             metrics = {"iteration": iteration, **gen_metrics, **exp_metrics, **train_metrics,
                        **{f"time/{k}": v for k, v in times.items()}, **evaluation}
             self.tracking.log(metrics, step=iteration)
@@ -106,18 +109,19 @@ class Driver:
                                                seed=request_seed(self.cfg.seed, EVAL_STREAM, i)))
                      for i, p in enumerate(self.eval_prompts)]
         outputs = self.fleet.run(requests)  # request order: greedy outputs first, then sampled
-        greedy_out, sampled_out = outputs[: len(self.eval_prompts)], outputs[len(self.eval_prompts) :]
-        prompts = [p.text for p in self.eval_prompts]
-        responses = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in greedy_out]
-        seqs, attn, _ = make_sequences([p.token_ids for p in self.eval_prompts], [o.token_ids for o in greedy_out],
-                                       self.pad_id)
-        rewards = ray.get(self.reward.score.remote(seqs, attn, prompts, responses))
-        metrics = {"eval/reward": rewards.float().mean().item(),
-                   "eval/length_mean": float(np.mean([len(o.token_ids) for o in greedy_out]))}
-        sampled = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in sampled_out]
-        for prefix, texts in (("eval/", responses), ("eval/sampled_", sampled)):
-            for k, v in self._task_metrics(prompts, texts).items():  # score/mean -> eval/score, eval/sampled_score
-                metrics[prefix + k.split("/")[1].replace("mean", "score")] = v
+        self.fleet.drafting_metrics()  # the evaluation's steps stay out of the next rollout's drafting figures
+        n, prompts = len(self.eval_prompts), self.eval_prompts * 2
+        seqs, attn, _ = make_sequences([p.token_ids for p in prompts], [o.token_ids for o in outputs], self.pad_id)
+        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
+        scored = ray.get(self.reward.score.remote(seqs, attn, prompts, texts))  # one batch: one error at most
+        metrics = {"eval/length_mean": float(np.mean([len(o.token_ids) for o in outputs[:n]]))}
+        for prefix, rows in (("eval/", slice(0, n)), ("eval/sampled_", slice(n, 2 * n))):
+            metrics[prefix + "reward"] = scored.total[rows].float().mean().item()
+            if scored.fn is not None:  # eval/score, eval/<key>; the same as eval/sampled_*
+                metrics.update(scored.fn.select(rows).metrics(prefix, "score"))
+        if scored.fn is not None:
+            metrics.update(scored.fn.select(slice(0, n)).by_source([p.data_source for p in self.eval_prompts],
+                                                                   "eval/"))
         return metrics
 
     # --- phases --------------------------------------------------------------------------------
@@ -134,11 +138,20 @@ class Driver:
                 requests.append(GenRequest(rid, list(prompt.token_ids), sampling))
                 owners[rid] = (prompt, s)
         t0 = time.perf_counter()
-        outputs = self.fleet.run(requests, progress=self.cfg.tracking.progress)
+        outputs = self.fleet.run(requests, progress=self.cfg.tracking.progress, group_size=k)
         elapsed = time.perf_counter() - t0
+        orders = self.fleet.balance_log()  # every migration order with its reason, beside the run's records
+        if orders:
+            os.makedirs(self.cfg.trainer.output_dir, exist_ok=True)
+            with open(os.path.join(self.cfg.trainer.output_dir, "balancer.log"), "a") as f:
+                f.writelines(f"[iter {iteration}] {line}\n" for line in orders)
         rollouts = [Rollout(*owners[r.request_id], list(o.token_ids), o.finish_reason, dict(o.stats))
                     for r, o in zip(requests, outputs)]  # request order: GRPO groups stay contiguous
         tokens = sum(len(r.token_ids) for r in rollouts)
+        stale = [r for r in rollouts if r.stats.get("weight_version", self.weight_version) != self.weight_version]
+        if stale:
+            raise RuntimeError(f"{len(stale)} rollouts of iteration {iteration} were decoded with weight version "
+                               f"{stale[0].stats['weight_version']}, not the pushed {self.weight_version}")
         steps = sum(r.stats.get("steps", 0) for r in rollouts)
         accepted = sum(r.stats.get("accepted", 0) for r in rollouts)
         drafted = sum(r.stats.get("drafted", 0) for r in rollouts)
@@ -147,9 +160,13 @@ class Driver:
             "rollout/mean_accepted": accepted / max(steps, 1),  # draft tokens accepted per sample-step
             "rollout/tokens_per_step": tokens / max(steps, 1),
             "rollout/acceptance_rate": accepted / max(drafted, 1),
+            "rollout/weight_version": self.weight_version,
+            "rollout/draft_version": min((r.stats.get("draft_version", 0) for r in rollouts), default=0),
             "response/length_mean": tokens / max(len(rollouts), 1),
             "response/length_max": max((len(r.token_ids) for r in rollouts), default=0),
             "response/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
+            **self.fleet.balance_metrics(),  # migrations, samples moved, bytes, frozen time (balancer on)
+            **self.fleet.drafting_metrics(),  # plain steps, nodes, levels, predicted vs realised acceptance
         }
         return rollouts, metrics
 
@@ -160,17 +177,25 @@ class Driver:
         seqs, attn, action_mask = make_sequences([r.prompt.token_ids for r in rollouts],
                                                  [r.token_ids for r in rollouts], self.pad_id)
         num_actions = action_mask.shape[1]
-        prompts_text = [r.prompt.text for r in rollouts]
         responses_text = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
 
         ref_ref = self.reference.logprobs.remote(seqs, attn, num_actions, temperature)
-        score_ref = self.reward.score.remote(seqs, attn, prompts_text, responses_text)
-        old_refs = self.policy.call_split("compute_logprobs", seqs, attn, num_actions)
+        score_ref = self.reward.score.remote(seqs, attn, [r.prompt for r in rollouts], responses_text)
+        teacher_k = self.cfg.draft.top_k if self.draft is not None and self.cfg.draft.loss == "kl_topk" else 0
+        if teacher_k:  # the draft trainer's teacher comes from the same forward as the old log-probs
+            old_refs = self.policy.call_split("compute_logprobs_topk", seqs, attn, num_actions, teacher_k)
+        else:
+            old_refs = self.policy.call_split("compute_logprobs", seqs, attn, num_actions)
         value_refs = self.critic.call_split("values", seqs, attn, num_actions) if self.critic else None
         ref_logp = ray.get(ref_ref)
-        old_logp = torch.cat(ray.get(old_refs))
+        topk_logp = topk_ids = None
+        if teacher_k:
+            old_logp, topk_logp, topk_ids = (torch.cat(parts) for parts in zip(*ray.get(old_refs)))
+        else:
+            old_logp = torch.cat(ray.get(old_refs))
         values = torch.cat(ray.get(value_refs)) if value_refs else None
-        scores = ray.get(score_ref).float()
+        scored = ray.get(score_ref)  # the reward actor's: RM and reward function combined, and the function's own
+        scores = scored.total.float()
         raw_scores = scores.clone()
 
         if t.normalize_reward:
@@ -189,38 +214,28 @@ class Driver:
             advantages, returns = algo.expand_to_tokens(adv, action_mask), None
         exp = Experience(sequences=seqs, attention_mask=attn, action_mask=action_mask, num_actions=num_actions,
                          old_logprobs=old_logp, ref_logprobs=ref_logp, values=values, rewards=rewards,
-                         advantages=advantages, returns=returns, scores=raw_scores)
+                         advantages=advantages, returns=returns, scores=raw_scores, topk_logprobs=topk_logp,
+                         topk_ids=topk_ids)
         metrics = {
             "reward/mean": raw_scores.mean().item(),
             "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "kl/mean": (kl.sum(1) / action_mask.sum(1).clamp(min=1)).mean().item(),
-            **self._task_metrics(prompts_text, responses_text),
+            **(scored.fn.metrics("score/", "mean") if scored.fn is not None else {}),
         }
         if values is not None:
             metrics["critic/values_mean"] = algo.masked_mean(values, action_mask).item()
         return exp, metrics
-
-    def _task_metrics(self, prompts: list[str], responses: list[str]) -> dict:
-        rule = self.cfg.trainer.rule_reward
-        if not rule:
-            return {}
-        from trainer.rewards import get_rule_reward
-
-        fn = get_rule_reward(rule)
-        scores = [fn(p, r) for p, r in zip(prompts, responses)]
-        out = {"score/mean": float(np.mean(scores))}
-        if rule == "tiny_task":
-            from trainer.tiny.task import is_exact
-
-            out["score/exact"] = float(np.mean([is_exact(p, r) for p, r in zip(prompts, responses)]))
-        return out
 
     def policy_frozen(self, iteration: int) -> bool:
         """During critic warm-up only the critic learns: a fresh value head first learns the rewards' scale."""
         return self.critic is not None and iteration < self.cfg.trainer.critic_warmup
 
     def update(self, experience: Experience, iteration: int) -> dict:
-        """Critic and policy learn at the same time, each on its data-parallel shards."""
+        """Critic and policy learn at the same time, each on its data-parallel shards, and the draft trainer
+        distils the draft toward the policy that made this rollout, beside them, off the critical path."""
+        start = time.perf_counter()
+        draft_ref = self.draft.train.remote(experience, iteration) if self.draft is not None else None
+        experience = replace(experience, topk_logprobs=None, topk_ids=None)  # only the draft reads them
         policy_refs = [] if self.policy_frozen(iteration) else self.policy.call_sharded("update", experience, iteration)
         critic_refs = self.critic.call_sharded("update", experience, iteration) if self.critic else []
         metrics = {}
@@ -232,9 +247,18 @@ class Driver:
             critic_metrics = ray.get(critic_refs)[0]
             metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
             metrics["loss/value"] = critic_metrics.get("value_loss", float("nan"))
+        updated = time.perf_counter()
+        metrics["time/policy_update"] = updated - start  # policy and critic, side by side
+        if draft_ref is not None:
+            draft_metrics = ray.get(draft_ref)
+            metrics["time/draft_wait"] = time.perf_counter() - updated  # ~0 while the draft finishes first
+            metrics.update({f"draft/{k}": v for k, v in draft_metrics.items()})
         return metrics
 
-    def sync_weights(self) -> None:
-        """Trainer rank 0 broadcasts every actor parameter to every generation instance."""
-        self.fleet.sync_weights_from(self.policy)
+    def sync_weights(self, version: int = 0) -> dict:
+        """Trainer rank 0 broadcasts every actor parameter to every generation instance, the draft trainer the
+        draft's right after on the same group; `version` = the iterations whose updates the weights include."""
+        seconds = self.fleet.sync_weights_from(self.policy, version, self.draft)
+        self.weight_version = version
+        return {"time/draft_sync": seconds["draft_s"]} if self.draft is not None else {}
 

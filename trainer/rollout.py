@@ -1,7 +1,9 @@
 """The rollout fleet: N generation instances, one request split, one gather, nothing lost.
 
-A request whose instance dies goes to a live one and restarts from its prompt; its per-request seed
-makes the restarted sample the one the dead instance would have produced.
+With the load balancer on, queued requests and running samples (with their KV) move between instances while
+they decode; the fleet's record of which instance holds each request follows every confirmed move. A request
+whose instance dies goes to a live one and restarts from its prompt; its per-request seed makes the restarted
+sample the one the dead instance would have produced.
 """
 from __future__ import annotations
 
@@ -9,79 +11,226 @@ import ray
 from tqdm import tqdm
 
 from actors.generation import GenerationInstanceActor
-from configs.schema import GenerationConfig
+from actors.load_balancer import LoadBalancerActor, OrderResult, order_line
+from actors.weight_sync import ACTOR_SRC, DRAFT_SRC
+from configs.schema import BalancerConfig, GenerationConfig
+from migration.planner import MigrationOrder
 
 
 class RolloutError(RuntimeError):
     pass
 
 
+def assign(n: int, workers: int, assignment: str, group_size: int = 1) -> list[list[int]]:
+    """Request positions per worker. round_robin: request k to worker k % workers. chunk: contiguous slices of
+    whole groups (the samples of one prompt stay together, as Verl splits a batch), sizes differing by one group."""
+    if assignment == "round_robin":
+        return [list(range(w, n, workers)) for w in range(workers)]
+    if assignment != "chunk":
+        raise ValueError(f"generation.assignment: {assignment!r} is not one of round_robin, chunk")
+    groups = [list(range(g, min(g + group_size, n))) for g in range(0, n, group_size)]
+    base, extra = divmod(len(groups), workers)
+    out, g = [], 0
+    for w in range(workers):
+        take = base + (w < extra)
+        out.append([i for grp in groups[g:g + take] for i in grp])
+        g += take
+    return out
+
+
+def balance_totals(report: dict) -> dict:
+    """One rollout's reallocation, as tracker metrics."""
+    orders = report.get("orders", [])
+    running = [r for r in orders if r["order"]["kind"] == "running" and r["moved"]]
+    return {"balance/migrations": sum(bool(r["moved"]) for r in orders),  # orders that moved something
+            "balance/samples_moved": sum(len(r["moved"]) for r in running),
+            "balance/requests_moved": sum(len(r["moved"]) for r in orders if r["order"]["kind"] == "queued"),
+            "balance/bytes": sum(r["bytes"] for r in orders),
+            "balance/frozen_s": sum(r["frozen_ms"] or 0.0 for r in running) / 1000,
+            "balance/failed_orders": sum(r["outcome"] == "aborted" for r in orders)}
+
+
 class RolloutFleet:
-    def __init__(self, gen: GenerationConfig, actor_path: str, draft_path: str, dtype: str = "float32"):
+    def __init__(self, gen: GenerationConfig, actor_path: str, draft_path: str, dtype: str = "float32",
+                 balancer: BalancerConfig | None = None):
         device = "cuda" if gen.gpus_per_instance > 0 else "cpu"
+        # threads for collect, the balancer's polls, and both ends of migration orders beside the step loop
         cls = GenerationInstanceActor.options(num_cpus=gen.cpus_per_instance, num_gpus=gen.gpus_per_instance,
-                                              max_concurrency=4)
+                                              max_concurrency=8)
         self.instances = [cls.remote(i, actor_path, draft_path, gen.strategy, gen.max_slots, gen.max_len,
-                                     device, gen.threads_per_instance, dtype)
+                                     device, gen.threads_per_instance, dtype, gen.calibration)
                           for i in range(gen.num_instances)]
         ray.get([inst.ping.remote() for inst in self.instances])  # surface model-loading errors now
         self.alive = list(range(len(self.instances)))
         self.backend = "nccl" if device == "cuda" else "gloo"
         self._weight_group_ready = False
+        self._weight_senders = 0  # policy rank 0, plus the draft trainer when the draft adapts online
+        self.assignment = gen.assignment
+        self.balancer_cfg = balancer if balancer is not None else BalancerConfig()
+        self.balancer = None  # the LoadBalancer actor, made on first use
+        self._kv_ranks: dict[int, int] | None = None  # instance -> rank in the KV group; None = to (re)build
+        self._kv_epoch = 0
+        self._saturation_read = False
+        self.last_balance: dict = {}  # the last rollout's balancer report (orders, moves, thresholds)
+        if self.balancer_cfg.enabled:
+            self._ready_balancer()
 
-    def run(self, requests: list, progress: bool = False) -> list:
-        """Send each request to one instance (round-robin) and return every output exactly once."""
+    def set_balancer(self, cfg: BalancerConfig) -> None:
+        """Balancer settings for the next rollouts (e.g. off / two-stage / stop-and-copy in one benchmark)."""
+        self.balancer_cfg = cfg
+        if self.balancer is not None:
+            ray.get(self.balancer.configure.remote(cfg))
+        if cfg.enabled:
+            self._ready_balancer()
+
+    def run(self, requests: list, progress: bool = False, group_size: int = 1) -> list:
+        """Split the requests over the instances (generation.assignment; `group_size` samples of one prompt are
+        adjacent) and return every output exactly once, in request order."""
         by_id = {r.request_id: r for r in requests}
         if len(by_id) != len(requests):
             raise RolloutError("duplicate request ids in one rollout")
-        pending = {i: [] for i in self.alive}
-        for n, request in enumerate(requests):
-            pending[self.alive[n % len(self.alive)]].append(request.request_id)
-        ray.get([self.instances[i].submit.remote([by_id[r] for r in rids]) for i, rids in pending.items()])
-        pending = {i: set(rids) for i, rids in pending.items()}
+        owner = {}  # request id -> the instance that holds it, until its output is in
+        split = assign(len(requests), len(self.alive), self.assignment, group_size)
+        for inst, positions in zip(self.alive, split):
+            owner.update({requests[k].request_id: inst for k in positions})
+        balancing = self.balancer_cfg.enabled and len(self.alive) > 1
+        self._moves_applied = 0
+        if balancing:
+            self._start_balancer()
+        ray.get([self.instances[i].submit.remote([requests[k] for k in positions])
+                 for i, positions in zip(self.alive, split) if positions])
         outputs = {}
-        with tqdm(total=len(requests), desc="rollout", unit="sample", leave=False, disable=not progress) as bar:
-            while len(outputs) < len(requests):
-                polls = {i: self.instances[i].collect.remote(0.2) for i in self.alive}
-                for i, ref in polls.items():
-                    try:
-                        done = ray.get(ref)
-                    except ray.exceptions.RayActorError:
-                        self._reassign(i, pending, by_id)
-                        continue
-                    for out in done:
-                        if out.request_id in outputs or out.request_id not in by_id:
-                            raise RolloutError(f"instance {i} returned {out.request_id!r} twice or unasked")
-                        outputs[out.request_id] = out
-                        pending[i].discard(out.request_id)
-                    bar.update(len(done))
+        try:
+            with tqdm(total=len(requests), desc="rollout", unit="sample", leave=False, disable=not progress) as bar:
+                while len(outputs) < len(requests):
+                    polls = {i: self.instances[i].collect.remote(0.2) for i in self.alive}
+                    for i, ref in polls.items():
+                        try:
+                            done = ray.get(ref)
+                        except ray.exceptions.RayActorError:
+                            self._reassign(i, owner, by_id, balancing)
+                            continue
+                        for out in done:
+                            if out.request_id in outputs or out.request_id not in by_id:
+                                raise RolloutError(f"instance {i} returned {out.request_id!r} twice or unasked")
+                            outputs[out.request_id] = out
+                            owner.pop(out.request_id, None)
+                        bar.update(len(done))
+        finally:
+            self.last_balance = ray.get(self.balancer.stop.remote()) if balancing else {}
         return [outputs[r.request_id] for r in requests]
 
-    def _reassign(self, dead: int, pending: dict, by_id: dict) -> None:
+    def _reassign(self, dead: int, owner: dict, by_id: dict, balancing: bool) -> None:
         self.alive.remove(dead)
-        self._weight_group_ready = False  # the old group counted the dead instance
-        orphans = sorted(pending.pop(dead))
+        self._weight_group_ready = False  # the old groups counted the dead instance
+        self._kv_ranks = None
+        if balancing:  # orders in flight with the dead instance end first; then the record has every move
+            moves = ray.get(self.balancer.settle.remote(dead))
+            for rid, _, destination in moves[self._moves_applied:]:
+                if rid in owner:
+                    owner[rid] = destination
+            self._moves_applied = len(moves)
+        orphans = [rid for rid in by_id if owner.get(rid) == dead]  # request order: a reproducible schedule
         if not self.alive:
             raise RolloutError(f"every generation instance died; {len(orphans)} samples could not finish")
         print(f"generation instance {dead} died; resubmitting its {len(orphans)} samples", flush=True)
         for n, rid in enumerate(orphans):
             target = self.alive[n % len(self.alive)]
             ray.get(self.instances[target].submit.remote([by_id[rid]]))
-            pending[target].add(rid)
+            owner[rid] = target
+
+    # --- sample reallocation ----------------------------------------------------------------------
+    def _ensure_kv_group(self) -> dict[int, int]:
+        """The live instances' own collective group for KV (not the weight-sync group), rebuilt after a death
+        or a failed transfer."""
+        if self._kv_ranks is None:
+            self._kv_epoch += 1
+            host, port = ray.get(self.instances[self.alive[0]].kv_group_address.remote())
+            world, timeout = len(self.alive), self.balancer_cfg.transfer_timeout_s
+            ray.get([self.instances[i].join_kv_group.remote(host, port, rank, world, self.backend,
+                                                            f"kv{self._kv_epoch}", timeout)
+                     for rank, i in enumerate(self.alive)])
+            self._kv_ranks = {i: rank for rank, i in enumerate(self.alive)}
+        return self._kv_ranks
+
+    def _ready_balancer(self) -> None:
+        """The balancer actor, the KV group and (threshold auto) the instances' saturation points, made before a
+        rollout needs them (each takes seconds; a saturation point may need a profile of the model pair)."""
+        if len(self.alive) > 1:
+            self._ensure_kv_group()
+        if self.balancer_cfg.threshold == "auto" and not self._saturation_read:
+            ray.get([self.instances[i].resolve_saturation.remote() for i in self.alive])
+            self._saturation_read = True
+        if self.balancer is None:
+            self.balancer = LoadBalancerActor.remote(self.balancer_cfg)
+            # a first start connects the balancer to every instance (seconds under load): not in a rollout
+            handles = {i: self.instances[i] for i in self.alive}
+            ray.get(self.balancer.start.remote(handles, self._kv_ranks or {}, False))
+            ray.get(self.balancer.stop.remote())
+
+    def _start_balancer(self, auto: bool = True) -> None:
+        if self.last_balance.get("quarantined"):
+            self._kv_ranks = None  # a transfer failed last time: fresh channels
+        self._ready_balancer()
+        ray.get(self.balancer.start.remote({i: self.instances[i] for i in self.alive}, self._kv_ranks or {}, auto))
+
+    def migrate(self, source: int, destination: int, request_ids: list, reason: str = "manual",
+                kind: str = "running") -> OrderResult:
+        """Carry out one order now, outside a rollout's loop (benchmarks; the samples were submitted directly)."""
+        self._start_balancer(auto=False)
+        result = ray.get(self.balancer.execute.remote(MigrationOrder(source, destination, list(request_ids),
+                                                                     reason, kind)))
+        self.last_balance = ray.get(self.balancer.stop.remote())
+        return result
+
+    def balance_metrics(self) -> dict:
+        """The last rollout's reallocation totals for the tracker (empty when the balancer is off)."""
+        return balance_totals(self.last_balance) if self.last_balance else {}
+
+    def balance_log(self) -> list[str]:
+        """The last rollout's thresholds and orders, one line each, every order with its reason."""
+        if not self.last_balance:
+            return []
+        thresholds = [f"instance {i}: threshold {value} live samples ({source})"
+                      for i, (value, source) in sorted(self.last_balance["thresholds"].items())]
+        return thresholds + [order_line(r) for r in self.last_balance["orders"]]
+
+    def drafting_metrics(self) -> dict:
+        """The draft strategy's per-rollout figures (`drafting.steplog.summarize`), averaged over live instances,
+        as tracker metrics `drafting/*`."""
+        summaries = [s for s in ray.get([self.instances[i].drafting_summary.remote() for i in self.alive]) if s]
+        keys = sorted({k for s in summaries for k in s})
+        return {f"drafting/{k}": sum(s[k] for s in summaries if k in s) / sum(k in s for s in summaries)
+                for k in keys}
 
     def stats(self) -> list:
         return ray.get([self.instances[i].stats.remote() for i in self.alive])
 
-    def sync_weights_from(self, policy) -> None:
-        """Trainer rank 0 broadcasts every parameter once over the weight group to all live instances."""
-        sender = policy.actors[0]
-        if not self._weight_group_ready:
-            host, port = ray.get(sender.weight_group_address.remote())
-            world = 1 + len(self.alive)
-            joins = [self.instances[i].join_weight_group.remote(host, port, rank, world, self.backend)
-                     for rank, i in enumerate(self.alive, start=1)]
-            ray.get([sender.join_weight_group.remote(host, port, 0, world, self.backend)] + joins)
-            self._weight_group_ready = True
+    def shutdown(self) -> None:
+        for handle in self.instances + ([self.balancer] if self.balancer is not None else []):
+            ray.kill(handle)
+
+    def sync_weights_from(self, policy, version: int = 0, draft=None) -> dict:
+        """One weight push over the weight group to all live instances: trainer rank 0 broadcasts every actor
+        parameter, then the draft trainer (if given; rank 1 of the group) every draft parameter. `version`
+        labels the push; instances report it. Returns the slowest instance's seconds per part."""
+        senders = [policy.actors[0]] + ([draft] if draft is not None else [])
+        if not self._weight_group_ready or self._weight_senders != len(senders):
+            host, port = ray.get(senders[0].weight_group_address.remote())
+            world = len(senders) + len(self.alive)
+            joins = [sender.join_weight_group.remote(host, port, rank, world, self.backend)
+                     for rank, sender in enumerate(senders)]
+            joins += [self.instances[i].join_weight_group.remote(host, port, rank, world, self.backend)
+                      for rank, i in enumerate(self.alive, start=len(senders))]
+            ray.get(joins)
+            self._weight_group_ready, self._weight_senders = True, len(senders)
         specs = ray.get(policy.call_all("weight_specs"))[0]
-        receives = [self.instances[i].receive_weights.remote(specs) for i in self.alive]
-        ray.get(policy.call_all("broadcast_weights") + receives)
+        draft_specs = ray.get(draft.weight_specs.remote()) if draft is not None else None
+        receives = [self.instances[i].receive_weights.remote(specs, version, draft_specs, version) for i in self.alive]
+        sends = policy.call_all("broadcast_weights")
+        if draft is not None:  # each sender joins the other's broadcast; calls to one actor run in this order
+            sends += [policy.actors[0].drop_broadcast.remote(draft_specs, DRAFT_SRC),
+                      draft.drop_broadcast.remote(specs, ACTOR_SRC), draft.broadcast_weights.remote()]
+        ray.get(sends)
+        times = ray.get(receives)
+        return {part: max(t[part] for t in times) for part in ("target_s", "draft_s")}

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from configs.schema import Config
-from trainer.preflight import RunPaths, check_models, check_resources, resolve_paths
+from configs.schema import Config, PromptFileConfig, adapts_draft
+from trainer.preflight import RunPaths, check_memory, check_models, check_resources, instance_memory, resolve_paths
 
 
 @dataclass
@@ -15,6 +15,7 @@ class RLActors:
     critic: object | None  # TrainerGroup of Critic ranks (PPO only)
     reference: object  # ReferenceActor handle
     reward: object  # RewardActor handle
+    draft: object | None = None  # DraftTrainer handle when the draft adapts online (draft.online)
 
     def shutdown(self) -> None:
         import ray
@@ -22,14 +23,16 @@ class RLActors:
         for group in (self.policy, self.critic):
             if group is not None:
                 group.shutdown()
-        for handle in [self.reference, self.reward, *self.fleet.instances]:
+        for handle in [self.reference, self.reward] + ([self.draft] if self.draft is not None else []):
             ray.kill(handle)
+        self.fleet.shutdown()
 
 
 def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
     import ray
 
     from actors.critic import Critic
+    from actors.draft_trainer import DraftTrainer
     from actors.policy_trainer import PolicyTrainer
     from actors.reference import ReferenceActor
     from actors.reward import RewardActor
@@ -54,37 +57,40 @@ def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
                                       init_from=m.critic_init)
     remote = lambda cls: ray.remote(cls).options(**per_rank)  # noqa: E731
     reference = remote(ReferenceActor).remote(paths.actor, device=device, threads=t.threads_per_actor, dtype=m.dtype)
-    reward = remote(RewardActor).remote(paths.reward, rule_reward=t.rule_reward, rule_weight=t.rule_weight,
-                                        rm_weight=t.rm_weight, device=device, threads=t.threads_per_actor,
-                                        dtype=m.dtype)
-    fleet = RolloutFleet(cfg.generation, paths.actor, paths.draft, m.dtype)
-    ray.get([reference.ready.remote(), reward.ready.remote()])
-    return RLActors(fleet, policy, critic, reference, reward)
+    reward = remote(RewardActor).remote(paths.reward, replace(t, reward_fn=paths.reward_fn), dtype=m.dtype)
+    draft = None
+    if adapts_draft(cfg):
+        draft = remote(DraftTrainer).remote(paths.draft, cfg.draft, cfg.generation.temperature, seed=cfg.seed,
+                                            device=device, threads=t.threads_per_actor)
+    fleet = RolloutFleet(cfg.generation, paths.actor, paths.draft, m.dtype, cfg.balancer)
+    ray.get([reference.ready.remote(), reward.ready.remote()] + ([] if draft is None else [draft.ready.remote()]))
+    return RLActors(fleet, policy, critic, reference, reward, draft=draft)
 
 
 def run(cfg: Config) -> list[dict]:
     """Run the configured RLHF job end to end; returns per-iteration metrics."""
     from transformers import AutoTokenizer
 
-    from trainer.data import PromptSampler, load_prompts
+    from trainer.data import PromptSampler
     from trainer.ray_setup import init_ray
 
     os.environ.setdefault("WANDB_MODE", cfg.tracking.wandb_mode)
     resources = init_ray()
     check_resources(cfg, resources)  # before any model loads
     paths = resolve_paths(cfg)
-    check_models(cfg, paths)
+    actor_config, draft_config = check_models(cfg, paths)
+    check_memory(cfg, actor_config, draft_config, *instance_memory(cfg))
     tokenizer = AutoTokenizer.from_pretrained(paths.actor)
-    d = cfg.data
-    prompts = load_prompts(paths.train_prompts, tokenizer, d.max_prompt_len, d.prompt_key, d.messages_key,
-                           d.overlong)
-    sampler = PromptSampler(prompts, cfg.seed, d.shuffle)
-    eval_prompts = []
-    if paths.eval_prompts:
-        eval_prompts = load_prompts(paths.eval_prompts, tokenizer, d.max_prompt_len, d.prompt_key, d.messages_key,
-                                    d.overlong)[: d.eval_size]
+    prompts = _load(cfg, cfg.data.train, paths.train_prompts, tokenizer, "data.train")
+    sampler = PromptSampler(prompts, cfg.seed, cfg.data.shuffle)
+    eval_prompts = _load(cfg, cfg.data.eval, paths.eval_prompts, tokenizer, "data.eval") if paths.eval_prompts else []
     print(f"{len(prompts)} prompts from {paths.train_prompts}; actor {paths.actor}; draft {paths.draft}",
           flush=True)
+    if paths.reward_fn:  # the user's function on the first batch's rows, before any actor starts
+        from trainer.reward_fn import dry_run
+
+        n = cfg.trainer.prompts_per_iteration
+        print(dry_run(paths.reward_fn, prompts[:n] + eval_prompts[:n]), flush=True)
 
     actors = build_actors(cfg, paths)
     try:
@@ -93,13 +99,22 @@ def run(cfg: Config) -> list[dict]:
         actors.shutdown()
 
 
+def _load(cfg: Config, spec: PromptFileConfig, path: str, tokenizer, what: str) -> list:
+    from trainer.data import load_prompts
+
+    label_key = spec.label_key if cfg.trainer.reward_fn else None  # the ground truth only matters to a function
+    return load_prompts(path, tokenizer, cfg.data.max_prompt_len, spec.prompt_key, label_key,
+                        spec.apply_chat_template, cfg.data.overlong, spec.size, what)
+
+
 def _train(cfg: Config, actors: RLActors, tokenizer, sampler, eval_prompts) -> list[dict]:
     from trainer import algorithms as algo
     from trainer.checkpoint import CheckpointManager
     from trainer.driver import Driver
     from trainer.tracking import Tracking
 
-    checkpoints = CheckpointManager(cfg.trainer.output_dir, cfg.trainer.save_every, actors.policy, actors.critic)
+    checkpoints = CheckpointManager(cfg.trainer.output_dir, cfg.trainer.save_every, actors.policy, actors.critic,
+                                    actors.draft)
     reward_moments = algo.RunningMoments()
     start, run_id = 0, None
     if cfg.trainer.resume:
@@ -110,7 +125,7 @@ def _train(cfg: Config, actors: RLActors, tokenizer, sampler, eval_prompts) -> l
                         cfg.tracking.wandb_mode, cfg.trainer.output_dir, resume_id=run_id)
     driver = Driver(cfg, actors, tokenizer, sampler, tracking, checkpoints, reward_moments, eval_prompts)
     try:
-        driver.sync_weights()  # instances start from exactly the trainer's weights (a resumed actor too)
+        driver.sync_weights(start)  # instances start from exactly the trainers' weights (resumed ones too)
         return driver.fit(start)
     finally:
         tracking.finish()

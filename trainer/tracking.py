@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
 
+from tqdm import tqdm
 
 CONSOLE = {"eval/score": "eval_score", "eval/exact": "eval_exact", "score/mean": "score", "reward/mean": "reward", "kl/mean": "kl", "loss/policy": "pg_loss",
            "loss/value": "v_loss", "response/length_mean": "len", "rollout/tokens_per_s": "gen_tok/s",
-           "rollout/mean_accepted": "acc/step", "time/iteration": "s/iter", "time/generate": "gen_s",
+           "rollout/mean_accepted": "acc/step", "draft/loss": "draft_loss", "time/iteration": "s/iter", "time/generate": "gen_s",
            "time/make_experience": "exp_s", "time/update": "upd_s", "time/weight_sync": "sync_s"}
 
 
@@ -20,7 +22,9 @@ class Tracking:
             os.makedirs(log_dir, exist_ok=True)
             self.run = wandb.init(project=project, name=run_name, config=config, mode=mode, dir=log_dir,
                                   id=resume_id, resume="allow" if resume_id else None,
-                                  settings=wandb.Settings(console="off"))
+                                  settings=wandb.Settings(console="off", silent=True))
+            where = self.run.url if mode == "online" else os.path.dirname(self.run.dir)
+            print(f"W&B run ({mode}): {where}", flush=True)  # its one line
 
     @property
     def run_id(self) -> str | None:
@@ -34,7 +38,8 @@ class Tracking:
         if self.run:
             self.run.log(metrics, step=step)
         shown = " ".join(f"{label}={metrics[key]:.4g}" for key, label in CONSOLE.items() if key in metrics)
-        print(f"[iter {step}] {shown}", flush=True)
+        tqdm.write(f"[iter {step}] {shown}")  # above the driver's progress bars, not through them
+        sys.stdout.flush()
 
     def finish(self) -> None:
         if self.run:
