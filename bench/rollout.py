@@ -410,6 +410,7 @@ def ratios(rows: list[dict]) -> dict:
             continue
         out[f"{phase}/adaptive_over_best_fixed"] = by["adaptive"] / by["oracle"]
         out[f"{phase}/adaptive_over_none"] = by["adaptive"] / by["none"]
+        out[f"{phase}/adaptive_over_best_of_fixed_and_none"] = by["adaptive"] / max(by["oracle"], by["none"])
     return out
 
 

@@ -8,7 +8,6 @@ same seed emits, whatever was drafted."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -20,37 +19,38 @@ class Acceptance:
     tokens: torch.Tensor  # [B, D + 1] accepted draft tokens then the correction/bonus token
     count: torch.Tensor  # [B] emitted tokens (= accepted + 1)
     path: torch.Tensor  # [B, D] verify indices of the accepted nodes in order (0-padded)
+    at: torch.Tensor  # [B, D + 1] verify index of the node each emitted token was chosen at
     on_path: torch.Tensor  # [B, T] bool: node accepted (the root always)
 
 
-def walk(vt: VerifyTree, choose: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-         max_depth: int) -> Acceptance:
-    """choose(rows [M], nodes [M], level) -> the target's tokens [M] at those verify nodes; called once per level
-    for the rows still walking, so the target's token is computed only where the walk arrives."""
-    B = vt.tokens.shape[0]
-    dev = vt.tokens.device
+def walk(vt: VerifyTree, target: torch.Tensor, max_depth: int) -> Acceptance:
+    """target [B, T]: the target's token at every verify node. Pure indexing, one loop over depth."""
+    B, T = target.shape
+    dev = target.device
     bidx = torch.arange(B, device=dev)
     cur = torch.zeros(B, dtype=torch.long, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
     n_acc = torch.zeros(B, dtype=torch.long, device=dev)
-    out_tok = torch.zeros(B, max_depth + 1, dtype=torch.long, device=dev)
+    at = torch.zeros(B, max_depth + 1, dtype=torch.long, device=dev)
     path = torch.zeros(B, max(max_depth, 1), dtype=torch.long, device=dev)
-    on_path = torch.zeros_like(vt.valid)
+    on_path = torch.zeros(B, T, dtype=torch.bool, device=dev)
     on_path[:, 0] = True
-    rows = bidx
-    for level in range(max_depth + 1):
-        node = cur[rows]
-        tok = choose(rows, node, level)  # [M]
-        out_tok[rows, level] = tok
-        if level == max_depth:
+    level = 0
+    for level in range(max_depth):
+        ch = vt.children[bidx, cur]  # [B, K]
+        hit = (ch >= 0) & (vt.tokens.gather(1, ch.clamp(min=0)) == target[bidx, cur][:, None])
+        moved = active & hit.any(dim=1)
+        if not bool(moved.any()):
             break
-        ch = vt.children[rows, node]  # [M, K]
-        hit = (ch >= 0) & (vt.tokens[rows].gather(1, ch.clamp(min=0)) == tok[:, None])
-        moved = hit.any(dim=1)
-        rows, child = rows[moved], ch[moved].gather(1, hit[moved].to(torch.int8).argmax(dim=1, keepdim=True))[:, 0]
-        if rows.numel() == 0:
-            break
-        path[rows, level] = child
-        on_path[rows, child] = True
-        n_acc[rows] += 1
-        cur[rows] = child
-    return Acceptance(out_tok, n_acc + 1, path, on_path)
+        node = ch.gather(1, hit.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+        cur = torch.where(moved, node, cur)
+        path[:, level] = torch.where(moved, node, path[:, level])
+        at[:, level + 1] = cur
+        on_path[bidx, cur] |= moved
+        n_acc += moved.long()
+        active = moved
+    # emitted: the accepted nodes' tokens, then the target's token where the walk stopped
+    j = torch.arange(max_depth + 1, device=dev)
+    at = torch.where(j[None, :] <= n_acc[:, None], at, cur[:, None])
+    tokens = torch.where(j[None, :] < n_acc[:, None], vt.tokens.gather(1, at.roll(-1, dims=1)), target.gather(1, at))
+    return Acceptance(tokens, n_acc + 1, path, at, on_path)

@@ -25,6 +25,17 @@ from drafting.tree import DraftTree
 CURVE = 24  # nodes per sample the plain-or-draft estimate looks at
 PROBE_AFTER = 16  # plain steps in a row after which one drafting step refreshes what drafting would gain
 PRIOR_ACCEPT = 0.8  # before anything is learnt: a sample's j-th best node is accepted with 0.8 ** (j + 1)
+CORRECTION_BUCKETS = 10  # live samples 1, 2-3, 4-7, ... , 512+
+
+
+def bucket(live: int) -> int:
+    return min(CORRECTION_BUCKETS - 1, max(live, 1).bit_length() - 1)
+
+
+_QUAD_GRID = tuple(g.ravel() for g in np.meshgrid(np.array([1.0, 1 + CURVE / 2, 1 + CURVE]),
+                                                   np.array([1.0, 1 + CURVE / 2, 1 + CURVE])))
+_QUAD_PINV = np.linalg.pinv(np.stack([np.ones(9), _QUAD_GRID[0], _QUAD_GRID[1], _QUAD_GRID[0] ** 2,
+                                      _QUAD_GRID[0] * _QUAD_GRID[1], _QUAD_GRID[1] ** 2], 1))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -43,13 +54,21 @@ class AdaptiveStrategy(DraftStrategy):
         self._curve = PRIOR_ACCEPT ** (j + 1.0)  # EMA over steps: expected acceptance of a sample's j-th best node
         self._levels = j + 1.0  # EMA: levels drafted to reach a sample's best j + 1 nodes
         self._width_used = 1
-        self._plain_run = 0
+        self._plain_run = self._steps = 0
+        self._bar, self._per_token = None, 0.0  # this step's: tokens a node must bring, verify ms per token
         # this step: live samples, context, predicted draft time so far, the verify-time quadratic, the tree's
         # path acceptance / own acceptance / depth / sibling rank as numpy (small arrays: numpy is cheaper)
         self._B = self._ctx = 0
         self._spent_ms = 0.0
         self._vq, self._vq_memo = np.zeros(6), {}
         self._policy_ms, self._score_s = 0.0, 0.0  # this policy's own time per drafted level (EMA), last scoring
+        self._policy_spent = 0.0  # the part of _spent_ms that is this policy's own time
+        # online corrections, realised / predicted (EMA over steps, per power-of-two bucket of live samples): the
+        # profile's times drift with the machine and the workload (on the tiny world, steps at 64 live samples
+        # ran 10-40% over the profile, steps at a few live samples matched it), and the nodes a selection picks
+        # are those the predictor likes most, so at a full batch it likes them too much (the winner's curse)
+        self.corrections = {k: np.ones(CORRECTION_BUCKETS) for k in ("plain_ms", "draft_ms", "accepted")}
+        self.correction = {k: 1.0 for k in self.corrections}  # this step's bucket
         self._score = self._cond = np.zeros((0, 0))
         self._depth = self._rank = np.zeros(0, dtype=np.int64)
 
@@ -63,29 +82,30 @@ class AdaptiveStrategy(DraftStrategy):
         missed during plain steps is left out of the comparison: it is paid whenever drafting resumes."""
         B, ctx = self._B, self._ctx = view.live, view.context
         self._score = self._cond = np.zeros((B, 0))  # a new tree
+        self._bar, self._per_token = None, 0.0
+        self._policy_spent = 0.0
         self._spent_ms = self.cal.root_ms(B, max(view.draft_lag, 1), ctx)  # the draft's catch-up forward
-        key = (B, ctx // 4)
+        key = (B, ctx // 16)
         if key not in self._vq_memo:  # the same few (live, context) pairs recur step after step
             self._vq_memo = {} if len(self._vq_memo) > 4096 else self._vq_memo
-            self._vq_memo[key] = self._verify_quadratic(B, ctx // 4 * 4 + 2)
+            self._vq_memo[key] = self._verify_quadratic(B, ctx // 16 * 16 + 8)
         self._vq = self._vq_memo[key]
-        plain_rate = B / self.cal.plain_ms(B, ctx)
+        corr = self.correction = {k: float(v[bucket(B)]) for k, v in self.corrections.items()}
+        plain_rate = B / (self.cal.plain_ms(B, ctx) * corr["plain_ms"])
         c = np.arange(1, CURVE + 1)
         ms = (self.cal.root_ms(B, 2, ctx) + np.maximum(self._levels - 1, 0) * self.cal.level_ms(B, self._width_used, ctx)
-              + self._verify_ms(B * (1 + c), 1 + c))
-        spec_rate = float(((B + B * np.cumsum(self._curve)) / ms).max())
+              + self._verify_ms(B * (1 + c), 1 + c)) * corr["draft_ms"]
+        spec_rate = float(((B + B * corr["accepted"] * np.cumsum(self._curve)) / ms).max())
         draft = spec_rate > plain_rate or self._plain_run >= PROBE_AFTER
         self._plain_run = 0 if draft else self._plain_run + 1
         self.decision = {"plain_rate": plain_rate, "spec_rate": spec_rate}
         return draft
 
     def _verify_quadratic(self, B: int, ctx: int) -> np.ndarray:
-        """The verify model at this step's live samples and context, as a quadratic in (tokens, padded width):
-        exact for the smooth families (both at most quadratic), and a few multiply-adds to evaluate."""
-        n, t = np.meshgrid(np.array([1.0, 1 + CURVE / 2, 1 + CURVE]), np.array([1.0, 1 + CURVE / 2, 1 + CURVE]))
-        n, t = n.ravel(), t.ravel()  # tokens per sample, width
-        ms = self.cal.verify_ms(B, B * n, t, ctx)
-        return np.linalg.lstsq(np.stack([np.ones_like(n), n, t, n * n, n * t, t * t], 1), ms, rcond=None)[0]
+        """The verify model at this step's live samples and context, as a quadratic in (tokens per sample, padded
+        width): exact for the smooth families (both at most quadratic), and a few multiply-adds to evaluate."""
+        n, t = _QUAD_GRID
+        return _QUAD_PINV @ self.cal.verify_ms(B, B * n, t, ctx)
 
     def _verify_ms(self, tokens, width) -> np.ndarray:
         n, t = np.asarray(tokens, dtype=np.float64) / self._B, np.asarray(width, dtype=np.float64)
@@ -107,48 +127,62 @@ class AdaptiveStrategy(DraftStrategy):
         feats[..., 5] = _np(view.temperature)[:, None]
         cond = np.concatenate([self._cond, self.predictor.predict(feats.reshape(-1, 6)).reshape(B, M)], 1)
         score = np.concatenate([self._score, cond[:, done:]], 1)
-        parents = _np(tree.parents)
+        parents, rows = _np(tree.parents), np.arange(B)[:, None]
         for d in range(int(depth[done]), int(depth[-1]) + 1):  # new levels, parents before children
-            idx = done + np.nonzero(depth[done:] == d)[0]
-            par = parents[:, idx]
+            idx = np.arange(done, N) if depth[done] == depth[-1] else done + np.nonzero(depth[done:] == d)[0]
             if d > 1:
-                score[:, idx] *= np.take_along_axis(score, par, 1)
+                score[:, idx] *= score[rows, parents[:, idx]]
         self._score, self._cond, self._depth, self._rank = score, cond, depth, rank
         tree.score = torch.from_numpy(score).to(tree.value.device)
         tree.cond = torch.from_numpy(cond).to(tree.value.device)
         self._score_s = time.perf_counter() - t0
 
     def deeper(self, tree: DraftTree, view: StepView) -> bool:
-        """Marginal analysis on top of the best selection so far: another level of width w pays if the nodes it
-        would add that are worth their verify cost (more expected tokens than the rate x their cost) raise the
-        rate after paying for the level, this policy's own time per level included."""
-        if tree.levels >= self.max_depth:
+        """Marginal analysis: another level of width w pays if the expected tokens of the nodes it would add that
+        are worth their verification, over what the level costs (draft forward, their verify time, this policy's
+        own time per level), beat the rate of the best selection so far.
+
+        The selection so far is the nodes above the bar (the expected tokens a node must bring to pay for its
+        verification, from the exact prefix search at the first level); the exact search runs again in
+        `select`. A full search per level would cost more than a level on a small batch."""
+        if self._depth[-1] >= self.max_depth:
             return False
         t0 = time.perf_counter()
-        B, ctx, score = self._B, self._ctx, self._score
-        best = self._best_prefix(score)
-        n_tok, width = B + best["k"], best["width"]
-        per_token = float(self._verify_ms(n_tok + B, width) - self._verify_ms(n_tok, width)) / B
+        B, ctx, score, corr = self._B, self._ctx, self._score, self.correction
+        if self._bar is None:  # the first level: the exact best prefix sets the bar
+            best = self._best_prefix(score)
+            n_tok, width = B + best["k"], best["width"]
+            self._per_token = float(self._verify_ms(n_tok + B, width) - self._verify_ms(n_tok, width)) / B
+            self._bar = best["rate"] * self._per_token * corr["draft_ms"] / corr["accepted"]
+        chosen = score > self._bar
+        count = chosen.sum(1)
+        gain, k, width = corr["accepted"] * float(score[chosen].sum()), int(count.sum()), 1 + int(count.max())
+        verify = float(self._verify_ms(B + k, width))
+        now = (B + gain) / ((self._spent_ms + verify) * corr["draft_ms"])
         newest = self._depth == self._depth[-1]
-        # how much of a frontier node's acceptance its best child keeps: the newest level's best children tell
-        firsts = np.sort(self._cond[:, newest & (self._rank == 0)], axis=None)
-        keep = float(firsts[int(0.9 * (firsts.size - 1))]) if firsts.size else 0.9
+        # how much of a frontier node's acceptance its children keep, by sibling rank: the newest level's nodes
+        # tell (their 90th percentile: the bound is meant to be reachable, not typical)
+        keep = np.zeros(self.topk)
+        for j in range(self.topk):
+            c = np.sort(self._cond[:, newest & (self._rank == j)], axis=None)  # (np.quantile: 30x slower here)
+            keep[j] = c[int(0.9 * (c.size - 1))] if c.size else 0.0
         p_new = -np.sort(-score[:, newest], axis=1)  # [B, M] best first
-        bar = best["rate"] * per_token  # expected tokens a node must bring to pay for its verification
-        best_w, best_rate = 0, best["rate"]
+        best_w, best_rate = 0, now
         for w in self.widths:
             if w > p_new.shape[1]:
                 break
-            hypo = p_new[:, :w] * keep  # one optimistic child per frontier node
-            useful = hypo[hypo > bar]
+            hypo = p_new[:, :w, None] * keep  # each frontier node's children, [B, w, topk]
+            useful = hypo[hypo > self._bar]
             level = self.cal.level_ms(B, w, ctx) + self._policy_ms
-            rate = (B + best["gain"] + useful.sum()) / (self._spent_ms + level + best["verify_ms"]
-                                                        + useful.size * per_token)
+            rate = ((B + gain + corr["accepted"] * useful.sum())
+                    / ((self._spent_ms + level + verify + useful.size * self._per_token) * corr["draft_ms"]))
             if rate > best_rate:
                 best_w, best_rate = w, rate
         if best_w:
             self.width = best_w
             self._spent_ms += self.cal.level_ms(B, best_w, ctx) + self._policy_ms
+            self._policy_spent += self._policy_ms
+            self._bar = now * self._per_token * corr["draft_ms"] / corr["accepted"]  # the rate moved: so does the bar
         # this policy's own time per level (scoring + deciding), an EMA: a level costs it too
         self._policy_ms = 0.9 * self._policy_ms + 0.1 * 1000 * (time.perf_counter() - t0 + self._score_s)
         return best_w > 0
@@ -159,9 +193,13 @@ class AdaptiveStrategy(DraftStrategy):
         best = self._best_prefix(self._score)
         chosen = np.zeros(B * N, dtype=bool)
         chosen[best["order"][:best["k"]]] = True
-        self.decision.update({"rate": best["rate"], "nodes": best["k"], "predicted_accepted": best["gain"],
-                              "predicted_ms": self._spent_ms + best["verify_ms"], "levels": tree.levels})
-        self._learn_curve()
+        self.decision.update({"rate": best["rate"], "nodes": best["k"],
+                              "predicted_accepted": best["gain"] / self.correction["accepted"],  # uncorrected
+                              "predicted_ms": self._spent_ms - self._policy_spent + best["verify_ms"],  # models
+                              "levels": tree.levels})
+        self._steps += 1
+        if self._steps % 4 == 1:  # an EMA over many steps: every fourth is enough
+            self._learn_curve()
         return torch.from_numpy(chosen.reshape(B, N)).to(tree.value.device)
 
     def _best_prefix(self, score: np.ndarray) -> dict:
@@ -173,16 +211,17 @@ class AdaptiveStrategy(DraftStrategy):
         K = min(order.size, B * CURVE)
         by_row = np.argsort(-score, axis=1, kind="stable")
         rank = np.empty_like(by_row)
-        np.put_along_axis(rank, by_row, np.broadcast_to(np.arange(1, N + 1), (B, N)), axis=1)  # rank in sample
+        rank[np.arange(B)[:, None], by_row] = np.arange(1, N + 1)  # each node's rank within its sample
         width = np.ones(K + 1)
         width[1:] += np.maximum.accumulate(rank.ravel()[order[:K]])
         gain = np.zeros(K + 1)
         np.cumsum(score.ravel()[order[:K]], out=gain[1:])
+        gain *= self.correction["accepted"]
         verify = self._verify_ms(B + np.arange(K + 1), width)
-        rate = (B + gain) / (self._spent_ms + verify)
+        rate = (B + gain) / ((self._spent_ms + verify) * self.correction["draft_ms"])
         k = int(rate.argmax())
         return {"rate": float(rate[k]), "k": k, "gain": float(gain[k]), "verify_ms": float(verify[k]),
-                "width": float(width[k]), "order": order}
+                "width": float(width[k]), "order": order, "n": N}
 
     def _learn_curve(self) -> None:
         """Per-sample acceptance by node rank and the levels it takes, averaged over samples (EMA over steps):
@@ -197,6 +236,21 @@ class AdaptiveStrategy(DraftStrategy):
         self._width_used = self.width
 
     # -- learning --------------------------------------------------------------------------------------------
+    def step_done(self, log: dict) -> None:
+        """Update the corrections from what the step really took and accepted (its admission of new requests
+        and this policy's own time excluded: the models do not predict them)."""
+        real_ms = 1000.0 * (log["t_total"] - log.get("t_policy", 0.0) - log.get("t_admit", 0.0))
+        ratios = {}
+        if log.get("plain"):
+            ratios["plain_ms"] = real_ms / self.cal.plain_ms(log["live"], log["ctx"])
+        elif "plan_predicted_ms" in log:
+            ratios["draft_ms"] = real_ms / max(log["plan_predicted_ms"], 1e-6)
+            if log["plan_predicted_accepted"] > 0.5:
+                ratios["accepted"] = log["accepted"] / log["plan_predicted_accepted"]
+        b = bucket(log["live"])
+        for k, r in ratios.items():
+            self.corrections[k][b] = 0.9 * self.corrections[k][b] + 0.1 * min(max(r, 0.5), 2.0)
+
     def observe(self, record: dict) -> None:
         predicted = record.get("predicted")
         self.predictor.observe(record["features"].cpu().numpy(), record["accepted"].cpu().numpy(),

@@ -235,6 +235,7 @@ class SpeculativeEngine:
         if decision:
             self._log.update({f"plan_{k}": v for k, v in decision.items()})
         self.step_log.append(self._log)
+        self.strategy.step_done(self._log)
         return out
 
     def _step_plain(self) -> list[GenOutput]:
@@ -316,18 +317,18 @@ class SpeculativeEngine:
         positions = (n - 1)[:, None] + vt.depth
         logits, (nk, nv) = self.target.forward(vt.tokens, positions, torch.cat([ctx_mask, vt.mask], dim=2),
                                                self.tcache, slice(0, B), tctx, keep_kv=True, valid=vt.valid)
-        packed = vt.valid.view(-1).cumsum(0).sub_(1).view(B, T)  # row of each verify node in logits [N, V]
-        # 4. walk the tree on the target's own tokens, computed only at the nodes the walk reaches
-        logp = torch.zeros(B, tree.levels + 1, device=self.device)
-
-        def choose(rows: torch.Tensor, nodes: torch.Tensor, level: int) -> torch.Tensor:
-            ch = vt.children[rows, nodes]
-            ch_tok = torch.where(ch >= 0, vt.tokens[rows].gather(1, ch.clamp(min=0)), -1)
-            tok, lp = self._target_tokens(logits[packed[rows, nodes]], rows, n[rows] + level, ch_tok)
-            logp[rows, level] = lp
-            return tok
-
-        acc = walk(vt, choose, tree.levels)
+        # 4. the target's own token at every verified node (one call: noise only for sampled rows' real nodes),
+        # then walk the tree on them
+        rows, nodes = vt.valid.nonzero(as_tuple=True)  # row-major, the order of the packed logits
+        ch = vt.children[rows, nodes]
+        ch_tok = torch.where(ch >= 0, vt.tokens[rows].gather(1, ch.clamp(min=0)), -1)
+        tok, lp = self._target_tokens(logits, rows, n[rows] + vt.depth[rows, nodes], ch_tok)
+        target = torch.zeros_like(vt.tokens)
+        target[rows, nodes] = tok
+        node_logp = torch.zeros(B, T, device=self.device)
+        node_logp[rows, nodes] = lp
+        acc = walk(vt, target, tree.levels)
+        logp = node_logp.gather(1, acc.at)
         # 5. commit tokens (EOS / length truncation) and the accepted path's target K/V
         n_old = n.clone()
         allowed = self._commit(acc.tokens, acc.count, logp)

@@ -62,6 +62,9 @@ class DraftStrategy:
     def observe(self, record: dict) -> None:
         """What the step did (features of tested nodes, accepted flags, timings); static strategies ignore it."""
 
+    def step_done(self, log: dict) -> None:
+        """The finished step's log entry (timings, accepted tokens); static strategies ignore it."""
+
     def reset(self) -> None:
         """The draft's weights changed; static strategies keep nothing about it."""
 
