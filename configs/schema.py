@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class GenerationConfig:
     num_instances: int = 2
-    strategy: str = "tree:3,2,6"  # adaptive | none | chain:k | tree:depth,topk,nodes
+    strategy: str = "adaptive"  # adaptive | none | chain:k | tree:depth,topk,nodes
     calibration: str = "auto"  # adaptive's step-time model: "auto" (profiled here on first use, cached) or a file
     max_slots: int = 64  # live samples per instance; more wait in the queue
     max_len: int = 160  # prompt + response tokens per sample

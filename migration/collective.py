@@ -28,6 +28,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: datetime.timedelta) -> dist.TCPStore:
+    """torch's TCPStore, with the master's server listening on `host` only: left to itself it listens on every
+    interface, and a run on 127.0.0.1 must not be reachable from elsewhere."""
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, False, timeout=timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return dist.TCPStore(host, port, world_size, True, timeout=timeout, master_listen_fd=sock.detach())
+
+
 class CollectiveGroup:
     """Broadcast / send / recv of tensors among `world_size` processes; rank 0 hosts the store."""
 
@@ -37,7 +50,7 @@ class CollectiveGroup:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         # joining waits for every member to start; the ops' timeout (short for the KV group) bounds the transfers
         joining = datetime.timedelta(seconds=max(timeout_s, 60.0))
-        self._store = dist.TCPStore(host, port, world_size, rank == 0, timeout=joining)
+        self._store = tcp_store(host, port, world_size, rank == 0, joining)
         store = dist.PrefixStore(name, self._store)
         if backend == "nccl":
             self._pg = dist.ProcessGroupNCCL(store, rank, world_size)

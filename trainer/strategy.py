@@ -7,6 +7,7 @@ Also the one place that loads the HF models the training roles use, failing fast
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import os
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from migration.collective import tcp_store
 
 CAUSAL_LM = "causal_lm"
 SEQ_CLS = "sequence_classification"
@@ -128,6 +131,10 @@ class DeepspeedStrategy:
         if self.device.type == "cuda":
             torch.cuda.set_device(0 if self.device.index is None else self.device.index)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        # the default group on a store that listens on master_addr only (torch's own listens on every interface);
+        # DeepSpeed finds the group initialised and adopts it
+        store = tcp_store(str(master_addr), int(master_port), world_size, rank == 0, datetime.timedelta(minutes=30))
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         # on CPU DeepSpeed builds its shared-memory op here and print()s that it did, from every rank
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(
