@@ -249,8 +249,9 @@ def run_large_kv(args) -> dict:
     prompt_len, max_new, busy_new = 260, 24, 64
     with tempfile.TemporaryDirectory() as tmp:
         target, draft, per_token = large_models(Path(tmp))
-        gen = GenerationConfig(num_instances=2, max_slots=4, max_len=prompt_len + busy_new + 8, cpus_per_instance=1,
-                               threads_per_instance=1)
+        # a static strategy: adaptive would first profile a model that exists only to hold large K/V
+        gen = GenerationConfig(num_instances=2, strategy="tree:3,2,6", max_slots=4, max_len=prompt_len + busy_new + 8,
+                               cpus_per_instance=1, threads_per_instance=1)
         fleet = RolloutFleet(gen, target, draft, "float32", manual("two_stage"))
 
         def batch(rep):
