@@ -9,6 +9,7 @@ records. Until enough records exist the draft probability itself is the predicti
 Calibration is scored prequentially: each node's prediction is made before its outcome is known."""
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import deque
 
@@ -60,6 +61,15 @@ def calibration_table(pred: np.ndarray, outcome: np.ndarray, bins: int = 10) -> 
                          "predicted": round(p, 4), "observed": round(o, 4)})
             ece += sel.sum() / len(pred) * abs(o - p)
     return rows, float(ece)
+
+
+@functools.cache
+def _threadpools():
+    """One controller per process: `threadpool_limits` scans the loaded libraries on every call (3 ms, more than
+    a small fit's solver)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 class AcceptancePredictor:
@@ -117,7 +127,6 @@ class AcceptancePredictor:
         refitted on the whole window."""
         from sklearn.isotonic import IsotonicRegression
         from sklearn.linear_model import LogisticRegression
-        from threadpoolctl import threadpool_limits
 
         X = design(np.concatenate([c[0] for c in self._X]))
         y = np.concatenate([c[1] for c in self._X])
@@ -126,7 +135,7 @@ class AcceptancePredictor:
             return
         cut = int(0.8 * len(y))
         q = np.exp(X[:, 1])
-        with warnings.catch_warnings(), threadpool_limits(1):  # a small fit inside a decoding step
+        with warnings.catch_warnings(), _threadpools().limit(limits=1):  # a small fit inside a decoding step
             warnings.simplefilter("ignore")
             logit = LogisticRegression(C=1.0, max_iter=200).fit(X[:cut], y[:cut]) if y[:cut].min() != y[:cut].max() \
                 else None
