@@ -181,12 +181,11 @@ class GenerationInstance:
         with self._calls_lock:
             self._calls.append((fn, future))
             self._work.set()
-        while True:
-            self._check()
+        while True:  # a call that ran is reported as run, even if the step loop failed right after it
             try:
                 return future.result(timeout=0.5)
             except concurrent.futures.TimeoutError:
-                continue
+                self._check()
 
     def resolve_saturation(self) -> int | None:
         """The engine's profiled saturation point (balancer threshold `auto`), read between rollouts: reading it

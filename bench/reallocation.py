@@ -212,6 +212,8 @@ def migrate_while_decoding(fleet, label: str, repeats: int, batch, bytes_per_tok
             while len(done) < len(at_src) + len(at_dst):
                 for inst in (src, dst):
                     done += ray.get(inst.collect.remote(0.2))
+                if time.monotonic() > deadline + 300:
+                    raise RuntimeError(f"{label}: {len(done)} of {len(at_src) + len(at_dst)} requests came back")
             out = next(o for o in done if o.request_id == moving)
             tokens.setdefault(rep, []).append(out.token_ids)
             row = {"mode": mode, "repeat": rep, "outcome": result.outcome, "kv_tokens": kv_tokens,
@@ -319,7 +321,8 @@ def summarize(tiny: dict, large: dict | None) -> dict:
         "tiny two-stage frozen < one decode step": (out["frozen_ms_median_two_stage"] or float("inf"))
         < out["step_ms_median"],
     }
-    if large and out.get("frozen_ms_median_two_stage_large_kv") is not None:
+    if large and None not in (out.get("frozen_ms_median_two_stage_large_kv"),
+                              out.get("frozen_ms_median_stop_copy_large_kv")):
         out["targets"]["large-KV two-stage frozen < half of stop-and-copy"] = (
             out["frozen_ms_median_two_stage_large_kv"] < 0.5 * out["frozen_ms_median_stop_copy_large_kv"])
     return out

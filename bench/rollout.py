@@ -371,9 +371,9 @@ def main(argv=None) -> dict:
         rollout_pred = adaptive_logs.get("rollout", {}).get("predictor", {})
         result["predictor_ece"] = rollout_pred.get("ece")
         result["predictor_calibration"] = rollout_pred
-        result["selection_overhead_frac"] = summarize(adaptive_logs["rollout"]["log"])["selection_overhead_frac"]
-        result["adaptive_rollout_summary"] = summarize(adaptive_logs["rollout"]["log"])
         result["adaptive_by_phase"] = {p: summarize(v["log"]) for p, v in adaptive_logs.items()}
+        result["adaptive_rollout_summary"] = result["adaptive_by_phase"]["rollout"]
+        result["selection_overhead_frac"] = result["adaptive_rollout_summary"]["selection_overhead_frac"]
         result["ratios"] = ratios(result["rows"])
         result["plots"] = plot(adaptive_logs, Path(args.out))
     if "schemes" not in skip:

@@ -221,7 +221,7 @@ class AdaptiveStrategy(DraftStrategy):
         rate = (B + gain) / ((self._spent_ms + verify) * self.correction["draft_ms"])
         k = int(rate.argmax())
         return {"rate": float(rate[k]), "k": k, "gain": float(gain[k]), "verify_ms": float(verify[k]),
-                "width": float(width[k]), "order": order, "n": N}
+                "width": float(width[k]), "order": order}
 
     def _learn_curve(self) -> None:
         """Per-sample acceptance by node rank and the levels it takes, averaged over samples (EMA over steps):

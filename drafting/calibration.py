@@ -1,7 +1,7 @@
 """Calibration of one (target, draft, dtype, device, threads): the profiled step timings, the step-time model
 fitted on them, and the throughput roofline with its saturation point.
 
-The engine's adaptive strategy, the load balancer and the simulator all read the same JSON file, written by
+The engine's adaptive strategy and the load balancer read the same JSON file, written by
 `python -m drafting.profile`. A file made for other models, dtype, device or thread count is refused: timings
 do not transfer. The file keeps the raw timings and the chosen model family per component; the models are
 refitted on load (small data, deterministic), so the file stays readable and version-proof."""

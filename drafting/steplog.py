@@ -1,6 +1,6 @@
 """Summaries of the engine's per-step log (one dict per step: live samples, context, plain or drafted, levels,
-chosen nodes, predicted and realised accepted tokens, phase timings). One place reads the log, so the tracker,
-the benchmarks and the simulator agree on what a figure means."""
+chosen nodes, predicted and realised accepted tokens, phase timings). One place reads the log, so the tracker
+and the benchmarks agree on what a figure means."""
 from __future__ import annotations
 
 from typing import Iterable

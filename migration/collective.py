@@ -11,7 +11,9 @@ its op timeout is torch's default (30 minutes; `gloo_timeout` only bounds the re
 no tag, and a process can join one default group only, so the group cannot be rebuilt without a dead member.
 Ray's tensor transport (`@ray.method(tensor_transport=...)`) rides on those same groups. A transfer to a dead
 or stuck peer must fail in seconds and concurrent orders must not mix their messages, so the KV group uses
-this class: its own store, its own timeout, tagged point-to-point messages, rebuilt freely.
+this class: its own store, its own timeout, tagged point-to-point messages, rebuilt freely. (On NCCL the timeout
+is enforced by NCCL's watchdog, which aborts the group, and send/recv ignore tags: messages between one pair of
+instances arrive in order, so two orders between the same pair must not overlap. Untested here: no GPU.)
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ class CollectiveGroup:
         joining = datetime.timedelta(seconds=max(timeout_s, 60.0))
         self._store = tcp_store(host, port, world_size, rank == 0, joining)
         store = dist.PrefixStore(name, self._store)
-        if backend == "nccl":
-            self._pg = dist.ProcessGroupNCCL(store, rank, world_size)
+        if backend == "nccl":  # NCCL's own default timeout is 10 minutes or more; its watchdog enforces this one
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self._pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self._pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)

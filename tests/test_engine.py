@@ -1,10 +1,12 @@
 """Speculative engine: lean forward == HF, greedy output of every strategy == HF greedy generate, queueing,
-EOS / max_new_tokens inside an accepted run, clear errors. Tiny random models (hidden 64, 2 layers)."""
+EOS / max_new_tokens inside an accepted run, clear errors. Tiny random models (hidden 64, 2 layers) of each
+family the engine runs: Llama, Qwen2, Qwen3 (Mistral shares Llama's layout)."""
 import functools
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine, parse_strategy
 from drafting.kv_store import KVCache
@@ -33,13 +35,21 @@ def tiny_lm(kind: str, layers: int = 2, hidden: int = 64, seed: int = 0, vocab: 
                 if n.endswith("bias"):
                     p.normal_(0, 0.2)
         return m
+    if kind == "qwen3":  # per-head q/k RMSNorm before RoPE
+        m = Qwen3ForCausalLM(Qwen3Config(head_dim=16, tie_word_embeddings=True, **common)).eval()
+        with torch.no_grad():  # HF inits the q/k norms to ones: make them matter
+            for n, p in m.named_parameters():
+                if n.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.uniform_(0.5, 1.5)
+        return m
     raise ValueError(kind)
 
 
 @pytest.fixture(scope="module")
 def models():
     return {"llama": (tiny_lm("llama"), tiny_lm("llama", layers=1, hidden=32, seed=1)),
-            "qwen2": (tiny_lm("qwen2"), tiny_lm("qwen2", layers=1, hidden=32, seed=1))}
+            "qwen2": (tiny_lm("qwen2"), tiny_lm("qwen2", layers=1, hidden=32, seed=1)),
+            "qwen3": (tiny_lm("qwen3"), tiny_lm("qwen3", layers=1, hidden=32, seed=1))}
 
 
 PROMPTS = [[5], [7, 3, 9], [1, 2, 3, 4, 5, 6, 7], list(range(11, 23)), [40, 41, 42, 43, 44]]
@@ -60,10 +70,11 @@ def _hf_greedy(model, prompts, max_new, eos):
     return tuple(outs)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama_yarn"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "llama_yarn"])
 def test_lean_forward_matches_hf_logits(models, kind):
     model = models[kind][0] if kind in models else tiny_lm(kind)
     lean = LeanDecoder(model, "cpu", torch.float32, max_positions=64, max_len=64)
+    assert (lean.layers[0]["q_norm"] is not None) == (kind == "qwen3")
     ids = torch.randint(0, V, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits
@@ -100,7 +111,7 @@ def test_load_weights_by_hf_name(models):
         lean.load_weights({"model.norm.weight": torch.zeros(3)})
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_greedy_equals_hf_generate(models, kind, strategy):
     target, draft = models[kind]

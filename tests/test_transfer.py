@@ -175,7 +175,9 @@ def test_instances_hold_back_a_moved_sample_until_the_move_is_confirmed(models, 
     request = GenRequest("moved", [1, 2, 3], SamplingParams(temperature=1.0, max_new_tokens=40, seed=3))
     expected = straight_one(models, request)
     src.submit([request])
+    deadline = time.monotonic() + 30
     while not src.load().samples:  # decoding there
+        assert time.monotonic() < deadline, "the sample never started decoding"
         time.sleep(0.001)
     assert dst.reserve(1, 1, peer=0, two_stage=True)
     sent, got = side_by_side(lambda: src.migrate_out(1, ["moved"], peer=1, two_stage=True),

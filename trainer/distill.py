@@ -65,6 +65,8 @@ class DraftLearner:
     def train(self, batch: Experience, seed: int) -> dict[str, float]:
         """`cfg.steps` optimizer steps, each on `cfg.batch_size` rows of similar length, in seeded passes over the
         batch. Returns the mean loss before each step and the response tokens seen."""
+        if batch.batch_size == 0:  # nothing to learn from (and the passes below would never yield a minibatch)
+            return {"loss": 0.0, "tokens": 0.0, "steps": 0.0}
         if self.cfg.loss == "kl_topk" and batch.topk_logprobs is None:
             raise ValueError("draft.loss=kl_topk needs the actor's top-k log-probs (Experience.topk_logprobs)")
         passes = (batch.minibatches(self.cfg.batch_size, shuffle_seed=seed + n, group_by_length=True)

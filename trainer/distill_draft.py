@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(actor_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [p.token_ids for p in load_prompts(prompt_path, tokenizer, args.max_prompt_len,
-                                                 prompt_key=args.prompt_key)][: args.num_prompts]
+                                                 prompt_key=args.prompt_key, size=args.num_prompts)]
     if len(prompts) <= args.held_out:
         raise ValueError(f"--held-out {args.held_out} leaves no training prompts out of {len(prompts)}")
     prompts = [list(p) for p in prompts for _ in range(args.samples_per_prompt)]

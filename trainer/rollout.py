@@ -224,8 +224,11 @@ class RolloutFleet:
                       for rank, i in enumerate(self.alive, start=len(senders))]
             ray.get(joins)
             self._weight_group_ready, self._weight_senders = True, len(senders)
-        specs = ray.get(policy.call_all("weight_specs"))[0]
-        draft_specs = ray.get(draft.weight_specs.remote()) if draft is not None else None
+            # names, shapes and dtypes never change during a run: asked once per group (under ZeRO-3 each ask
+            # gathers every parameter)
+            self._specs = ray.get(policy.call_all("weight_specs"))[0]
+            self._draft_specs = ray.get(draft.weight_specs.remote()) if draft is not None else None
+        specs, draft_specs = self._specs, self._draft_specs
         receives = [self.instances[i].receive_weights.remote(specs, version, draft_specs, version) for i in self.alive]
         sends = policy.call_all("broadcast_weights")
         if draft is not None:  # each sender joins the other's broadcast; calls to one actor run in this order

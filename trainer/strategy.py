@@ -137,14 +137,7 @@ class DeepspeedStrategy:
         torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         # on CPU DeepSpeed builds its shared-memory op here and print()s that it did, from every rank
         with contextlib.redirect_stdout(io.StringIO()):
-            deepspeed.init_distributed(
-                dist_backend=backend,
-                init_method=f"tcp://{master_addr}:{master_port}",
-                rank=rank,
-                world_size=world_size,
-                auto_mpi_discovery=False,
-                verbose=False,
-            )
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         torch.manual_seed(self.seed)
 
     # -- engine
