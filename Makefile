@@ -14,7 +14,11 @@ $(STAMP): requirements.txt
 run: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) launch.py $(ARGS)
 
-test: $(STAMP)
+.venv/.installed-test: $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch .venv/.installed-test
+
+test: .venv/.installed-test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)

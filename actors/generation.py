@@ -40,13 +40,15 @@ class GenerationInstance:
 
     def __init__(self, index: int, actor_path: str, draft_path: str, strategy: str, max_slots: int,
                  max_len: int, device: str = "cpu", threads: int = 1, dtype: str = "float32",
-                 calibration: str | None = "auto"):
+                 calibration: str | None = "auto", attention: str = "auto", cuda_graphs: bool = True,
+                 compile: bool = True):
         torch.set_num_threads(threads)
         self.index = index
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
         self.engine = SpeculativeEngine(actor_path, draft_path, strategy=strategy, max_slots=max_slots,
                                         max_len=max_len, device=self.device, dtype=getattr(torch, dtype),
-                                        calibration=calibration if draft_path else None)
+                                        calibration=calibration if draft_path else None, attention=attention,
+                                        cuda_graphs=cuda_graphs, compile=compile)
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._finished = []

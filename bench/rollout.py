@@ -8,7 +8,9 @@ queue lasts, then drains through the long tail); `live=B` keeps B long samples d
 digits, answers as long). One torch thread, one process, the same seeds for every configuration; the
 configurations of a phase are interleaved over the repeats, and medians are reported with their min/max.
 Every engine first runs one rollout on other prompts (its warm-up; the adaptive strategy learns there, as it
-would have in earlier RLHF iterations). The oracle of a phase is its best fixed strategy."""
+would have in earlier RLHF iterations). The oracle of a phase is its best fixed strategy. `adaptive:device` is
+the GPU path's adaptive (each step's shape from earlier steps, no reads inside a step) run here on the CPU,
+against `adaptive`, the CPU's (per-level decisions from the tree's scores): what the GPU's way costs."""
 from __future__ import annotations
 
 import argparse
@@ -126,9 +128,11 @@ def bench_phases(world, strategies, temperature, repeats, quick, calibration, se
         max_len = max(len(p) for p in prompts + warm) + max_new + 1
         engines = {}
         for name in strategies:
-            engines[name] = SpeculativeEngine(actor, None if name == "none" else draft, strategy=name,
+            strategy, _, mode = name.partition(":device")  # adaptive:device = the GPU path's adaptive, here on CPU
+            engines[name] = SpeculativeEngine(actor, None if name == "none" else draft, strategy=strategy,
                                               max_slots=slots_of(phase), max_len=max_len, eos_token_id=eos,
-                                              calibration=calibration)
+                                              calibration=calibration, adaptive_mode="device" if name != strategy
+                                              else "auto")
             run_engine(engines[name], warm, temperature, max_new, seed + 1)  # warm-up; adaptive learns here
         runs = {name: [] for name in strategies}
         if phase == "rollout":
@@ -362,8 +366,8 @@ def main(argv=None) -> dict:
 
         probe = SpeculativeEngine(world[2], world[3], strategy="none", max_slots=64, max_len=160)
         cal = resolve_calibration(probe, args.calibration)
-        rows, adaptive_logs = bench_phases(world, ["none"] + fixed + ["adaptive"], 1.0, repeats, args.quick, cal,
-                                           args.seed, log)
+        rows, adaptive_logs = bench_phases(world, ["none"] + fixed + ["adaptive", "adaptive:device"], 1.0, repeats,
+                                           args.quick, cal, args.seed, log)
         result["rows"] += rows
         result["step_model_cv_error"] = cal.step_cv_error
         result["step_model"] = {"families": cal.families, "cv_error": cal.cv_error, "file": cal.path}

@@ -67,6 +67,12 @@ class GenerationConfig:
     threads_per_instance: int = 1
     memory_gb: typing.Optional[float] = None  # one instance's device memory (GiB); null = measured by the preflight
     assignment: str = "round_robin"  # "round_robin" | "chunk": contiguous slices of the batch (groups together)
+    # the GPU path (CPU instances ignore these and run eager): the attention kernel over the cache in place
+    # ("auto" = Triton on CUDA, drafting.attention), each step's stages as CUDA graphs, torch.compile'd
+    # norms / RoPE / activations
+    attention: str = "auto"  # "auto" | "sdpa" | "triton"
+    cuda_graphs: bool = True
+    compile: bool = True
 
 
 @dataclass
@@ -164,6 +170,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.overlong": ("filter", "truncate"),
     "generation.assignment": ("round_robin", "chunk"),
+    "generation.attention": ("auto", "sdpa", "triton"),
     "trainer.algorithm": ("ppo", "grpo"),
     "trainer.kl_estimator": ("k1", "k2", "k3"),
     "draft.loss": DRAFT_LOSSES,

@@ -35,13 +35,10 @@ def walk(vt: VerifyTree, target: torch.Tensor, max_depth: int) -> Acceptance:
     path = torch.zeros(B, max(max_depth, 1), dtype=torch.long, device=dev)
     on_path = torch.zeros(B, T, dtype=torch.bool, device=dev)
     on_path[:, 0] = True
-    level = 0
     for level in range(max_depth):
         ch = vt.children[bidx, cur]  # [B, K]
         hit = (ch >= 0) & (vt.tokens.gather(1, ch.clamp(min=0)) == target[bidx, cur][:, None])
-        moved = active & hit.any(dim=1)
-        if not bool(moved.any()):
-            break
+        moved = active & hit.any(dim=1)  # (no early exit: that would read the device every level)
         node = ch.gather(1, hit.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
         cur = torch.where(moved, node, cur)
         path[:, level] = torch.where(moved, node, path[:, level])

@@ -9,7 +9,15 @@ acceptance predictor (`drafting.predictor`):
   the best rate without it;
 - select: rank the drafted nodes of all live samples together by predicted path acceptance and verify the
   prefix with the best rate. A sample may get many nodes, few or none.
-Many live samples make verification expensive: few nodes win. A long tail of few samples: many nodes win."""
+Many live samples make verification expensive: few nodes win. A long tail of few samples: many nodes win.
+
+Two modes. `host` decides as above, reading the tree's scores between levels (free on a CPU, where nothing is
+asynchronous). `device` decides the whole step before it starts (`plan_shape`: plain, or levels x width x
+nodes per sample) from what earlier steps measured: the mean predicted acceptance of each sample's j-th best
+node in trees of each width and depth (`summarize`, computed on the device in the verify stage and brought
+back with the step's one copy). Inside the step the predictor scores nodes on the device and each sample
+verifies its best nodes: no host reads, so the step runs as CUDA graphs. Shapes not yet tried keep an
+optimistic prior, so they get tried."""
 from __future__ import annotations
 
 import time
@@ -18,14 +26,18 @@ import numpy as np
 import torch
 
 from drafting.calibration import Calibration
-from drafting.predictor import AcceptancePredictor
-from drafting.strategy import DraftStrategy, StepView
+from drafting.predictor import AcceptancePredictor, DevicePredictor
+from drafting.strategy import DraftStrategy, StepShape, StepView
 from drafting.tree import DraftTree
 
 CURVE = 24  # nodes per sample the plain-or-draft estimate looks at
 PROBE_AFTER = 16  # plain steps in a row after which one drafting step refreshes what drafting would gain
 PRIOR_ACCEPT = 0.8  # before anything is learnt: a sample's j-th best node is accepted with 0.8 ** (j + 1)
 CORRECTION_BUCKETS = 10  # live samples 1, 2-3, 4-7, ... , 512+
+RECORD_EVERY = 4  # device mode: node records come back every this many drafting steps (the predictor's data)
+# device mode: nodes per sample a step may verify. Each distinct step shape is a CUDA graph to capture (its first
+# run is eager and slow), so the menu is short; between its sizes the rate curve is flat anyway
+NODE_MENU = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 
 
 def bucket(live: int) -> int:
@@ -43,9 +55,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class AdaptiveStrategy(DraftStrategy):
+    kind = "adaptive"
+
     def __init__(self, calibration: Calibration, predictor: AcceptancePredictor | None = None, topk: int = 2,
-                 widths: tuple[int, ...] = (1, 2, 4), max_depth: int = 8):
+                 widths: tuple[int, ...] = (1, 2, 4), max_depth: int = 8, mode: str = "host"):
         super().__init__("adaptive", max_depth, topk, 0, max(widths))
+        if mode not in ("host", "device"):
+            raise ValueError(f"adaptive mode {mode!r}: want 'host' or 'device'")
+        self.mode = mode
         self.cal = calibration
         self.predictor = predictor or AcceptancePredictor()
         self.widths = tuple(sorted(widths))
@@ -72,9 +89,25 @@ class AdaptiveStrategy(DraftStrategy):
         self._score = self._cond = np.zeros((0, 0))
         self._depth = self._rank = np.zeros(0, dtype=np.int64)
 
+        # device mode: mean predicted acceptance of a sample's j-th best node in a tree of width w and depth <= d
+        # (EMA over steps; optimistic prior where untried), and what the last step used
+        W, D = len(self.widths), max_depth
+        self._shape_curve = np.zeros((W, D, CURVE))
+        for wi, w in enumerate(self.widths):
+            for d in range(D):
+                pool = topk + d * w * topk
+                self._shape_curve[wi, d, :pool] = self._curve[:pool]
+        self._shape_used: tuple[int, int, int] | None = None  # (width index, levels, nodes)
+        self._drafting_steps = 0
+        self._dev = None  # device buffers (predictor parameters, tree statistics), made on first use
+
     @property
     def max_width(self) -> int:
         return max(self.widths)
+
+    @property
+    def host_decisions(self) -> bool:
+        return self.mode == "host"
 
     # -- plan ------------------------------------------------------------------------------------------------
     def plan(self, view: StepView) -> bool:
@@ -133,8 +166,11 @@ class AdaptiveStrategy(DraftStrategy):
             if d > 1:
                 score[:, idx] *= score[rows, parents[:, idx]]
         self._score, self._cond, self._depth, self._rank = score, cond, depth, rank
-        tree.score = torch.from_numpy(score).to(tree.value.device)
-        tree.cond = torch.from_numpy(cond).to(tree.value.device)
+        tree.score.copy_(torch.from_numpy(score))  # into the drafter's buffers: the next level reads them there
+        if tree.cond is None:
+            tree.cond = torch.from_numpy(cond).to(tree.score.device)
+        else:
+            tree.cond.copy_(torch.from_numpy(cond))
         self._score_s = time.perf_counter() - t0
 
     def deeper(self, tree: DraftTree, view: StepView) -> bool:
@@ -235,11 +271,114 @@ class AdaptiveStrategy(DraftStrategy):
         self._levels[:n] = (1 - a) * self._levels[:n] + a * levels
         self._width_used = self.width
 
+    # -- device mode: the step's shape from earlier steps, nodes scored and chosen on the device ------------
+    def plan_shape(self, view: StepView) -> StepShape | None:
+        """Plain, or the (width, levels, nodes per sample) with the best predicted rate: expected committed tokens
+        (each sample's best `nodes` nodes, by what trees of that width and depth offered lately) over the
+        modelled time of the catch-up, the levels and the verify."""
+        t0 = time.perf_counter()
+        self._device(view.temperature.device)  # the buffers the stages use exist before the first stage
+        B, ctx = view.live, view.context
+        self._B, self._ctx = B, ctx
+        corr = self.correction = {k: float(v[bucket(B)]) for k, v in self.corrections.items()}
+        plain_rate = B / (self.cal.plain_ms(B, ctx) * corr["plain_ms"])
+        c = np.arange(1, CURVE + 1)
+        key = (B, ctx // 16)
+        if key not in self._vq_memo:
+            self._vq_memo = {} if len(self._vq_memo) > 4096 else self._vq_memo
+            self._vq_memo[key] = self._verify_quadratic(B, ctx // 16 * 16 + 8)
+        self._vq = self._vq_memo[key]
+        verify = self._verify_ms(B * (1 + c), 1 + c)  # [C]
+        root = self.cal.root_ms(B, max(view.draft_lag, 1), ctx)
+        level = np.array([self.cal.level_ms(B, w, ctx) for w in self.widths])  # [W]
+        d = np.arange(1, self.max_depth + 1)
+        ms = (root + (d[None, :, None] - 1) * level[:, None, None] + verify[None, None, :]) * corr["draft_ms"]
+        gain = corr["accepted"] * np.cumsum(self._shape_curve, axis=2)  # [W, D, C]
+        pool = self.topk + (d[None, :] - 1) * np.array(self.widths)[:, None] * self.topk  # [W, D]
+        allowed = (c[None, None, :] <= pool[..., None]) & np.isin(c, NODE_MENU)[None, None, :]
+        rate = np.where(allowed, B * (1 + gain) / ms, 0.0)
+        wi, di, ci = np.unravel_index(int(rate.argmax()), rate.shape)
+        spec_rate = float(rate[wi, di, ci])
+        draft = spec_rate > plain_rate or self._plain_run >= PROBE_AFTER
+        self._plain_run = 0 if draft else self._plain_run + 1
+        self.decision = {"plain_rate": plain_rate, "spec_rate": spec_rate}
+        if not draft:
+            self._shape_used = None
+            return None
+        self._shape_used = (int(wi), int(di) + 1, int(ci) + 1)
+        self.decision.update({"rate": spec_rate, "nodes": B * (int(ci) + 1), "levels": int(di) + 1,
+                              "width": self.widths[wi],
+                              "predicted_accepted": B * float(np.cumsum(self._shape_curve[wi, di])[ci]),
+                              "predicted_ms": float(ms[wi, di, ci]) / corr["draft_ms"],
+                              "policy_ms": 1000 * (time.perf_counter() - t0)})
+        return StepShape(int(di) + 1, self.widths[wi], int(ci) + 1)
+
+    def _device(self, device: torch.device):
+        """Buffers the stages read and write: the predictor's parameters, and each step's tree statistics."""
+        if self._dev is None:
+            pinned = device.type == "cuda"
+            self._dev = {"predictor": DevicePredictor(device),
+                         "stats": torch.zeros(self.max_depth, CURVE, device=device),
+                         "stats_host": torch.zeros(self.max_depth, CURVE, pin_memory=pinned)}
+            self._dev["predictor"].load(self.predictor)
+        return self._dev
+
+    def score_nodes(self, drafter, B: int, lo: int, hi: int, temperature: torch.Tensor) -> None:
+        """Predicted acceptance of nodes [lo, hi) given their parent (cond), and of their whole path (score)."""
+        if self.mode == "host":
+            return  # `score` does it on the host, between levels
+        dev = self._dev
+        sl = (slice(0, B), slice(lo, hi))
+        M = hi - lo
+        feats = torch.stack([drafter.value[sl], drafter.q[sl], drafter.margin[sl],
+                             drafter.depth[lo:hi].float().expand(B, M), drafter.rank[lo:hi].float().expand(B, M),
+                             temperature[:, None].float().expand(B, M)], dim=-1)  # [B, M, 6]
+        cond = dev["predictor"](feats.reshape(B * M, 6)).view(B, M)
+        par = drafter.parents[sl]
+        parent = torch.where(par < 0, torch.ones_like(cond), drafter.score[:B].gather(1, par.clamp(min=0)))
+        drafter.cond[sl] = cond
+        drafter.score[sl] = parent * cond
+
+    def summarize(self, tree: DraftTree, vt, acc, live: torch.Tensor, levels: int) -> None:
+        """Mean over live samples of the j-th best node's predicted path acceptance among nodes of depth <= d,
+        for every d up to this tree's depth: what trees of this shape offer, for the next steps' planning."""
+        if self.mode == "host":
+            return
+        stats = self._dev["stats"]
+        caps = tree.depth[None, :] <= torch.arange(1, levels + 1, device=stats.device)[:, None]  # [D, N]
+        ok = caps[None] & (tree.score[:, None, :] > float("-inf"))  # node slots past the tree are -inf
+        s = torch.where(ok, tree.score[:, None, :], 0.0).sort(dim=2, descending=True).values  # [B, D, N]
+        w = live.float()
+        mean = (s[..., :CURVE] * w[:, None, None]).sum(0) / w.sum().clamp(min=1.0)  # [D, min(N, C)]
+        stats.zero_()
+        stats[:levels, :mean.shape[1]] = mean
+
+    def fetch_async(self) -> None:
+        if self._dev is not None and self._shape_used is not None:
+            self._dev["stats_host"].copy_(self._dev["stats"], non_blocking=True)
+
+    def wants_records(self) -> bool:
+        if self.mode == "host":
+            return True
+        return self._drafting_steps % RECORD_EVERY == 0
+
+    def _learn_shape(self) -> None:
+        """The last drafting step's tree statistics into the curve of its width, for depths up to its own."""
+        wi, levels, _ = self._shape_used
+        stats = self._dev["stats_host"].numpy()
+        a = 0.2
+        for d in range(levels):
+            pool = min(CURVE, self.topk + d * self.widths[wi] * self.topk)
+            self._shape_curve[wi, d, :pool] = (1 - a) * self._shape_curve[wi, d, :pool] + a * stats[d, :pool]
+
     # -- learning --------------------------------------------------------------------------------------------
     def step_done(self, log: dict) -> None:
         """Update the corrections from what the step really took and accepted (its admission of new requests
         and this policy's own time excluded: the models do not predict them)."""
         real_ms = 1000.0 * (log["t_total"] - log.get("t_policy", 0.0) - log.get("t_admit", 0.0))
+        if self.mode == "device" and not log.get("plain") and self._shape_used is not None:
+            self._drafting_steps += 1
+            self._learn_shape()
         ratios = {}
         if log.get("plain"):
             ratios["plain_ms"] = real_ms / self.cal.plain_ms(log["live"], log["ctx"])
@@ -253,8 +392,10 @@ class AdaptiveStrategy(DraftStrategy):
 
     def observe(self, record: dict) -> None:
         predicted = record.get("predicted")
-        self.predictor.observe(record["features"].cpu().numpy(), record["accepted"].cpu().numpy(),
-                               None if predicted is None else predicted.cpu().numpy())
+        refit = self.predictor.observe(record["features"].cpu().numpy(), record["accepted"].cpu().numpy(),
+                                       None if predicted is None else predicted.cpu().numpy())
+        if refit and self._dev is not None:
+            self._dev["predictor"].load(self.predictor)
 
     def reset(self) -> None:
         """The draft changed: forget its acceptance records; the predictor refits on new ones."""

@@ -246,6 +246,21 @@ class Calibration:
         return path
 
 
+def drafting_friendly(key: dict) -> Calibration:
+    """A calibration from a formula under which drafting pays at any batch size (a step's fixed cost dwarfs its
+    tokens'): for exactness checks, where `adaptive` must draft and take both its accept and reject paths."""
+    samples = {"plain": [], "root": [], "level": [], "verify": []}
+    for B in (1, 4, 16, 64, 256):
+        for c in (8, 32):
+            samples["plain"].append([B, c, 10.0 + 0.001 * B])
+            for w in (1, 2, 4):
+                samples["root"].append([B, w, c, 0.1 + 0.0001 * B * w])
+                samples["level"].append([B, w, c, 0.1 + 0.0001 * B * w])
+            for n in (0, 1, 4, 8):
+                samples["verify"].append([B, B * (1 + n), 1 + n, c, 10.0 + 0.001 * B * (1 + n)])
+    return Calibration(dict(key), samples, meta={"max_slots": 256, "roofline_ctx": 16}).fit()
+
+
 def load_calibration(path: str | Path, expect_key: dict | None = None) -> Calibration:
     """Read and refit a calibration file; refuse one made for other models, dtype, device or threads."""
     path = Path(path)

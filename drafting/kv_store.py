@@ -5,27 +5,32 @@ import torch
 
 
 class KVCache:
-    """Preallocated K/V [L, slots, Hkv, max_len + 1, D].
+    """Preallocated K/V [L, slots, Hkv, max_len + scratch + 1, D].
 
-    Column max_len is a trash column: padded tokens of a ragged batch write there and it is never read."""
+    Columns [0, max_len) hold committed tokens; a step's new tokens (tree nodes) are written right after a row's
+    committed ones, into columns that reach at most `scratch` past max_len; the last column is a trash column
+    where padded tokens of a ragged batch write, never read."""
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (layers, slots, kv_heads, max_len + 1, head_dim)
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, device, dtype,
+                 scratch: int = 0):
+        shape = (layers, slots, kv_heads, max_len + scratch + 1, head_dim)
         # zeros, not empty: masked-out keys still enter the attention matmul and must be finite
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.trash = max_len
+        self.max_len, self.scratch = max_len, scratch
+        self.columns = shape[3]
+        self.trash = self.columns - 1
 
     def write(self, layer: int, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """rows, pos [B, T] long; k, v [B, Hkv, T, D]."""
-        self.k[layer, rows, :, pos] = k.transpose(1, 2)  # indexed result is [B, T, Hkv, D]
-        self.v[layer, rows, :, pos] = v.transpose(1, 2)
+        """rows, pos: same-shape index tensors ([B, T], or [N] packed); k, v [.., Hkv, D] to match."""
+        self.k[layer, rows, :, pos] = k  # the indexed view is [.., Hkv, D]
+        self.v[layer, rows, :, pos] = v
 
-    def write_all_layers(self, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """rows, pos [B, T] long; k, v [L, B, Hkv, T, D]."""
-        self.k[:, rows, :, pos] = k.permute(1, 3, 0, 2, 4)  # indexed result is [B, T, L, Hkv, D]
-        self.v[:, rows, :, pos] = v.permute(1, 3, 0, 2, 4)
+    def move_columns(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """All layers: columns src [B, J] of each row to dst [B, J] (e.g. accepted tree nodes to their committed
+        places). The source is gathered before anything is written."""
+        self.k[:, rows, :, dst] = self.k[:, rows, :, src]  # [B, J, L, Hkv, D]
+        self.v[:, rows, :, dst] = self.v[:, rows, :, src]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` columns of row src into row dst (fills the hole a removed sample left)."""

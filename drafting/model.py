@@ -1,9 +1,11 @@
 """Lean decoder forward (gpt-fast style) over the weights of an HF Llama-family model (Llama, Qwen2, Qwen3, Mistral).
 
-One function does a forward over [B, T] new tokens against a per-slot KV cache with an explicit boolean mask,
-so the same code serves prefill, plain decoding, draft-tree expansion and tree verification."""
+One function does a forward over [B, T] new tokens against a per-slot KV cache read in place (per-row visible
+prefix + a tail mask, `drafting.attention`), so the same code serves prefill, plain decoding, draft-tree
+expansion and tree verification, eagerly on CPU and under CUDA graphs on a GPU."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -11,6 +13,7 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from drafting.attention import Attention
 from drafting.kv_store import KVCache
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -65,6 +68,8 @@ class LeanDecoder:
         self.shape = ModelShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                                 cfg.num_key_value_heads, head_dim, cfg.vocab_size, cfg.rms_norm_eps)
         self.device, self.dtype = torch.device(device), dtype
+        self.ops = EagerOps
+        self.attention = "sdpa"  # the engine sets the backend (drafting.attention) it resolved for this model
         self._build_params(hf)
         self._build_rope(hf, max_positions)
 
@@ -165,20 +170,20 @@ class LeanDecoder:
         self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
 
     # ---- forward -------------------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache,
-                rows: slice, ctx: int, write_pos: torch.Tensor | None = None,
-                extra: tuple[torch.Tensor, torch.Tensor] | None = None, logits_at: torch.Tensor | None = None,
-                keep_kv: bool = False, want_logits: bool = True, valid: torch.Tensor | None = None):
-        """Forward over new tokens against cache rows `rows`.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice,
+                write_pos: torch.Tensor, prefix: torch.Tensor, tail: torch.Tensor | None, kv_len: int,
+                logits_at: torch.Tensor | None = None, want_logits: bool = True, valid: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward over new tokens of cache rows `rows` (B of them), attending to the cache in place.
 
-        tokens, positions: [B, T]. Keys attended, in this order: cache[:ctx] of the rows, then `extra`
-        ([L, B, Hkv, X, D] each; e.g. draft-tree K/V), then the new tokens themselves - unless write_pos [B, T]
-        is given: then new K/V are first written into the cache at those columns and only cache[:ctx] is read.
-        mask: [B, T, S] bool, True = attend, S = number of keys. logits_at [B, K]: token indices to project
-        (default all). positions must lie inside the RoPE table (max_positions; the engine guarantees it).
-        valid [B, T] bool (packing, not with write_pos): only these tokens go through the projections and the
-        MLP, in row-major order; padding costs attention only, and logits come back packed [N, V].
-        Returns (logits [B, K, V] or [N, V] or None, (new_k, new_v) [L, B, Hkv, T, D] or None)."""
+        tokens, positions, write_pos: [B, T]. Each layer first writes the new K/V into the cache at columns
+        write_pos, then attends: column j < kv_len of row b is visible to query t iff j < prefix[b] or
+        (u = j - prefix[b]) < Tt and tail[b, t, u] (`drafting.attention`; tail [B, T, Tt] bool or None).
+        logits_at [B, K]: token indices to project (default all). positions must lie inside the RoPE table.
+        valid [B, T] bool (eager packing): only these tokens go through the projections and the MLP, in
+        row-major order; padding costs attention only, and logits come back packed [N, V].
+        out: a buffer to write the logits into (CUDA graphs keep outputs in static buffers).
+        Returns logits [B, K, V] (or [N, V] packed) or None."""
         s = self.shape
         B, T = tokens.shape
         pack = None
@@ -187,55 +192,88 @@ class LeanDecoder:
             tokens, positions = tokens.reshape(-1)[pack], positions.reshape(-1)[pack]  # [N]
         x = self.embed[tokens]  # [B, T, H] or [N, H]
         cos, sin = self.cos[positions].unsqueeze(-2), self.sin_signed[positions].unsqueeze(-2)  # [.., 1, D]
-        attn_mask = mask[:, None]  # [B, 1, T, S]
+        attend = Attention(self.attention, prefix, tail, T, kv_len, s.heads, s.kv_heads)
         row_idx = torch.arange(rows.start, rows.stop, device=tokens.device)[:, None].expand(B, T)
-        q_sz, kv_sz = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        new_k = new_v = None
-        if keep_kv:
-            new_k = torch.empty(s.layers, B, s.kv_heads, T, s.head_dim, device=x.device, dtype=x.dtype)
-            new_v = torch.empty_like(new_k)
+        write_rows, write_cols = row_idx, write_pos
+        if pack is not None:  # only real tokens are written
+            write_rows, write_cols = row_idx.reshape(-1)[pack], write_pos.reshape(-1)[pack]
+        q_sz = s.heads * s.head_dim
+        residual = None
         for li, w in enumerate(self.layers):
-            h = rms_norm(x, w["ln1"], s.eps)
+            x, h = self.ops.add_norm(x, residual, w["ln1"], s.eps)
             qkv = F.linear(h, w["qkv"], w["qkv_b"])  # [B, T, (Hq + 2 Hkv) D] or [N, ...]
-            qk = qkv[..., :q_sz + kv_sz].unflatten(-1, (s.heads + s.kv_heads, s.head_dim))
-            if w["q_norm"] is not None:  # Qwen3 normalises each q and k head before RoPE
-                qk = torch.cat([rms_norm(qk[..., :s.heads, :], w["q_norm"], s.eps),
-                                rms_norm(qk[..., s.heads:, :], w["k_norm"], s.eps)], dim=-2)
-            qk, vv = apply_rope(qk, cos, sin), qkv[..., q_sz + kv_sz:]
+            q, k, v = self.ops.rope(qkv, cos, sin, w["q_norm"], w["k_norm"], s.heads, s.kv_heads, s.head_dim,
+                                    s.eps)  # [.., H, D] each
+            # into the cache in place (not inside a compiled function: torch.compile would copy the whole cache)
+            cache.write(li, write_rows, write_cols, k, v)
+            if not want_logits and li == s.layers - 1:
+                return None  # prefill needs only the cache: the last layer's attention and MLP are unused
             if pack is not None:  # back to [B, T] for attention, zeros in the padding
-                qk = qk.new_zeros(B * T, *qk.shape[1:]).index_copy_(0, pack, qk).view(B, T, *qk.shape[1:])
-                vv = vv.new_zeros(B * T, kv_sz).index_copy_(0, pack, vv).view(B, T, kv_sz)
-            q = qk[:, :, :s.heads].transpose(1, 2)  # [B, Hq, T, D]
-            k = qk[:, :, s.heads:].transpose(1, 2)  # [B, Hkv, T, D]
-            v = vv.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
-            if keep_kv:
-                new_k[li], new_v[li] = k, v
-            if write_pos is not None:
-                cache.write(li, row_idx, write_pos, k, v)
-                if not want_logits and li == s.layers - 1:
-                    break  # prefill needs only the cache: the last layer's attention and MLP are unused
-                keys, vals = cache.k[li, rows, :, :ctx], cache.v[li, rows, :, :ctx]
-            else:
-                ks, vs = [cache.k[li, rows, :, :ctx]], [cache.v[li, rows, :, :ctx]]
-                if extra is not None:
-                    ks.append(extra[0][li])
-                    vs.append(extra[1][li])
-                keys, vals = torch.cat(ks + [k], dim=2), torch.cat(vs + [v], dim=2)  # [B, Hkv, S, D]
-            a = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask,
-                                               enable_gqa=s.heads != s.kv_heads)  # [B, Hq, T, D]
-            a = a.transpose(1, 2).reshape(B, T, q_sz)
+                q = q.new_zeros(B * T, *q.shape[1:]).index_copy_(0, pack, q).view(B, T, *q.shape[1:])
+            a = attend(q.transpose(1, 2), cache.k[li, rows], cache.v[li, rows])  # [B, Hq, T, D]
+            a = a.transpose(1, 2).reshape(B, T, q_sz)  # a view when the kernel wrote tokens-major
             if pack is not None:
                 a = a.view(B * T, q_sz).index_select(0, pack)  # [N, q_sz]
-            x = x + F.linear(a, w["o"], w["o_b"])
-            h = rms_norm(x, w["ln2"], s.eps)
-            gate, up = F.linear(h, w["gate_up"], w["gate_up_b"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["down"], w["down_b"])
-        logits = None
-        if want_logits:
-            if logits_at is not None:
-                x = x.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))  # [B, K, H]
-            logits = F.linear(rms_norm(x, self.norm, s.eps), self.lm_head)  # [B, K, V]
-        return logits, ((new_k, new_v) if keep_kv else None)
+            residual = F.linear(a, w["o"], w["o_b"])
+            x, h = self.ops.add_norm(x, residual, w["ln2"], s.eps)
+            residual = F.linear(self.ops.silu_mul(F.linear(h, w["gate_up"], w["gate_up_b"])), w["down"], w["down_b"])
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))  # [B, K, H]
+            residual = residual.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))
+        _, h = self.ops.add_norm(x, residual, self.norm, s.eps)
+        if out is None:
+            return F.linear(h, self.lm_head)  # [B, K, V]
+        torch.matmul(h, self.lm_head.t(), out=out)
+        return out
+
+
+class EagerOps:
+    """The forward's elementwise pieces, as HF computes them (bit for bit in float32)."""
+
+    @staticmethod
+    def add_norm(x, residual, weight, eps):
+        """(x + residual, rms_norm(x + residual)): the residual stream and the next block's input."""
+        if residual is not None:
+            x = x + residual
+        return x, rms_norm(x, weight, eps)
+
+    @staticmethod
+    def rope(qkv, cos, sin_signed, q_norm, k_norm, heads: int, kv_heads: int, head_dim: int, eps: float):
+        """q, k with RoPE (Qwen3 normalises each head first) and v, from the fused projection: [.., H, D] each."""
+        qk_heads = heads + kv_heads
+        qk = qkv[..., :qk_heads * head_dim].unflatten(-1, (qk_heads, head_dim))
+        if q_norm is not None:
+            qk = torch.cat([rms_norm(qk[..., :heads, :], q_norm, eps), rms_norm(qk[..., heads:, :], k_norm, eps)],
+                           dim=-2)
+        qk = apply_rope(qk, cos, sin_signed)
+        return qk[..., :heads, :], qk[..., heads:, :], qkv[..., qk_heads * head_dim:].unflatten(-1, (kv_heads, head_dim))
+
+    @staticmethod
+    def silu_mul(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class CompiledOps:
+    """The same pieces through torch.compile (CUDA): each becomes one fused kernel instead of five to ten. One
+    instance per process (`compiled_ops`), so engines share what was compiled."""
+
+    def __init__(self):
+        import torch._dynamo
+
+        cfg = torch._dynamo.config  # shapes vary by bucket, rank (packed or not) and residual-or-none
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+        opts = {"dynamic": True, "fullgraph": True}
+        self.add_norm = torch.compile(EagerOps.add_norm, **opts)
+        self.rope = torch.compile(EagerOps.rope, **opts)
+        self.silu_mul = torch.compile(EagerOps.silu_mul, **opts)
+
+
+@functools.cache
+def compiled_ops() -> CompiledOps:
+    return CompiledOps()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

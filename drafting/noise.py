@@ -79,12 +79,15 @@ def coupled_candidates(probs: torch.Tensor, keys: torch.Tensor | None, k: int, b
     the first (in perturbed log-score). Margins are an acceptance-predictor feature."""
     N, V = probs.shape
     dev = probs.device
-    logq = probs.double().log()
     k1 = min(k + 1, V)
-    if keys is None or block >= V:
-        score = logq if keys is None else logq + gumbel(keys, torch.arange(V, device=dev), _TOKEN_STREAM)
-        top, tok = score.topk(k1, dim=-1)
+    if keys is None:  # no noise: rank by probability itself, logs of the top few only (one pass over V)
+        top, tok = probs.topk(k1, dim=-1)
+        top = top.double().log()
         deficit = top[:, :1] - top  # [N, k1] >= 0, 0 for the best
+    elif block >= V:
+        score = probs.double().log() + gumbel(keys, torch.arange(V, device=dev), _TOKEN_STREAM)
+        top, tok = score.topk(k1, dim=-1)
+        deficit = top[:, :1] - top
     else:  # two levels: a candidate's deficit = its block's gap to the best block + its gap inside its block
         P = _blocks(probs, block)
         nb = P.shape[1]

@@ -42,6 +42,17 @@ def design(feats: np.ndarray) -> np.ndarray:
     return out
 
 
+def design_torch(feats):
+    """design() on the device (float32): the same 15 columns from [M, 6] records."""
+    import torch
+
+    value, q, margin, depth, rank, temp = feats.unbind(-1)
+    logq = q.clamp(min=1e-9).log()
+    onehot = torch.nn.functional.one_hot(depth.clamp(1, DEPTHS).long() - 1, DEPTHS).to(feats.dtype)
+    return torch.cat([torch.stack([value.clamp(min=1e-9).log(), logq, margin.clamp(-20, 20), (rank == 0).to(feats.dtype),
+                                   temp, (temp == 0).to(feats.dtype), logq * depth / DEPTHS], dim=-1), onehot], dim=-1)
+
+
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
@@ -162,3 +173,57 @@ class AcceptancePredictor:
         rows, ece = calibration_table(pred, obs, bins)
         return {"bins": rows, "ece": ece, "records": int(len(pred)), "family": self.family,
                 "heldout_logloss": self.heldout_logloss, "fits": self.fits}
+
+
+class DevicePredictor:
+    """The fitted predictor as device tensors, evaluated inside a captured stage: the logistic weights, or the
+    isotonic fit (or the prior) as a table over the draft probability on a uniform grid. `load` copies a new fit
+    in place, so graphs captured earlier read it."""
+
+    GRID = 1025
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.w = torch.zeros(7 + DEPTHS, device=self.device)
+        self.b = torch.zeros(1, device=self.device)
+        self.logistic = torch.zeros(1, device=self.device)  # 1.0: logistic, 0.0: the table
+        self.table = torch.zeros(self.GRID, device=self.device)
+        pinned = self.device.type == "cuda"
+        self._staging = torch.zeros(2 * (7 + DEPTHS) + 1 + self.GRID + 1, pin_memory=pinned)
+
+    def load(self, predictor: "AcceptancePredictor") -> None:
+        """Copy the predictor's current fit (asynchronously from pinned memory on a GPU: no host sync)."""
+        import torch
+
+        grid = np.linspace(0.0, 1.0, self.GRID)
+        w, b, logistic = np.zeros(7 + DEPTHS), 0.0, 0.0
+        if predictor.family == "logistic":
+            w, b, logistic = predictor._w, predictor._b, 1.0
+            table = np.zeros(self.GRID)
+        elif predictor.family == "isotonic":
+            table = np.interp(grid, predictor._iso_x, predictor._iso_y)
+        else:
+            table = np.minimum(np.maximum(grid, 0.01), 0.99)
+        flat = np.concatenate([w, [b, logistic], table]).astype(np.float32)
+        n = len(flat)
+        self._staging[:n].copy_(torch.from_numpy(flat))
+        dev = self._staging[:n].to(self.device, non_blocking=True)
+        k = 7 + DEPTHS
+        self.w.copy_(dev[:k])
+        self.b.copy_(dev[k:k + 1])
+        self.logistic.copy_(dev[k + 1:k + 2])
+        self.table.copy_(dev[k + 2:])
+
+    def __call__(self, feats):
+        """[M, 6] node records -> [M] acceptance probability given the parent accepted."""
+        import torch
+
+        feats = feats.float()
+        logit = torch.sigmoid(design_torch(feats) @ self.w + self.b)
+        x = feats[:, FEATURES.index("q")].clamp(0.0, 1.0) * (self.GRID - 1)
+        lo = x.floor().long().clamp(max=self.GRID - 2)
+        frac = x - lo
+        table = self.table[lo] * (1 - frac) + self.table[lo + 1] * frac
+        return torch.where(self.logistic > 0.5, logit, table)

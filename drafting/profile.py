@@ -41,17 +41,23 @@ def cache_dir() -> Path:
 
 class ForcedStrategy(DraftStrategy):
     """A fixed step shape for profiling: plain, or `depth` levels of `width` and `nodes` verified per sample
-    (only by even rows when `half`, which pads the verify batch like an uneven selection does)."""
+    (only by even rows when `half`, which pads the verify batch like an uneven selection does). With `host`
+    the engine asks it level by level and packs the verify (the CPU path); without, the step is one fixed shape
+    (the GPU path: graphs, no packing, so `half` costs what a full selection costs)."""
 
-    def __init__(self, draft: bool, depth: int = 0, width: int = 1, nodes: int = 0, half: bool = False):
+    def __init__(self, draft: bool, depth: int = 0, width: int = 1, nodes: int = 0, half: bool = False,
+                 host: bool = True):
         super().__init__(f"forced:{int(draft)},{depth},{width},{nodes},{int(half)}", depth, 2, nodes, width)
-        self.draft, self.half = draft, half
+        self.draft, self.half, self.host_decisions = draft, half and host, host
 
     def plan(self, view: StepView) -> bool:
         return self.draft
 
+    def plan_shape(self, view: StepView):
+        return super().plan_shape(view) if self.draft else None
+
     def select(self, tree: DraftTree, view: StepView) -> torch.Tensor:
-        counts = torch.full((view.live,), self.nodes, dtype=torch.long)
+        counts = torch.full((view.live,), self.nodes, dtype=torch.long, device=tree.value.device)
         if self.half:
             counts[1::2] = 0
         return top_per_sample(tree.value, counts)
@@ -98,20 +104,22 @@ def profile_engine(engine, quick: bool = False, repeats: int | None = None, live
                     engine.add(GenRequest(("profile", i), prompt, SamplingParams(temperature=1.0, max_new_tokens=L,
                                                                                 seed=i)))
                 engine._admit()
-                n0 = engine.rows["n"][:B].clone()
-                shapes = [ForcedStrategy(False)] + [ForcedStrategy(True, *c) for c in configs]
+                n0 = engine.h["n"][:B].copy()
+                host = engine.device.type != "cuda"
+                shapes = [ForcedStrategy(False, host=host)] + [ForcedStrategy(True, *c, host=host) for c in configs]
+                warmup = 1 if host else 2 * len(LAGS)  # on a GPU: each lag's graph is captured at its second run
                 for strategy in shapes:
                     times = {}
-                    for rep in range(1 + repeats * (1 if strategy.draft else 3)):  # plain: cheap, more points
+                    for rep in range(warmup + repeats * (1 if strategy.draft else 3)):  # plain: cheap, more points
                         lag = LAGS[rep % len(LAGS)] if strategy.draft else 1
-                        engine.rows["n"][:B] = n0
-                        engine.rows["dlen"][:B] = (n0 - lag).clamp(min=1)
+                        engine.rewind(n0, np.maximum(n0 - lag, 1))
                         engine.set_strategy(strategy)
                         engine.step()
-                        if rep:  # the first run is the warm-up
+                        if rep >= warmup:
                             log = engine.step_log[-1]
-                            if not strategy.draft:
-                                times.setdefault(("plain", B, ctx), []).append(log["t_total"])
+                            if not strategy.draft:  # a whole plain step (on a GPU its device time)
+                                times.setdefault(("plain", B, ctx), []).append(log["t_total"] if host
+                                                                               else log["t_plain"])
                                 continue
                             times.setdefault(("root", B, lag, ctx), []).append(log["t_root"])
                             for (w, dt) in zip(log["level_widths"], log["t_levels"]):

@@ -1,8 +1,11 @@
 """Draft strategies: whether to draft this step, how deep, and which drafted nodes each sample verifies.
 
-The engine asks three questions per step (`plan`, `deeper`, `select`) and reports what happened
-(`observe`); a static strategy answers from its fixed shape, the adaptive one (`drafting.adaptive`) from a
-step-time model and an acceptance predictor. The choice changes speed only: emitted tokens never depend on it."""
+Two ways to answer. A strategy with `host_decisions` is asked three questions per step (`plan`, `deeper`,
+`select`) and reads the drafted tree between levels. Any other strategy answers once per step, before it
+starts (`plan_shape`: levels, width, nodes per sample), and ranks nodes on the device (`score_nodes`), so a
+step needs no host reads and runs as CUDA graphs. A static strategy answers from its fixed shape, the adaptive
+one (`drafting.adaptive`) from a step-time model and an acceptance predictor. Both report what happened
+(`observe`, `step_done`). The choice changes speed only: emitted tokens never depend on it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +25,15 @@ class StepView:
     temperature: torch.Tensor  # [B]
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """A drafting step fixed before it starts: every stage's shape follows from it."""
+
+    levels: int  # draft levels, >= 1
+    width: int  # frontier nodes expanded per level after the first
+    nodes: int  # nodes verified per sample (the best by score; fewer when the tree is smaller)
+
+
 @dataclass
 class DraftStrategy:
     """Static EAGLE-2 style tree: `depth` levels, `topk` children per expanded node, the `width` best nodes of
@@ -33,8 +45,16 @@ class DraftStrategy:
     nodes: int  # draft nodes verified per sample
     width: int = 0  # frontier nodes expanded per level (0: topk)
 
+    host_decisions = False  # True: plan/deeper/select each step, reading the tree between levels
+    kind = "static"  # part of every stage's graph key: what the strategy computes inside the stages
+
     def __post_init__(self):
         self.width = self.width or self.topk
+
+    @property
+    def pool(self) -> int:
+        """The most nodes one sample's tree can hold."""
+        return self.topk + max(self.max_depth - 1, 0) * self.max_width * self.topk
 
     @property
     def max_depth(self) -> int:
@@ -47,6 +67,25 @@ class DraftStrategy:
     def plan(self, view: StepView) -> bool:
         """Draft this step (True) or take a plain step that skips the draft model (False)."""
         return self.depth > 0
+
+    def plan_shape(self, view: StepView) -> StepShape | None:
+        """The whole step's shape, or None for a plain step (strategies without host decisions)."""
+        return StepShape(self.depth, self.width, self.nodes) if self.depth > 0 else None
+
+    def score_nodes(self, drafter, B: int, lo: int, hi: int, temperature: torch.Tensor) -> None:
+        """On the device, inside a stage: set the score of nodes [lo, hi) of rows 0..B-1 in the drafter's buffers
+        (static: their draft value, which the drafter already wrote)."""
+
+    def summarize(self, tree: DraftTree, vt, acc, live: torch.Tensor, levels: int) -> None:
+        """On the device, inside the verify stage: whatever the strategy learns from a verified tree (live [B]
+        bool: rows that hold a sample; levels: the tree's depth)."""
+
+    def fetch_async(self) -> None:
+        """Start copying what `summarize` wrote to the host (the engine waits once, for everything)."""
+
+    def wants_records(self) -> bool:
+        """Whether the engine should bring this step's node records back for `observe`."""
+        return False
 
     def score(self, tree: DraftTree, view: StepView) -> None:
         """Called after each drafted level: set `tree.score` of the new nodes (static: their draft value)."""

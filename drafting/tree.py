@@ -3,7 +3,12 @@ level each get `topk` children), a strategy picks which nodes to verify, and the
 verify tree with its attention mask, per-node positions and the children table acceptance walks.
 
 Children are the draft's best guesses of the target's token under the sample's position-keyed noise
-(`drafting.noise`), so the choice of nodes changes speed, never the emitted tokens."""
+(`drafting.noise`), so the choice of nodes changes speed, never the emitted tokens.
+
+Every array lives in a preallocated buffer of `max_nodes` nodes per slot and each level writes its own slice,
+so a level's shape depends only on (live rows, frontier width, nodes so far): static, sync-free, capturable
+in a CUDA graph. The drafted nodes' K/V go into the draft cache right after each row's committed columns
+(node i at column n + i), where the tree attention reads them in place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,9 +32,9 @@ class DraftTree:
     depth: torch.Tensor  # [N] level, 1-based
     rank: torch.Tensor  # [N] rank among its siblings (0 = the draft's best guess)
     anc: torch.Tensor  # [B, N, N] bool: anc[b, i, j] = node j is node i or one of its ancestors
-    frontier: torch.Tensor  # [B, w] nodes of the newest level to expand next
+    frontier: torch.Tensor  # [B, w] nodes of the newest level expanded last
     score: torch.Tensor  # [B, N] what the strategy ranks nodes by (value, or predicted path acceptance)
-    cond: torch.Tensor | None = None  # [B, <= N] predicted acceptance given the parent (adaptive strategy)
+    cond: torch.Tensor | None = None  # [B, N] predicted acceptance given the parent (adaptive strategy)
 
     @property
     def size(self) -> int:
@@ -37,13 +42,14 @@ class DraftTree:
 
     @property
     def levels(self) -> int:
+        """(A host read: the engine passes level counts it already knows instead.)"""
         return int(self.depth[-1]) if self.size else 0
 
 
 @dataclass
 class VerifyTree:
-    """Root + chosen nodes per sample, padded to a common width T = 1 + max chosen (padding is packed away
-    in the verify forward)."""
+    """Root + chosen nodes per sample, padded to a common width T (padding is packed away in an eager verify
+    forward, and computed as masked work under a CUDA graph)."""
 
     tokens: torch.Tensor  # [B, T]
     depth: torch.Tensor  # [B, T] (root 0); RoPE position = committed length - 1 + depth
@@ -55,92 +61,87 @@ class VerifyTree:
 
 
 class TreeDrafter:
-    """Grows draft trees with the draft model; owns the scratch K/V of drafted nodes (never in the cache)."""
+    """Grows draft trees with the draft model into preallocated per-slot node buffers."""
 
     def __init__(self, draft: LeanDecoder, slots: int, max_nodes: int, scheme=None):
-        s = draft.shape
         self.draft = draft
         self.scheme = scheme or GumbelScheme()
-        self.max_nodes = max_nodes
-        self.buf_k = torch.zeros(s.layers, slots, s.kv_heads, max_nodes, s.head_dim, device=draft.device,
-                                 dtype=draft.dtype)  # [L, slots, Hkv, N, D]
-        self.buf_v = torch.zeros_like(self.buf_k)
+        self.max_nodes = N = max_nodes
+        dev = draft.device
+        z = lambda *shape, dt=torch.float32: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
+        self.tokens, self.parents = z(slots, N, dt=torch.long), z(slots, N, dt=torch.long)
+        self.value, self.q, self.margin, self.score, self.cond = (z(slots, N) for _ in range(5))
+        self.depth, self.rank = z(N, dt=torch.long), z(N, dt=torch.long)
+        self.anc = z(slots, N, N, dt=torch.bool)
+        self.frontier = z(slots, N, dt=torch.long)
+
+    def view(self, B: int, size: int, width: int = 0) -> DraftTree:
+        """The first `size` nodes of rows 0..B-1 (views: writes go to the buffers)."""
+        return DraftTree(self.tokens[:B, :size], self.parents[:B, :size], self.value[:B, :size], self.q[:B, :size],
+                         self.margin[:B, :size], self.depth[:size], self.rank[:size], self.anc[:B, :size, :size],
+                         self.frontier[:B, :width], self.score[:B, :size], self.cond[:B, :size])
 
     def candidates(self, probs: torch.Tensor, seed: torch.Tensor, position: torch.Tensor, greedy: torch.Tensor,
-                   k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   k: int, block: int, sampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Children of M parents: probs [M, V] the draft's processed distribution for token index position [M];
-        greedy rows rank by draft probability, sampled rows under the position-keyed noise."""
+        greedy rows rank by draft probability, sampled rows under the position-keyed noise (computed for every
+        row when `sampled`, any row is, and picked per row: no data-dependent shapes)."""
         tok, margin = coupled_candidates(probs, None, k, block)
-        sampled = (~greedy).nonzero().squeeze(1)
-        if sampled.numel():
-            keys = position_keys(seed[sampled], position[sampled])
-            st, sm = self.scheme.candidates(probs[sampled], keys, k, block)
-            tok[sampled], margin[sampled] = st, sm
+        if sampled:
+            st, sm = self.scheme.candidates(probs, position_keys(seed, position), k, block)
+            tok = torch.where(greedy[:, None], tok, st)
+            margin = torch.where(greedy[:, None], margin, sm)
         return tok, margin
 
-    def start(self, root_q: torch.Tensor, n: torch.Tensor, seed: torch.Tensor, greedy: torch.Tensor, k: int,
-              width: int, block: int) -> DraftTree:
+    def start(self, B: int, root_q: torch.Tensor, n: torch.Tensor, seed: torch.Tensor, greedy: torch.Tensor,
+              k: int, block: int, sampled: bool) -> DraftTree:
         """Level 1: the root's k children. root_q [B, V] = the draft's distribution for token index n [B]."""
-        B, dev = root_q.shape[0], root_q.device
-        tok, margin = self.candidates(root_q, seed, n, greedy, k, block)
+        dev, N = root_q.device, self.max_nodes
+        tok, margin = self.candidates(root_q, seed, n, greedy, k, block, sampled)
         q = root_q.gather(1, tok)
-        ar = torch.arange(k, device=dev)
-        anc = torch.zeros(B, k, k, dtype=torch.bool, device=dev)
-        anc[:, ar, ar] = True
-        tree = DraftTree(tok, torch.full((B, k), -1, dtype=torch.long, device=dev), q.clone(), q, margin,
-                         torch.ones(k, dtype=torch.long, device=dev), ar.clone(), anc,
-                         frontier=ar[:0].expand(B, 0), score=q.clone())
-        return tree
+        self.tokens[:B, :k], self.margin[:B, :k] = tok, margin
+        self.q[:B, :k], self.value[:B, :k], self.score[:B, :k], self.cond[:B, :k] = q, q, q, q
+        self.parents[:B, :k] = -1
+        self.depth[:k] = 1
+        self.rank[:k] = torch.arange(k, device=dev)
+        self.anc[:B, :k] = torch.eye(k, N, dtype=torch.bool, device=dev)  # full rows: no stale ancestor bits
+        return self.view(B, k)
 
-    def choose_frontier(self, tree: DraftTree, width: int) -> None:
-        """The best `width` nodes of the newest level by the strategy's score expand next."""
-        newest = (tree.depth == tree.levels).nonzero().squeeze(1)  # [M] node indices of the newest level
-        w = min(width, newest.numel())
-        tree.frontier = newest[tree.score[:, newest].topk(w, dim=1).indices]  # [B, w]
+    def grow(self, B: int, size: int, newest: int, level: int, width: int, k: int, cache: KVCache,
+             n: torch.Tensor, seed: torch.Tensor, greedy: torch.Tensor, process, block: int, sampled: bool,
+             kv_len: int) -> DraftTree:
+        """Level `level` + 1: a draft forward over the `width` best nodes of the newest level (the last `newest`
+        of `size` nodes, depth `level`), then k children each.
 
-    def grow(self, tree: DraftTree, cache: KVCache, n: torch.Tensor, ctx: int, seed: torch.Tensor,
-             greedy: torch.Tensor, process, k: int, block: int) -> DraftTree:
-        """One more level: a draft forward over the frontier, then k children per frontier node.
-
-        n [B] committed lengths (the draft cache holds them all); ctx = max(n); process(logits [B, w, V]) gives
-        the draft's processed probabilities [B * w, V]."""
-        B, dev = n.shape[0], n.device
-        frontier, size, level = tree.frontier, tree.size, tree.levels
-        w = frontier.shape[1]
-        if size + w * k > self.max_nodes:
-            raise ValueError(f"draft tree of {size + w * k} nodes exceeds the scratch buffer ({self.max_nodes})")
-        ar = torch.arange(size, device=dev)
-        bidx = torch.arange(B, device=dev)[:, None].expand(B, w)
-        # each frontier node sees the context, its ancestors' scratch K/V and itself
-        ctx_mask = torch.arange(ctx, device=dev)[None, :] < n[:, None]  # [B, ctx]
-        f_anc = tree.anc[bidx, frontier] & (ar[None, None, :] != frontier[..., None])  # [B, w, size]
-        mask = torch.cat([ctx_mask[:, None, :].expand(B, w, ctx), f_anc,
-                          torch.eye(w, dtype=torch.bool, device=dev).expand(B, w, w)], dim=2)
-        positions = (n - 1 + level)[:, None].expand(B, w)
-        extra = (self.buf_k[:, :B, :, :size], self.buf_v[:, :B, :, :size])
-        logits, (fk, fv) = self.draft.forward(tree.tokens.gather(1, frontier), positions, mask, cache,
-                                              slice(0, B), ctx, extra=extra, keep_kv=True)  # logits [B, w, V]
-        self.buf_k[:, bidx, :, frontier] = fk.permute(1, 3, 0, 2, 4)  # [B, w, L, Hkv, D]
-        self.buf_v[:, bidx, :, frontier] = fv.permute(1, 3, 0, 2, 4)
+        n [B] committed lengths (the draft cache holds them all; node i's K/V go to column n + i); process(logits
+        [B, w, V]) gives the draft's processed probabilities [B * w, V]."""
+        dev, N = n.device, self.max_nodes
+        M = width * k
+        if size + M > N:
+            raise ValueError(f"draft tree of {size + M} nodes exceeds the node buffers ({N})")
+        frontier = (size - newest) + self.score[:B, size - newest:size].topk(width, dim=1).indices  # [B, w]
+        self.frontier[:B, :width] = frontier
+        bidx = torch.arange(B, device=dev)[:, None]
+        tail = self.anc[bidx, frontier, :size]  # [B, w, size]: ancestors and itself
+        positions = (n - 1 + level)[:, None].expand(B, width)
+        logits = self.draft.forward(self.tokens[:B].gather(1, frontier), positions, cache, slice(0, B),
+                                    write_pos=n[:, None] + frontier, prefix=n, tail=tail,
+                                    kv_len=kv_len)  # [B, w, V]
         probs = process(logits)  # [B * w, V]
-        rep = lambda x: x.repeat_interleave(w)  # noqa: E731
-        tok, margin = self.candidates(probs, rep(seed), rep(n + level), rep(greedy), k, block)  # [B * w, k]
-        q = probs.gather(1, tok).reshape(B, w * k)
-        par = frontier[..., None].expand(B, w, k).reshape(B, w * k)
-        M = w * k
-        N = size + M
-        anc = torch.zeros(B, N, N, dtype=torch.bool, device=dev)
-        anc[:, :size, :size] = tree.anc
-        anc[:, size:, :size] = tree.anc.gather(1, par[..., None].expand(B, M, size))
-        new = torch.arange(size, N, device=dev)
-        anc[:, new, new] = True
-        value = tree.value.gather(1, par) * q
-        cat = lambda a, b: torch.cat([a, b], dim=-1)  # noqa: E731
-        return DraftTree(cat(tree.tokens, tok.reshape(B, M)), cat(tree.parents, par), cat(tree.value, value),
-                         cat(tree.q, q), cat(tree.margin, margin.reshape(B, M)),
-                         cat(tree.depth, torch.full((M,), level + 1, dtype=torch.long, device=dev)),
-                         cat(tree.rank, torch.arange(k, device=dev).repeat(w)), anc, frontier,
-                         cat(tree.score, value), tree.cond)
+        rep = lambda x: x.repeat_interleave(width, output_size=B * width)  # noqa: E731
+        tok, margin = self.candidates(probs, rep(seed), rep(n + level), rep(greedy), k, block, sampled)  # [B w, k]
+        q = probs.gather(1, tok).reshape(B, M)
+        par = frontier[..., None].expand(B, width, k).reshape(B, M)
+        new = slice(size, size + M)
+        self.tokens[:B, new], self.parents[:B, new] = tok.reshape(B, M), par
+        self.q[:B, new], self.margin[:B, new] = q, margin.reshape(B, M)
+        self.value[:B, new] = self.value[:B].gather(1, par) * q
+        self.score[:B, new] = self.value[:B, new]
+        self.depth[new] = level + 1
+        self.rank[new] = torch.arange(k, device=dev).repeat(width)
+        self.anc[:B, new] = self.anc[:B].gather(1, par[..., None].expand(B, M, N))
+        self.anc[:B, new, new] |= torch.eye(M, dtype=torch.bool, device=dev)
+        return self.view(B, size + M, width)
 
 
 def close_under_ancestors(tree: DraftTree, chosen: torch.Tensor) -> torch.Tensor:
@@ -158,12 +159,15 @@ def top_per_sample(score: torch.Tensor, counts: int | torch.Tensor) -> torch.Ten
     return rank < counts[:, None]
 
 
-def verify_tree(tree: DraftTree, chosen: torch.Tensor, root_tokens: torch.Tensor, topk: int) -> VerifyTree:
-    """The chosen nodes (ancestor-closed [B, N] bool) of each sample, in creation order, as a verify tree."""
+def verify_tree(tree: DraftTree, chosen: torch.Tensor, root_tokens: torch.Tensor, topk: int,
+                width: int | None = None) -> VerifyTree:
+    """The chosen nodes (ancestor-closed [B, N] bool) of each sample, in creation order, as a verify tree of
+    `width` = 1 + nodes per sample (None: 1 + the most chosen by one sample, a host read). A sample with more
+    chosen nodes keeps the earliest, still ancestor-closed: parents come before their children."""
     B, N = chosen.shape
     dev = chosen.device
-    counts = chosen.sum(1)
-    c = int(counts.max()) if B else 0
+    c = (int(chosen.sum(1).max()) if B else 0) if width is None else width - 1
+    counts = chosen.sum(1).clamp(max=c)
     idx = torch.arange(N, device=dev)
     sel = torch.where(chosen, idx, idx + N).sort(dim=1).values[:, :c]  # chosen first, parents before children
     valid = torch.arange(c, device=dev)[None, :] < counts[:, None]  # [B, c]

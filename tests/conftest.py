@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# The Triton kernel's tests run it in Triton's CPU interpreter, which is chosen when triton is first imported (and
+# torch.compile imports it): set before anything can.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -56,23 +59,13 @@ def quick_calibration(target, draft):
 
 
 def drafting_friendly_calibration(target, draft):
-    """A calibration from a formula under which drafting pays at any batch size (a step's fixed cost dwarfs
-    its tokens'), so `adaptive` drafts and its accept and reject paths both get exercised."""
+    """A calibration under which drafting pays at any batch size, keyed for this pair on one thread (the engine
+    tests run on one), so `adaptive` drafts and its accept and reject paths both get exercised."""
     from drafting import SpeculativeEngine
-    from drafting.calibration import Calibration
+    from drafting.calibration import drafting_friendly
 
-    key = {**SpeculativeEngine(target, draft, strategy="none", max_slots=1, max_len=8).calibration_key(),
-           "threads": 1}  # the engine tests run on one thread
-    samples = {"plain": [], "root": [], "level": [], "verify": []}
-    for B in (1, 4, 16, 64, 256):
-        for c in (8, 32):
-            samples["plain"].append([B, c, 10.0 + 0.001 * B])
-            for w in (1, 2, 4):
-                samples["root"].append([B, w, c, 0.1 + 0.0001 * B * w])
-                samples["level"].append([B, w, c, 0.1 + 0.0001 * B * w])
-            for n in (0, 1, 4, 8):
-                samples["verify"].append([B, B * (1 + n), 1 + n, c, 10.0 + 0.001 * B * (1 + n)])
-    return Calibration(key, samples, meta={"max_slots": 256, "roofline_ctx": 16}).fit()
+    return drafting_friendly({**SpeculativeEngine(target, draft, strategy="none", max_slots=1, max_len=8)
+                              .calibration_key(), "threads": 1})
 
 
 @pytest.fixture(scope="session")

@@ -108,9 +108,9 @@ def bad_cases(f):
          "config error: model.draft: vocabulary size 32 != actor's 18; speculative decoding needs one shared "
          "vocabulary"),
         ([train, "generation.memory_gb=0.04"],
-         "config error: generation.max_slots=16 x generation.max_len=160: K/V 21.4 MiB + weights 24.8 MiB do not "
-         "fit in 36.9 MiB (90% of 41.0 MiB, generation.memory_gb); the largest that fit: generation.max_slots=9 at "
-         "this max_len, or generation.max_len=89 at this max_slots"),
+         "config error: generation.max_slots=16 x generation.max_len=160: K/V 29.9 MiB + weights 24.8 MiB do not "
+         "fit in 36.9 MiB (90% of 41.0 MiB, generation.memory_gb); the largest that fit: generation.max_slots=6 at "
+         "this max_len, or generation.max_len=25 at this max_slots"),
     ]
 
 

@@ -113,8 +113,9 @@ def test_launch_reports_bad_config_in_one_line():
 
 
 def test_kv_cache_must_fit_the_instance_memory():
-    """The engine's dense K/V for max_slots x max_len, target and draft, plus both models' weights: the cluster
-    example fits an 80 GB GPU; 256 slots do not, and the error names the largest values that fit."""
+    """The engine's dense K/V for max_slots x (max_len + a step's tree nodes), target and draft, plus both models'
+    weights: the cluster example fits an 80 GB GPU; 256 slots do not, and the error names the largest values that
+    fit."""
     from transformers import LlamaConfig
 
     from trainer.preflight import check_memory, kv_bytes_per_position, weight_bytes
@@ -132,6 +133,6 @@ def test_kv_cache_must_fit_the_instance_memory():
         check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml", ["generation.max_slots=256"]), actor, draft, gpu,
                      "an 80 GB GPU")
     assert str(err.value) == (
-        "generation.max_slots=256 x generation.max_len=3072: K/V 120.0 GiB + weights 17.3 GiB do not fit in "
-        "67.1 GiB (90% of 74.5 GiB, an 80 GB GPU); the largest that fit: generation.max_slots=106 at this "
-        "max_len, or generation.max_len=1273 at this max_slots")
+        "generation.max_slots=256 x generation.max_len=3072: K/V 122.5 GiB + weights 17.3 GiB do not fit in "
+        "67.1 GiB (90% of 74.5 GiB, an 80 GB GPU); the largest that fit: generation.max_slots=104 at this "
+        "max_len, or generation.max_len=1209 at this max_slots")

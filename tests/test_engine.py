@@ -82,13 +82,14 @@ def test_lean_forward_matches_hf_logits(models, kind):
     cache = KVCache(2, 3, 2, 64, 16, "cpu", torch.float32)
     pos = torch.arange(T).expand(3, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril().expand(3, T, T)
-    out, _ = lean.forward(ids, pos, causal, cache, slice(0, 3), T, write_pos=pos)
+    zero = torch.zeros(3, dtype=torch.long)
+    out = lean.forward(ids, pos, cache, slice(0, 3), write_pos=pos, prefix=zero, tail=causal, kv_len=T)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    # the same logits token by token against the cache it filled (decode path)
+    # the same logits token by token against the cache it filled (decode path: the whole prefix visible)
     cache2 = KVCache(2, 3, 2, 64, 16, "cpu", torch.float32)
     for t in range(T):
-        step, _ = lean.forward(ids[:, t:t + 1], pos[:, t:t + 1], torch.ones(3, 1, t + 1, dtype=torch.bool), cache2,
-                               slice(0, 3), t + 1, write_pos=pos[:, t:t + 1])
+        step = lean.forward(ids[:, t:t + 1], pos[:, t:t + 1], cache2, slice(0, 3), write_pos=pos[:, t:t + 1],
+                            prefix=zero + t + 1, tail=None, kv_len=t + 1)
         torch.testing.assert_close(step[:, 0], ref[:, t], atol=1e-4, rtol=1e-4)
 
 
@@ -102,8 +103,8 @@ def test_load_weights_by_hf_name(models):
         ref = other(ids).logits
     cache = KVCache(2, 1, 2, 32, 16, "cpu", torch.float32)
     pos = torch.arange(4)[None]
-    out, _ = lean.forward(ids, pos, torch.ones(4, 4, dtype=torch.bool).tril()[None], cache, slice(0, 1), 4,
-                          write_pos=pos)
+    out = lean.forward(ids, pos, cache, slice(0, 1), write_pos=pos, prefix=torch.zeros(1, dtype=torch.long),
+                       tail=torch.ones(4, 4, dtype=torch.bool).tril()[None], kv_len=4)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(KeyError, match="model.layers.9.mlp.up_proj.weight"):
         lean.load_weights({"model.layers.9.mlp.up_proj.weight": torch.zeros(1)})

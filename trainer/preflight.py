@@ -144,15 +144,18 @@ def _size(n: int) -> str:
 
 
 def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
-    """The engine preallocates K/V for max_slots x (max_len + 1) positions, target and draft: with both models'
-    weights it must fit in USABLE of the instance's memory."""
+    """The engine preallocates K/V for max_slots x (max_len + scratch + 1) positions (scratch: room for a step's
+    tree nodes), target and draft: with both models' weights it must fit in USABLE of the instance's memory."""
     import torch
 
+    from drafting.engine import scratch_columns
+
     g = cfg.generation
+    extra = scratch_columns(g.strategy) + 1
     dtype_bytes = torch.empty(0, dtype=getattr(torch, cfg.model.dtype)).element_size()
     weights = weight_bytes(actor, dtype_bytes) + weight_bytes(draft, dtype_bytes)
     per_position = kv_bytes_per_position(actor, dtype_bytes) + kv_bytes_per_position(draft, dtype_bytes)
-    kv = g.max_slots * (g.max_len + 1) * per_position
+    kv = g.max_slots * (g.max_len + extra) * per_position
     usable = int(USABLE * memory)
     if weights + kv <= usable:
         return
@@ -161,7 +164,7 @@ def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
         raise ConfigError(f"generation.gpus_per_instance: the actor and draft weights ({_size(weights)}) "
                           f"alone exceed one instance's {have}")
     room = usable - weights
-    slots, length = room // ((g.max_len + 1) * per_position), room // (g.max_slots * per_position) - 1
+    slots, length = room // ((g.max_len + extra) * per_position), room // (g.max_slots * per_position) - extra
     raise ConfigError(f"generation.max_slots={g.max_slots} x generation.max_len={g.max_len}: K/V "
                       f"{_size(kv)} + weights {_size(weights)} do not fit in {have}; "
                       f"the largest that fit: generation.max_slots={slots} at this max_len, or "

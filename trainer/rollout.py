@@ -58,7 +58,8 @@ class RolloutFleet:
         cls = GenerationInstanceActor.options(num_cpus=gen.cpus_per_instance, num_gpus=gen.gpus_per_instance,
                                               max_concurrency=8)
         self.instances = [cls.remote(i, actor_path, draft_path, gen.strategy, gen.max_slots, gen.max_len,
-                                     device, gen.threads_per_instance, dtype, gen.calibration)
+                                     device, gen.threads_per_instance, dtype, gen.calibration, gen.attention,
+                                     gen.cuda_graphs, gen.compile)
                           for i in range(gen.num_instances)]
         ray.get([inst.ping.remote() for inst in self.instances])  # surface model-loading errors now
         self.alive = list(range(len(self.instances)))
