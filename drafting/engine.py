@@ -631,7 +631,7 @@ class SpeculativeEngine:
         self._tokens += int(emitted.sum())
         log["accepted"] = int(accepted.sum())
         if records:
-            self._observe(B, W)
+            self._observe(B)
         done = np.nonzero(finish)[0]
         outs = [self._output(b, FINISH[int(finish[b])]) for b in done]
         for b in sorted(done.tolist(), reverse=True):  # descending: the row moved into a hole is never finished
@@ -652,7 +652,7 @@ class SpeculativeEngine:
         torch.cuda.current_stream(self.device).synchronize()
         return self.h_out_tok[:B, cols].numpy(), self.h_out_lp[:B, :W].numpy()
 
-    def _observe(self, B: int, W: int) -> None:
+    def _observe(self, B: int) -> None:
         """Hand the tested nodes' records to the node log and the strategy."""
         T1 = self._log["width"] - 1
         if self.device.type == "cuda":

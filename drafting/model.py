@@ -172,8 +172,8 @@ class LeanDecoder:
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice,
                 write_pos: torch.Tensor, prefix: torch.Tensor, tail: torch.Tensor | None, kv_len: int,
-                logits_at: torch.Tensor | None = None, want_logits: bool = True, valid: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor | None:
+                logits_at: torch.Tensor | None = None, want_logits: bool = True,
+                valid: torch.Tensor | None = None) -> torch.Tensor | None:
         """Forward over new tokens of cache rows `rows` (B of them), attending to the cache in place.
 
         tokens, positions, write_pos: [B, T]. Each layer first writes the new K/V into the cache at columns
@@ -182,7 +182,6 @@ class LeanDecoder:
         logits_at [B, K]: token indices to project (default all). positions must lie inside the RoPE table.
         valid [B, T] bool (eager packing): only these tokens go through the projections and the MLP, in
         row-major order; padding costs attention only, and logits come back packed [N, V].
-        out: a buffer to write the logits into (CUDA graphs keep outputs in static buffers).
         Returns logits [B, K, V] (or [N, V] packed) or None."""
         s = self.shape
         B, T = tokens.shape
@@ -221,10 +220,7 @@ class LeanDecoder:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))  # [B, K, H]
             residual = residual.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))
         _, h = self.ops.add_norm(x, residual, self.norm, s.eps)
-        if out is None:
-            return F.linear(h, self.lm_head)  # [B, K, V]
-        torch.matmul(h, self.lm_head.t(), out=out)
-        return out
+        return F.linear(h, self.lm_head)  # [B, K, V]
 
 
 class EagerOps:
