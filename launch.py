@@ -41,23 +41,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.algorithm=ppo")
     args = parser.parse_args(argv)
+    from trainer import stop
     from trainer.data import DataError
     from trainer.reward_fn import RewardFnError
 
+    handlers = stop.install()
+    stop.received = None
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         from trainer.run import run
 
         history = run(cfg)
+    except KeyboardInterrupt:  # stop.Interrupted, or the one ray.get raises for it
+        stopped = stop.last()  # the actors are down (run's finally); Ray goes too, then one line
+        print(stopped.line(_shut_down_ray(cfg)), file=sys.stderr, flush=True)
+        return stopped.exit_status
     except (ConfigError, DataError, RewardFnError) as e:
         # raised in an actor, it arrives wrapped in Ray's RayTaskError (still of this type): show the cause alone
         kind = {ConfigError: "config", DataError: "data", RewardFnError: "reward"}
         print(f"{next(v for k, v in kind.items() if isinstance(e, k))} error: {getattr(e, 'cause', e)}",
               file=sys.stderr)
         return 2
+    finally:
+        stop.restore(handlers)  # launch.main called in-process (tests) leaves the signals as it found them
     if history:
         print(summarize(history))
     return 0
+
+
+def _shut_down_ray(cfg) -> str | None:
+    """Disconnect from (or stop the local) Ray; returns the newest checkpoint of this run's output_dir, if any."""
+    import ray
+
+    from trainer.checkpoint import CheckpointManager
+
+    if ray.is_initialized():
+        ray.shutdown()
+    latest = CheckpointManager(cfg.trainer.output_dir, 0, None, None).latest() if cfg is not None else None
+    return str(latest) if latest else None
 
 
 if __name__ == "__main__":

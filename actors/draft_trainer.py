@@ -1,6 +1,10 @@
 """DraftTrainer: a Ray actor that distils the draft toward the actor on each rollout, while the policy and
 critic update, and sends the draft's weights on the weight-sync group (rank 1, see actors/weight_sync.py).
 
+It never holds the loop: `draft.steps` is a budget, and the trainer stops between optimizer steps once the
+policy and critic updates it was handed are done (or its next step would end after the last iteration's update
+time). The steps it did not get to carry over to the next iteration, up to one budget.
+
 Plain torch, not DeepSpeed: a draft is small (1 layer here, about 1B parameters beside an 8B actor), so one
 device holds it with its AdamW states; ZeRO sharding or data parallelism would buy nothing, and a second
 DeepSpeed process group would only add start-up time and a rendezvous. The training loop is trainer/distill.py.
@@ -11,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from actors.weight_sync import WeightSender
@@ -27,19 +32,41 @@ class DraftTrainer(WeightSender):
                  threads: int = 1):
         torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.seed = seed
+        self.seed, self.cfg = seed, cfg
         model = load_causal_lm(draft_path, "draft").to(self.device)
         self.learner = DraftLearner(model, cfg, temperature)
+        self.carried = 0  # budgeted steps the last iteration did not get to
+        self.step_s = 0.0  # a step's seconds, running mean: no step starts that would end past the deadline
 
     def ready(self) -> bool:
         return True
 
-    def train(self, experience: Experience, iteration: int) -> dict[str, float]:
-        """Distil on this rollout; the minibatch order is seeded by (seed, iteration), so a resumed run repeats it."""
+    def train(self, experience: Experience, iteration: int, updates: list | None = None,
+              deadline_s: float | None = None) -> dict[str, float]:
+        """Distil on this rollout. `updates`: the policy and critic update refs (in a list, so Ray hands them over
+        unresolved); training stops when they are all done or the next step would end after `deadline_s`, at
+        least one step done. None: the whole budget. The minibatch order is seeded by (seed, iteration)."""
         start = time.perf_counter()
         seed = int(np.random.SeedSequence([self.seed, iteration]).generate_state(1, np.uint64)[0] >> 1)
-        metrics = self.learner.train(experience.to(self.device), seed)
-        metrics["seconds"] = time.perf_counter() - start
+        budget = self.cfg.steps + self.carried
+        clock = {"last": start, "steps": 0}
+
+        def should_stop() -> bool:
+            now = time.perf_counter()
+            if clock["steps"]:  # the step that just ended: its time feeds the estimate
+                took = now - clock["last"]
+                self.step_s = took if not self.step_s else 0.7 * self.step_s + 0.3 * took
+            clock["last"], clock["steps"] = now, clock["steps"] + 1
+            if updates is None or clock["steps"] == 1:
+                return False
+            if deadline_s is not None and now - start + self.step_s > deadline_s:
+                return True
+            return not ray.wait(updates, num_returns=len(updates), timeout=0, fetch_local=False)[1] if updates else True
+
+        metrics = self.learner.train(experience.to(self.device), seed, steps=budget, should_stop=should_stop)
+        self.carried = min(budget - int(metrics["steps"]), self.cfg.steps)
+        metrics.update({"budget": float(budget), "carried": float(self.carried), "step_seconds": self.step_s,
+                        "seconds": time.perf_counter() - start})
         return metrics
 
     def sync_tensors(self):
@@ -49,7 +76,7 @@ class DraftTrainer(WeightSender):
         """The draft's weights and AdamW states, plus the draft in HF format (loadable as model.draft)."""
         path = Path(ckpt_dir)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.learner.state_dict(), path / STATE_FILE)
+        torch.save({**self.learner.state_dict(), "carried": self.carried}, path / STATE_FILE)
         self.learner.model.save_pretrained(path / "hf")
         return True
 
@@ -58,5 +85,7 @@ class DraftTrainer(WeightSender):
         if not state_file.is_file():
             raise FileNotFoundError(f"draft.online: the checkpoint has no draft trainer state ({state_file}); "
                                     "it was saved with draft.online=false")
-        self.learner.load_state_dict(torch.load(state_file, map_location=self.device, weights_only=True))
+        state = torch.load(state_file, map_location=self.device, weights_only=True)
+        self.learner.load_state_dict(state)
+        self.carried = int(state.get("carried", 0))
         return True

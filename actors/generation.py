@@ -12,6 +12,7 @@ import ray
 import torch
 
 from drafting import GenRequest, SpeculativeEngine
+from drafting.profile import FirstUse, profile_needed
 from actors.weight_sync import ACTOR_SRC, DRAFT_SRC, receive_broadcast
 from migration.collective import CollectiveGroup, free_port
 from migration.planner import InstanceLoad, SampleLoad
@@ -41,14 +42,20 @@ class GenerationInstance:
     def __init__(self, index: int, actor_path: str, draft_path: str, strategy: str, max_slots: int,
                  max_len: int, device: str = "cpu", threads: int = 1, dtype: str = "float32",
                  calibration: str | None = "auto", attention: str = "auto", cuda_graphs: bool = True,
-                 compile: bool = True):
+                 compile: bool = True, profile_budget_s: float | None = None, profile_fallback: str = "none"):
+        """profile_budget_s, profile_fallback: with strategy adaptive, calibration 'auto' and no profile of the
+        pair here yet, the engine decodes with the fallback strategy while the pair is profiled (within the
+        budget) between its steps, then switches (`drafting.profile.FirstUse`)."""
         torch.set_num_threads(threads)
         self.index = index
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.engine = SpeculativeEngine(actor_path, draft_path, strategy=strategy, max_slots=max_slots,
-                                        max_len=max_len, device=self.device, dtype=getattr(torch, dtype),
-                                        calibration=calibration if draft_path else None, attention=attention,
-                                        cuda_graphs=cuda_graphs, compile=compile)
+        first_use = bool(draft_path) and profile_needed(strategy, calibration)
+        self.engine = SpeculativeEngine(actor_path, draft_path, strategy=profile_fallback if first_use else strategy,
+                                        max_slots=max_slots, max_len=max_len, device=self.device,
+                                        dtype=getattr(torch, dtype), calibration=calibration if draft_path else None,
+                                        attention=attention, cuda_graphs=cuda_graphs, compile=compile)
+        self._first_use = FirstUse.start(self.engine, strategy, profile_fallback, profile_budget_s,
+                                         report=self._say) if first_use else None
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._finished = []
@@ -66,16 +73,56 @@ class GenerationInstance:
         self._tokens_seen = 0
         self._crash_point: str | None = None
         self.saturation_live: int | None = None  # resolve_saturation() reads it when a balancer needs it
+        self._slice_s = 0.05  # a profile slice while a rollout runs: as long as the last engine step
         self._loop = threading.Thread(target=self._step_loop, daemon=True, name=f"gen-{index}")
+        if self._first_use is not None:
+            self._work.set()  # the profile runs while the instance is idle too
         self._loop.start()
+
+    def _say(self, line: str) -> None:
+        """A line for the driver's console (Ray forwards an actor's stdout there)."""
+        print(f"generation instance {self.index}: {line}", flush=True)
+
+    def _profile_slice(self) -> None:
+        """First use: a slice of the profile, outside the step lock (it runs on its own engine, sharing only the
+        weights; a weight push during a slice changes no timing). Idle, longer slices; in a rollout, as long as
+        one engine step, so the rollout runs at about half speed until the calibration lands."""
+        busy = bool(self.engine.live or self.engine.queue)
+        if not busy and self._first_use.run is None:
+            time.sleep(0.25)  # waiting for another process's profile: nothing to do here meanwhile
+        try:
+            ready = self._first_use.advance(self._slice_s if busy else 0.5)
+        except Exception as e:  # noqa: BLE001 - a failed profile costs the adaptive strategy, not the run
+            self._say(f"calibration: the profile failed ({type(e).__name__}: {e}); decoding with "
+                      f"'{self._first_use.fallback}' from here on")
+            self._first_use.close()
+            self._first_use = None
+            self.engine.calibration_spec = None  # nothing profiles again behind a rollout's back
+            return
+        if ready:
+            with self._lock:
+                self._first_use.finish()  # between two engine steps: the strategy switches
+                self._first_use = None
+
+    def profile_status(self) -> dict:
+        """The first-use profile: state (none | profiling | waiting | ready), its progress line, the strategy now."""
+        fu = self._first_use
+        if fu is None:
+            return {"state": "none", "progress": "", "strategy": self.engine.strategy.name}
+        return fu.status()
 
     def _step_loop(self) -> None:
         while True:
             self._work.wait()
             try:
+                if self._first_use is not None:
+                    self._profile_slice()
                 with self._lock:
                     self._run_boundary_calls()
+                    t, busy = time.perf_counter(), bool(self.engine.live or self.engine.queue)
                     done = self.engine.step()
+                    if busy:
+                        self._slice_s = min(max(time.perf_counter() - t, 0.02), 1.0)
                     for out in done:  # weights change only between rollouts: these made the whole sample
                         out.stats.update(weight_version=self.weight_version, draft_version=self.draft_version,
                                          instance=self.index)  # where it finished (migrations move samples)
@@ -83,7 +130,7 @@ class GenerationInstance:
                     stats = self.engine.stats()
                     self._note_tokens(stats.tokens)
                     with self._calls_lock:
-                        if stats.live == 0 and stats.queued == 0 and not self._calls:
+                        if stats.live == 0 and stats.queued == 0 and not self._calls and self._first_use is None:
                             self._work.clear()
             except BaseException as e:  # noqa: BLE001 - surfaced to the driver on its next call
                 self._error = e
@@ -194,6 +241,9 @@ class GenerationInstance:
         may profile the model pair on first use, which needs an idle engine and must not stall a rollout.
         None (the balancer then falls back to a stated default) when there is none."""
         def read() -> int | None:
+            if self._first_use is not None:  # not profiled yet: never profile here, in the way of a rollout
+                print(f"generation instance {self.index}: no saturation point until the profile lands", flush=True)
+                return None
             try:
                 return getattr(self.engine, "saturation_live", None)
             except Exception as e:  # noqa: BLE001 - a missing or unusable calibration only costs the default

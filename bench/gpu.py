@@ -730,6 +730,41 @@ def section_tiny(b: Bench) -> None:
                                    "best_fixed_over_none": best["tok_s"] / base["tok_s"]}
 
 
+def section_head(b: Bench) -> None:
+    """The EAGLE-style draft head (drafting.head) as the draft on the GPU path: greedy and seeded outputs equal plain
+    decoding's for every strategy (graphs, device-side stages), and what an untrained head (the actor's last layer)
+    accepts and costs per step on the tiny world."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drafting.head import DraftHead
+    from trainer.tiny.bootstrap import world_at
+
+    world = world_at(tiny_dir())
+    tok = AutoTokenizer.from_pretrained(world.tokenizer_path)
+    rows = [json.loads(line) for line in open(world.eval_prompts)]
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows[:16]]
+    dt = torch.float32
+    actor = AutoModelForCausalLM.from_pretrained(world.actor_path, dtype=dt).to(b.dev).eval()
+    head = DraftHead.from_actor(actor).to(b.dev).eval()
+    out, ref = [], {}
+    for strat in ("none", "chain:3", "tree:3,2,6", "adaptive"):
+        eng = SpeculativeEngine(actor, head, strategy=strat, max_slots=16, max_len=160, device=b.dev, dtype=dt,
+                                eos_token_id=tok.eos_token_id,
+                                calibration=tiny_calibration(actor, head, b.dev, dt) if strat == "adaptive" else None)
+        row = {"strategy": strat}
+        for temp in (0.0, 1.0):
+            got = [o.token_ids for o in eng.generate(prompts, SamplingParams(temperature=temp, max_new_tokens=48,
+                                                                             seed=7))]
+            ref.setdefault(temp, got)
+            row[f"equal_to_none_t{temp:g}_of_16"] = sum(a == r for a, r in zip(got, ref[temp]))
+        decode_run(eng, prompts * 4, 48, temperature=1.0, seed=3)  # warm-up: graphs captured on second use
+        run = decode_run(eng, prompts * 4, 48, temperature=1.0, seed=5)
+        row.update({k: run.get(k) for k in ("tok_s", "accepted_per_step", "step_ms", "plain_frac")})
+        out.append(row)
+        b.res["head"] = out
+        b.save()
+
+
 def plot(res: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -785,7 +820,8 @@ def main(argv=None) -> int:
     sections = [("env", section_env, 0), ("attention", section_attention, 20), ("speed", section_speed, 90),
                 ("calibration", section_calibration, 40), ("adaptive", section_adaptive, 30),
                 ("syncs", section_syncs, 20), ("correctness", section_correctness, 30),
-                ("tiny", section_tiny, 30), ("eagle", section_eagle, 30), ("compile", section_compile, 40)]
+                ("tiny", section_tiny, 30), ("head", section_head, 30), ("eagle", section_eagle, 30),
+                ("compile", section_compile, 40)]
     only = set(args.only.split(",")) if args.only else None
     for name, fn, need in sections:
         if only is None or name in only:

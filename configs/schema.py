@@ -26,9 +26,11 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     actor: str = TINY  # HF path of the policy (also the reference and the initial critic trunk)
-    draft: str = TINY  # HF path of the draft model used for speculative rollout
-    reward: str = TINY  # HF path of an AutoModelForSequenceClassification (num_labels=1)
-    critic_init: str = "reward"  # "reward" | "actor": where the critic's weights come from
+    draft: typing.Optional[str] = TINY  # HF path of the draft model; null only with generation.strategy=none
+    # HF path of an AutoModelForSequenceClassification (num_labels=1); null: no reward model (trainer.rm_weight=0,
+    # trainer.reward_fn alone scores the samples)
+    reward: typing.Optional[str] = TINY
+    critic_init: str = "reward"  # "reward" | "actor": where the critic's weights come from (actor if reward is null)
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
 
 
@@ -56,6 +58,10 @@ class GenerationConfig:
     num_instances: int = 2
     strategy: str = "adaptive"  # adaptive | none | chain:k | tree:depth,topk,nodes
     calibration: str = "auto"  # adaptive's step-time model: "auto" (profiled here on first use, cached) or a file
+    # first use of "auto": the profile's seconds (null = by device: 120 on CPU, 30 on a GPU; 0 = the full grid)
+    # and the strategy that decodes until it lands (none or a static chain:K / tree:D,K,N)
+    profile_budget_s: typing.Optional[float] = None
+    profile_fallback: str = "none"
     max_slots: int = 64  # live samples per instance; more wait in the queue
     max_len: int = 160  # prompt + response tokens per sample
     max_new_tokens: int = 72
@@ -137,6 +143,12 @@ class DraftConfig:
     lr: float = 3e-4
     steps: int = 16  # optimizer steps per iteration ...
     batch_size: int = 32  # ... each on this many samples of the rollout (16 x 32 = 4 passes over 128 samples)
+    # steps are a budget, not a promise: the trainer stops when the policy and critic updates finish, and up to
+    # `steps` steps it did not get to carry over to the next iteration
+    full_budget: bool = False  # true: all steps every iteration, the loop waits (exactly reproducible runs)
+    # kl_topk on a vocabulary over 4x this: the softmax's normaliser from the minibatch's top-k tokens plus this
+    # many sampled uniformly (sampled softmax), so a step's LM-head cost stops growing with the vocabulary; 0 = full
+    vocab_sample: int = 2048
 
 
 @dataclass
@@ -272,7 +284,7 @@ def validate(cfg: Config) -> None:
                     "generation.cpus_per_instance", "trainer.actor_lr", "trainer.critic_lr",
                     "trainer.kl_coef", "trainer.save_every", "trainer.gpus_per_actor",
                     "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip", "trainer.eval_every",
-                    "trainer.critic_warmup", "draft.lr"]
+                    "trainer.critic_warmup", "draft.lr", "draft.vocab_sample"]
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must not be negative, got {flat[key]}")
@@ -281,6 +293,11 @@ def validate(cfg: Config) -> None:
     if not _STRATEGY.match(g.strategy):
         raise ConfigError(f"generation.strategy: {g.strategy!r} is not adaptive, none, chain:K or "
                           f"tree:DEPTH,TOPK,NODES")
+    if g.profile_fallback == "adaptive" or not _STRATEGY.match(g.profile_fallback):
+        raise ConfigError(f"generation.profile_fallback: {g.profile_fallback!r} is not none, chain:K or "
+                          f"tree:DEPTH,TOPK,NODES (the strategy that decodes until the profile lands)")
+    if g.profile_budget_s is not None and g.profile_budget_s < 0:
+        raise ConfigError(f"generation.profile_budget_s: must be >= 0 or null, got {g.profile_budget_s}")
     if g.calibration != "auto" and not Path(g.calibration).expanduser().is_file():
         raise ConfigError(f"generation.calibration: {g.calibration!r} is neither 'auto' nor a calibration file "
                           f"(python -m drafting.profile writes one)")
@@ -314,7 +331,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.reward_fn: {t.reward_fn!r} is not path/to/file.py:function_name")
     if t.reward_fn is None and t.rm_weight == 0:
         raise ConfigError("trainer.rm_weight: 0 and no trainer.reward_fn: nothing would score the samples")
+    validate_models(cfg)
     validate_balancer(cfg.balancer)
+
+
+def validate_models(cfg: Config) -> None:
+    """Model paths: null where no model is needed (a reward function alone, plain decoding), never empty."""
+    m = cfg.model
+    for key in ("actor", "draft", "reward"):
+        if getattr(m, key) == "":
+            raise ConfigError(f"model.{key}: empty path" + ("" if key == "actor" else "; null means no model"))
+    if m.reward is None and cfg.trainer.rm_weight != 0:
+        raise ConfigError(f"model.reward: null (no reward model) needs trainer.rm_weight=0, got "
+                          f"trainer.rm_weight={cfg.trainer.rm_weight:g}")
+    if m.draft is None and cfg.generation.strategy != "none":
+        raise ConfigError(f"model.draft: null (no draft model) needs generation.strategy=none, got "
+                          f"generation.strategy={cfg.generation.strategy}")
+
+
+def critic_init(cfg: Config) -> str:
+    """Where the critic's weights come from: model.critic_init, or the actor when there is no reward model."""
+    return "actor" if cfg.model.reward is None else cfg.model.critic_init
 
 
 def validate_balancer(b: BalancerConfig) -> None:

@@ -24,6 +24,7 @@ import torch
 from drafting.accept import walk
 from drafting.attention import resolve_backend
 from drafting.graphs import GraphRunner, batch_bucket, pow2_bucket
+from drafting.head import DraftHead, HeadDecoder, is_head_dir
 from drafting.kv_store import KVCache
 from drafting.model import LeanDecoder, compiled_ops
 from drafting.noise import GumbelScheme, block_size, position_keys
@@ -98,6 +99,8 @@ class SpeculativeEngine:
             "device" if self.device.type == "cuda" else "host")
         self.target = self._decoder(target, dtype, "target")
         self.draft = None if draft is None else self._decoder(draft, dtype, "draft")
+        self.head = isinstance(self.draft, HeadDecoder)  # an EAGLE-style head: it reads the target's features
+        self.keep_features = False  # with a head: outputs carry the target's features (a head's training data)
         for m in (self.target, self.draft):
             if m is not None:
                 m.attention = resolve_backend(attention, self.device, m.shape.head_dim)
@@ -116,7 +119,7 @@ class SpeculativeEngine:
         self.scratch = scratch_columns(strategy)
         ts = self.target.shape
         self.tcache = KVCache(ts.layers, max_slots, ts.kv_heads, max_len, ts.head_dim, self.device, dtype,
-                              self.scratch)
+                              self.scratch, features=ts.hidden if self.head else 0)
         self.dcache = None
         if self.draft is not None:
             ds = self.draft.shape
@@ -166,7 +169,14 @@ class SpeculativeEngine:
 
     # ---- configuration -------------------------------------------------------------------------------------
     def _decoder(self, model, dtype: torch.dtype, what: str) -> LeanDecoder:
-        """A path or HF model becomes a LeanDecoder here; a LeanDecoder (of another engine) is shared as it is."""
+        """A path or HF model becomes a LeanDecoder here; a LeanDecoder (of another engine) is shared as it is. A
+        draft head (its directory, a `DraftHead`) becomes a HeadDecoder over this engine's target."""
+        if what == "draft" and (is_head_dir(model) or isinstance(model, (DraftHead, HeadDecoder))):
+            if isinstance(model, HeadDecoder):
+                if model.target is not self.target:
+                    raise ValueError("draft: a shared HeadDecoder must read this engine's target")
+                return model
+            return HeadDecoder(model, self.target)
         if isinstance(model, LeanDecoder):
             if model.device != self.device or model.dtype != dtype or model.cos.shape[0] < self.max_len + MAX_DEPTH:
                 raise ValueError(f"{what}: a shared LeanDecoder must match this engine's device, dtype and max_len")
@@ -203,7 +213,8 @@ class SpeculativeEngine:
                              f"with room for {self.scratch - 1} (pass the largest strategy at construction)")
         self.strategy = s
         if s.max_depth > 0 and self.drafter is None:
-            self.drafter = TreeDrafter(self.draft, self.max_slots, self.scratch, self.scheme)
+            self.drafter = TreeDrafter(self.draft, self.max_slots, self.scratch, self.scheme,
+                                       features=self.draft.shape.hidden if self.head else 0)
 
     @torch.inference_mode()
     def load_target_weights(self, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -450,6 +461,8 @@ class SpeculativeEngine:
         pending = r["tokens"][:Bb].gather(1, pend_idx)  # [Bb, W]
         root_logits = self._append(self.draft, self.dcache, slice(0, Bb), dlen, n - dlen, pending, kv_len,
                                    want_logits=True)  # [Bb, 1, V]
+        if self.head:  # the head's feature at the root (position n - 1): what its children read
+            root_logits, self.drafter.feat[:Bb, 0] = root_logits[0], root_logits[1][:, 0]
         r["dlen"][:Bb] = n
         self.drafter.start(Bb, self._draft_probs(root_logits, Bb, flags), n, r["seed"][:Bb], r["greedy"][:Bb], k,
                            self.block, flags.sampled)
@@ -528,6 +541,13 @@ class SpeculativeEngine:
         last = torch.minimum(t, (width - 1).clamp(min=0)[:, None])  # [B, W]
         tail = torch.arange(W, device=self.device)[None, None, :] <= last[:, :, None]  # [B, W, W]
         at = (width - 1).clamp(min=0)[:, None] if want_logits else None
+        if model is self.draft and self.head:  # each token reads the target's feature at the position before it
+            prev = self.tcache.feat[0, rows, 0].gather(1, (positions - 1).clamp(min=0)[..., None].expand(
+                B, W, self.tcache.feat.shape[-1]))  # [B, W, H]
+            prev = prev * (positions > 0)[..., None]
+            return model.forward(tokens, positions, cache, rows, write_pos=write_pos, prefix=start, tail=tail,
+                                 kv_len=kv_len, logits_at=at, want_logits=want_logits, feats=prev,
+                                 return_hidden=want_logits)
         return model.forward(tokens, positions, cache, rows, write_pos=write_pos, prefix=start, tail=tail,
                              kv_len=kv_len, logits_at=at, want_logits=want_logits)
 
@@ -674,7 +694,8 @@ class SpeculativeEngine:
         toks = self.h_tokens[row, :n].tolist()
         stats = {k: int(h[k][row]) for k in ("steps", "drafted", "accepted")}
         lp = self.h_logp[row, plen:n].tolist() if req.sampling.logprobs else None
-        return GenOutput(req.request_id, toks[:plen], toks[plen:], reason, stats, lp)
+        feats = self.tcache.feat[0, row, 0, :n - 1].clone() if self.keep_features and self.head else None
+        return GenOutput(req.request_id, toks[:plen], toks[plen:], reason, stats, lp, feats)
 
     # ---- slots ---------------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -807,10 +828,11 @@ class SpeculativeEngine:
         if not 0 <= start <= end:
             raise ValueError(f"export_kv {request_id!r}: bad range [{start}, {end})")
         tk, tv = self.tcache.read(row, start, max(start, min(end, tl)))
+        th = self.tcache.read_features(row, start, max(start, min(end, tl)))  # a draft head's features
         dk = dv = None
         if self.dcache is not None:
             dk, dv = self.dcache.read(row, start, max(start, min(end, dl)))
-        return KVRange(start, tk, tv, dk, dv)
+        return KVRange(start, tk, tv, dk, dv, th)
 
     @torch.inference_mode()
     def export_sample(self, request_id: Hashable, kv_start: int = 0) -> SampleState:
@@ -826,7 +848,7 @@ class SpeculativeEngine:
             steps=int(h["steps"][row]), drafted=int(h["drafted"][row]), accepted=int(h["accepted"][row]),
             logprobs=self.h_logp[row, plen:n].tolist() if req.sampling.logprobs else None,
             target_len=n - 1, draft_len=int(h["dlen"][row]), kv_start=kv_start,
-            target_k=kv.target_k, target_v=kv.target_v, draft_k=kv.draft_k, draft_v=kv.draft_v)
+            target_k=kv.target_k, target_v=kv.target_v, draft_k=kv.draft_k, draft_v=kv.draft_v, target_h=kv.target_h)
 
     @torch.inference_mode()
     def import_sample(self, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
@@ -842,13 +864,19 @@ class SpeculativeEngine:
             raise ValueError(f"import_sample {rid!r}: {n} tokens do not fit max_len={self.max_len}")
         if state.target_len != n - 1:
             raise ValueError(f"import_sample {rid!r}: target_len {state.target_len} != tokens - 1 = {n - 1}")
-        ranges = list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k, state.draft_v)]
+        ranges = list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k, state.draft_v,
+                                         state.target_h)]
         covered, d_cov = 0, 0
         row = len(self.live)
         for kr in sorted(ranges, key=lambda x: x.start):
             if kr.start > covered:
                 raise ValueError(f"import_sample {rid!r}: target KV gap at positions [{covered}, {kr.start})")
             self.tcache.load(row, kr.start, kr.target_k, kr.target_v)
+            if self.tcache.feat is not None:
+                if kr.target_h is None:
+                    raise ValueError(f"import_sample {rid!r}: this engine's draft head needs the target's features, "
+                                     f"and the sample came without (from an engine with a draft model?)")
+                self.tcache.load_features(row, kr.start, kr.target_h)
             covered = max(covered, kr.start + kr.target_k.shape[2])
             if self.dcache is not None and kr.draft_k is not None and kr.start <= d_cov:
                 self.dcache.load(row, kr.start, kr.draft_k, kr.draft_v)

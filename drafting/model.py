@@ -78,8 +78,6 @@ class LeanDecoder:
         """Allocate fused tensors and a view per HF parameter name, then copy the HF weights in."""
         s, dev, dt = self.shape, self.device, self.dtype
         sd = hf.state_dict()
-        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        inter = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
         z = lambda *shape: torch.zeros(*shape, device=dev, dtype=dt)  # noqa: E731
         self.embed = z(s.vocab_size, s.hidden)
         self.norm = z(s.hidden)
@@ -90,37 +88,8 @@ class LeanDecoder:
         self.views["lm_head.weight"] = self.lm_head
         self.layers = []
         for i in range(s.layers):
-            p = f"model.layers.{i}."
-            has = lambda n: p + n in sd  # noqa: E731
-            w = {
-                "ln1": z(s.hidden), "ln2": z(s.hidden),
-                "qkv": z(q + 2 * kv, s.hidden), "o": z(s.hidden, q),
-                "gate_up": z(2 * inter, s.hidden), "down": z(s.hidden, inter),
-                "qkv_b": z(q + 2 * kv) if has("self_attn.q_proj.bias") else None,
-                "o_b": z(s.hidden) if has("self_attn.o_proj.bias") else None,
-                "gate_up_b": z(2 * inter) if has("mlp.gate_proj.bias") else None,
-                "down_b": z(s.hidden) if has("mlp.down_proj.bias") else None,
-                "q_norm": z(s.head_dim) if has("self_attn.q_norm.weight") else None,  # Qwen3: per-head RMSNorm
-                "k_norm": z(s.head_dim) if has("self_attn.k_norm.weight") else None,
-            }
-            names = {
-                "input_layernorm.weight": w["ln1"], "post_attention_layernorm.weight": w["ln2"],
-                "self_attn.q_proj.weight": w["qkv"][:q], "self_attn.k_proj.weight": w["qkv"][q:q + kv],
-                "self_attn.v_proj.weight": w["qkv"][q + kv:], "self_attn.o_proj.weight": w["o"],
-                "mlp.gate_proj.weight": w["gate_up"][:inter], "mlp.up_proj.weight": w["gate_up"][inter:],
-                "mlp.down_proj.weight": w["down"],
-            }
-            if w["qkv_b"] is not None:
-                names.update({"self_attn.q_proj.bias": w["qkv_b"][:q], "self_attn.k_proj.bias": w["qkv_b"][q:q + kv],
-                              "self_attn.v_proj.bias": w["qkv_b"][q + kv:]})
-            if w["o_b"] is not None:
-                names["self_attn.o_proj.bias"] = w["o_b"]
-            if w["q_norm"] is not None:
-                names.update({"self_attn.q_norm.weight": w["q_norm"], "self_attn.k_norm.weight": w["k_norm"]})
-            if w["gate_up_b"] is not None:
-                names.update({"mlp.gate_proj.bias": w["gate_up_b"][:inter], "mlp.up_proj.bias": w["gate_up_b"][inter:],
-                              "mlp.down_proj.bias": w["down_b"]})
-            self.views.update({p + n: t for n, t in names.items()})
+            w, names = layer_params(sd, f"model.layers.{i}.", s, dev, dt)
+            self.views.update(names)
             self.layers.append(w)
         self.load_weights(sd, strict=True)
 
@@ -173,7 +142,8 @@ class LeanDecoder:
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice,
                 write_pos: torch.Tensor, prefix: torch.Tensor, tail: torch.Tensor | None, kv_len: int,
                 logits_at: torch.Tensor | None = None, want_logits: bool = True,
-                valid: torch.Tensor | None = None) -> torch.Tensor | None:
+                valid: torch.Tensor | None = None, feats: torch.Tensor | None = None,
+                return_hidden: bool = False):
         """Forward over new tokens of cache rows `rows` (B of them), attending to the cache in place.
 
         tokens, positions, write_pos: [B, T]. Each layer first writes the new K/V into the cache at columns
@@ -182,14 +152,18 @@ class LeanDecoder:
         logits_at [B, K]: token indices to project (default all). positions must lie inside the RoPE table.
         valid [B, T] bool (eager packing): only these tokens go through the projections and the MLP, in
         row-major order; padding costs attention only, and logits come back packed [N, V].
-        Returns logits [B, K, V] (or [N, V] packed) or None."""
+        feats [B, T, H]: the actor's features a draft head reads beside each token (`drafting.head`).
+        A cache with a feature buffer (`KVCache.feat`) gets the final hidden state of every new token there.
+        Returns logits [B, K, V] (or [N, V] packed) or None; with return_hidden, (logits, hidden [B, K, H])."""
         s = self.shape
         B, T = tokens.shape
         pack = None
         if valid is not None:
             pack = valid.reshape(-1).nonzero().squeeze(1)  # [N] positions of real tokens in the flat [B * T]
             tokens, positions = tokens.reshape(-1)[pack], positions.reshape(-1)[pack]  # [N]
-        x = self.embed[tokens]  # [B, T, H] or [N, H]
+        if feats is not None and pack is not None:
+            feats = feats.reshape(-1, feats.shape[-1])[pack]  # [N, H]
+        x = self.inputs(tokens, feats)  # [B, T, H] or [N, H]
         cos, sin = self.cos[positions].unsqueeze(-2), self.sin_signed[positions].unsqueeze(-2)  # [.., 1, D]
         attend = Attention(self.attention, prefix, tail, T, kv_len, s.heads, s.kv_heads)
         row_idx = torch.arange(rows.start, rows.stop, device=tokens.device)[:, None].expand(B, T)
@@ -205,7 +179,7 @@ class LeanDecoder:
                                     s.eps)  # [.., H, D] each
             # into the cache in place (not inside a compiled function: torch.compile would copy the whole cache)
             cache.write(li, write_rows, write_cols, k, v)
-            if not want_logits and li == s.layers - 1:
+            if not want_logits and li == s.layers - 1 and cache.feat is None:
                 return None  # prefill needs only the cache: the last layer's attention and MLP are unused
             if pack is not None:  # back to [B, T] for attention, zeros in the padding
                 q = q.new_zeros(B * T, *q.shape[1:]).index_copy_(0, pack, q).view(B, T, *q.shape[1:])
@@ -216,11 +190,65 @@ class LeanDecoder:
             residual = F.linear(a, w["o"], w["o_b"])
             x, h = self.ops.add_norm(x, residual, w["ln2"], s.eps)
             residual = F.linear(self.ops.silu_mul(F.linear(h, w["gate_up"], w["gate_up_b"])), w["down"], w["down_b"])
-        if logits_at is not None:
-            x = x.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))  # [B, K, H]
-            residual = residual.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))
-        _, h = self.ops.add_norm(x, residual, self.norm, s.eps)
-        return F.linear(h, self.lm_head)  # [B, K, V]
+        if cache.feat is not None:  # every new token's feature (the next draft-head steps read them)
+            _, h = self.final(x, residual)
+            cache.write_features(write_rows, write_cols, h)
+            if not want_logits:
+                return None
+            if logits_at is not None:
+                h = h.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))  # [B, K, H]
+        else:
+            if logits_at is not None:
+                x = x.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))  # [B, K, H]
+                residual = residual.gather(1, logits_at[..., None].expand(-1, -1, s.hidden))
+            _, h = self.final(x, residual)
+        logits = F.linear(h, self.lm_head)  # [B, K, V]
+        return (logits, h) if return_hidden else logits
+
+    def inputs(self, tokens: torch.Tensor, feats: torch.Tensor | None) -> torch.Tensor:
+        """The first layer's input: the token embeddings (a draft head adds the actor's features)."""
+        return self.embed[tokens]
+
+    def final(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, final hidden state): the last norm's input and output (post-norm = the feature)."""
+        return self.ops.add_norm(x, residual, self.norm, self.shape.eps)
+
+
+def layer_params(sd: Mapping[str, torch.Tensor], p: str, s: ModelShape, dev, dt) -> tuple[dict, dict]:
+    """One decoder layer's fused weights (zeros, to be loaded) and a view per HF parameter name under prefix p."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    inter = sd[p + "mlp.gate_proj.weight"].shape[0]
+    z = lambda *shape: torch.zeros(*shape, device=dev, dtype=dt)  # noqa: E731
+    has = lambda n: p + n in sd  # noqa: E731
+    w = {
+        "ln1": z(s.hidden), "ln2": z(s.hidden),
+        "qkv": z(q + 2 * kv, s.hidden), "o": z(s.hidden, q),
+        "gate_up": z(2 * inter, s.hidden), "down": z(s.hidden, inter),
+        "qkv_b": z(q + 2 * kv) if has("self_attn.q_proj.bias") else None,
+        "o_b": z(s.hidden) if has("self_attn.o_proj.bias") else None,
+        "gate_up_b": z(2 * inter) if has("mlp.gate_proj.bias") else None,
+        "down_b": z(s.hidden) if has("mlp.down_proj.bias") else None,
+        "q_norm": z(s.head_dim) if has("self_attn.q_norm.weight") else None,  # Qwen3: per-head RMSNorm
+        "k_norm": z(s.head_dim) if has("self_attn.k_norm.weight") else None,
+    }
+    names = {
+        "input_layernorm.weight": w["ln1"], "post_attention_layernorm.weight": w["ln2"],
+        "self_attn.q_proj.weight": w["qkv"][:q], "self_attn.k_proj.weight": w["qkv"][q:q + kv],
+        "self_attn.v_proj.weight": w["qkv"][q + kv:], "self_attn.o_proj.weight": w["o"],
+        "mlp.gate_proj.weight": w["gate_up"][:inter], "mlp.up_proj.weight": w["gate_up"][inter:],
+        "mlp.down_proj.weight": w["down"],
+    }
+    if w["qkv_b"] is not None:
+        names.update({"self_attn.q_proj.bias": w["qkv_b"][:q], "self_attn.k_proj.bias": w["qkv_b"][q:q + kv],
+                      "self_attn.v_proj.bias": w["qkv_b"][q + kv:]})
+    if w["o_b"] is not None:
+        names["self_attn.o_proj.bias"] = w["o_b"]
+    if w["q_norm"] is not None:
+        names.update({"self_attn.q_norm.weight": w["q_norm"], "self_attn.k_norm.weight": w["k_norm"]})
+    if w["gate_up_b"] is not None:
+        names.update({"mlp.gate_proj.bias": w["gate_up_b"][:inter], "mlp.up_proj.bias": w["gate_up_b"][inter:],
+                      "mlp.down_proj.bias": w["down_b"]})
+    return w, {p + n: t for n, t in names.items()}
 
 
 class EagerOps:

@@ -49,6 +49,7 @@ class GenOutput:
     finish_reason: str  # "stop" (EOS emitted, included) or "length" (max_new_tokens or max_len)
     stats: dict
     logprobs: list[float] | None = None
+    features: torch.Tensor | None = None  # [len - 1, H] the target's features (engine.keep_features, a head's data)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class KVRange:
     target_v: torch.Tensor
     draft_k: torch.Tensor | None = None  # [Ld, Hkv_d, len_d, Dd]; may be shorter (draft lags by design)
     draft_v: torch.Tensor | None = None
+    target_h: torch.Tensor | None = None  # [1, 1, len, H] the target's features, kept when the draft is a head
 
 
 @dataclass
@@ -85,6 +87,7 @@ class SampleState:
     target_v: torch.Tensor
     draft_k: torch.Tensor | None
     draft_v: torch.Tensor | None
+    target_h: torch.Tensor | None = None  # [1, 1, target_len - kv_start, H] with a draft head (drafting.head)
 
 
 @dataclass

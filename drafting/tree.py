@@ -63,7 +63,9 @@ class VerifyTree:
 class TreeDrafter:
     """Grows draft trees with the draft model into preallocated per-slot node buffers."""
 
-    def __init__(self, draft: LeanDecoder, slots: int, max_nodes: int, scheme=None):
+    def __init__(self, draft: LeanDecoder, slots: int, max_nodes: int, scheme=None, features: int = 0):
+        """features > 0: the draft is a head (`drafting.head`); feat [slots, 1 + N, H] keeps the feature it
+        predicted at the root (index 0) and at each expanded node (1 + node index), which children read."""
         self.draft = draft
         self.scheme = scheme or GumbelScheme()
         self.max_nodes = N = max_nodes
@@ -74,6 +76,7 @@ class TreeDrafter:
         self.depth, self.rank = z(N, dt=torch.long), z(N, dt=torch.long)
         self.anc = z(slots, N, N, dt=torch.bool)
         self.frontier = z(slots, N, dt=torch.long)
+        self.feat = z(slots, 1 + N, features, dt=draft.dtype) if features else None
 
     def view(self, B: int, size: int, width: int = 0) -> DraftTree:
         """The first `size` nodes of rows 0..B-1 (views: writes go to the buffers)."""
@@ -124,9 +127,15 @@ class TreeDrafter:
         bidx = torch.arange(B, device=dev)[:, None]
         tail = self.anc[bidx, frontier, :size]  # [B, w, size]: ancestors and itself
         positions = (n - 1 + level)[:, None].expand(B, width)
+        feats = None
+        if self.feat is not None:  # a head reads the feature it predicted at each frontier node's parent
+            feats = self.feat[bidx, self.parents[:B].gather(1, frontier) + 1]  # [B, w, H]
         logits = self.draft.forward(self.tokens[:B].gather(1, frontier), positions, cache, slice(0, B),
                                     write_pos=n[:, None] + frontier, prefix=n, tail=tail,
-                                    kv_len=kv_len)  # [B, w, V]
+                                    kv_len=kv_len, feats=feats, return_hidden=feats is not None)  # [B, w, V]
+        if feats is not None:
+            logits, self.feat[bidx, frontier + 1] = logits
+
         probs = process(logits)  # [B * w, V]
         rep = lambda x: x.repeat_interleave(width, output_size=B * width)  # noqa: E731
         tok, margin = self.candidates(probs, rep(seed), rep(n + level), rep(greedy), k, block, sampled)  # [B w, k]

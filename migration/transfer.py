@@ -31,7 +31,8 @@ from drafting.records import KVRange, SampleState
 
 AtBoundary = Callable[[Callable[[], object]], object]  # runs a function at the engine's next step boundary
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-_KV_FIELDS = ("target_k", "target_v", "draft_k", "draft_v")
+_KV_FIELDS = ("target_k", "target_v", "draft_k", "draft_v", "target_h")  # target_h: a draft head's features
+_NF = len(_KV_FIELDS)
 
 
 class SourceState(enum.Enum):
@@ -179,7 +180,7 @@ class Emigration:
                     continue  # finished since the plan
                 cut = kv.target_k.shape[2] if kv.draft_k is None else min(kv.target_k.shape[2], kv.draft_k.shape[2])
                 trim = lambda t: None if t is None else t[:, :, :cut]  # noqa: E731
-                out[rid] = KVRange(0, trim(kv.target_k), trim(kv.target_v), trim(kv.draft_k), trim(kv.draft_v))
+                out[rid] = KVRange(0, *(trim(getattr(kv, f)) for f in _KV_FIELDS))
             return t0, out
 
         t0, self.prefix = self.at_boundary(export)  # timed from the export, not from the wait for a boundary
@@ -267,7 +268,7 @@ class Immigration:
             if self.two_stage:
                 t0 = time.perf_counter()
                 rids, tensors, n = recv_stage(self.group, self.peer, stage_tag(self.order_id, 1))
-                prefix = {rid: KVRange(0, *tensors[4 * i:4 * i + 4]) for i, rid in enumerate(rids)}
+                prefix = {rid: KVRange(0, *tensors[_NF * i:_NF * i + _NF]) for i, rid in enumerate(rids)}
                 self.record.bytes += n
                 self.record.stage1_ms = 1000 * (time.perf_counter() - t0)
                 self._set(DestState.STAGE1_RECEIVED)
@@ -275,7 +276,7 @@ class Immigration:
             t0 = time.perf_counter()
             metas, tensors, n = recv_stage(self.group, self.peer, stage_tag(self.order_id, 2))
             self.record.bytes += n
-            states = [dataclasses.replace(m, **dict(zip(_KV_FIELDS, tensors[4 * i:4 * i + 4])))
+            states = [dataclasses.replace(m, **dict(zip(_KV_FIELDS, tensors[_NF * i:_NF * i + _NF])))
                       for i, m in enumerate(metas)]
             self._set(DestState.STAGE2_RECEIVED)
         except Exception as e:  # noqa: BLE001 - the source resumes its copy; give the slots back

@@ -1,6 +1,8 @@
 """Adaptive drafting's pure parts on known inputs: the step-time model (family chosen by cross-validation,
 roofline, refusal of a file made elsewhere), the acceptance predictor (fit, calibration, reset) and the
 selection (ancestor-closed, many nodes for a long tail, few for a full batch, plain when drafting cannot pay)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,140 @@ def test_predictor_fits_online_and_is_calibrated():
     assert float(np.abs(pred.predict(f) - p).mean()) < 0.05
     pred.reset()
     assert pred._n == 0 and pred.family == "logistic"  # the old fit serves until new records arrive
+
+
+# ---- first-use profiling: a grid that fits a budget, its progress, a fallback until it lands --------------------
+def grid_cost(shape, B, ctx):
+    """A synthetic per-step cost: 2 ms a step, 1 ms a target token (more at long contexts), 0.3 ms a draft token."""
+    from drafting.profile import step_tokens
+
+    t, d = step_tokens(shape, B)
+    return 0.002 + 0.001 * t * (1 + ctx / 1000) + 0.0003 * d
+
+
+def test_profile_grid_is_the_richest_that_fits_the_budget():
+    from drafting.profile import CONFIGS, PLAIN, choose_grid, ladder
+
+    full, full_s, fits = choose_grid(None, grid_cost, 64, 160)
+    assert fits and full.live == [1, 2, 4, 8, 16, 32, 48, 64] and full.ctx == [16, 80, 136]
+    assert full.configs == CONFIGS and full.repeats == 3 and full_s == pytest.approx(full.seconds(grid_cost))
+    for share in (0.5, 0.2, 0.12):
+        budget = share * full_s
+        grid, est, fits = choose_grid(budget, grid_cost, 64, 160)
+        rungs = ladder(64, 160, point_cap_s=0.02 * budget)
+        assert fits and est == pytest.approx(grid.seconds(grid_cost)) and est <= budget
+        assert all(r.seconds(grid_cost) > budget for r in rungs[:rungs.index(grid)])  # nothing richer fits
+        assert 64 in grid.live and 1 in grid.live and len(grid.live) >= 3 and len(grid.ctx) >= 2
+    # a costly point gets fewer repeats than a cheap one (one at least)
+    big = (4, 4, 16, False)
+    assert grid.reps(big, grid_cost(big, 64, 136)) < grid.reps(big, grid_cost(big, 1, 16)) == grid.repeats
+    assert grid.reps(PLAIN, 1e9) == 1
+    # a budget nothing fits: the leanest grid, and it says so
+    grid, est, fits = choose_grid(0.01, grid_cost, 64, 160)
+    assert not fits and grid == ladder(64, 160, point_cap_s=0.02 * 0.01)[-1] and est > 0.01
+
+
+def test_profile_cost_model_scales_first_timings_by_flops():
+    from drafting.profile import PLAIN, CostModel, flops_per_token
+
+    cfg = {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "head_dim": 2, "intermediate_size": 8, "vocab_size": 10}
+    # qkv 4x(2+2)x2 + o 2x2x4 + mlp 3x4x8 = 144 per layer, LM head 40; attention 4 x 1 x 2 x 2 per context token
+    assert flops_per_token(cfg, 0) == 2 * (144 + 40) and flops_per_token(cfg, 10) == 368 + 16 * 10
+    shape = (2, 2, 4, False)  # target tokens B(1 + 4), draft tokens B x lag 3 + B x 2 x 1 level
+    cost = CostModel({PLAIN: 0.01, shape: 0.05}, token_s=0.001, ctx0=10, target_flops=lambda c: 1 + c / 100,
+                     draft_flops=lambda c: 0.5 * (1 + c / 100))
+    assert cost(PLAIN, 9, 10) == pytest.approx(0.01 + 0.001 * 8)
+    assert cost(shape, 3, 10) == pytest.approx(0.05 + 0.001 * (15 - 5) + 0.001 * 0.5 * (15 - 5))
+    assert cost(PLAIN, 9, 110) == pytest.approx(0.01 + 0.001 * 8 * 2.1 / 1.1)
+
+
+def test_profile_progress_line():
+    from drafting.profile import progress_line
+
+    assert progress_line(0.42, 50.4, 68.2, 120, "live 16, ctx 80") == (
+        "calibration: profiling  42% (live 16, ctx 80), 50 s so far, about 68 s left (budget 120 s)")
+    assert progress_line(0.0, 3, None, None) == (
+        "calibration: profiling   0%, 3 s so far, time left not known yet (no budget)")
+
+
+def plain_greedy(world, prompts, n):
+    from drafting import SpeculativeEngine
+    from drafting.records import SamplingParams
+
+    eng = SpeculativeEngine(world.actor_path, None, strategy="none", max_slots=4, max_len=48)
+    return [o.token_ids for o in eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=n))]
+
+
+def rollout(inst, prompts, n, tag):
+    import time
+
+    from drafting.records import GenRequest, SamplingParams
+
+    inst.submit([GenRequest((tag, i), p, SamplingParams(temperature=0, max_new_tokens=n))
+                 for i, p in enumerate(prompts)])
+    outs, deadline = {}, time.monotonic() + 120
+    while len(outs) < len(prompts) and time.monotonic() < deadline:
+        outs.update({o.request_id: o for o in inst.collect(0.5)})
+    return [outs[(tag, i)] for i in range(len(prompts))]
+
+
+def test_first_use_decodes_with_the_fallback_until_the_profile_lands(tiny_world, tmp_path, monkeypatch, capsys,
+                                                                    one_thread, calibrate):
+    """Another process holds the profile's lock: this instance decodes plain (the fallback) at once, loads the
+    file when it lands and switches to adaptive; greedy tokens equal plain decoding's throughout."""
+    import fcntl
+    import time
+
+    from actors.generation import GenerationInstance
+    from drafting.calibration import key_name
+
+    monkeypatch.setenv("RLHFSPEC_CALIBRATION_DIR", str(tmp_path))
+    prompts = [[5, 3, 9, 4], [7, 7, 1], [2, 8, 6, 1, 3]]
+    want = plain_greedy(tiny_world, prompts, 10)
+    probe = calibrate(tiny_world.actor_path, tiny_world.draft_path)  # keyed for one thread, as this instance
+    path = tmp_path / f"{key_name(probe.key)}.json"
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "another instance is profiling"
+        inst = GenerationInstance(0, tiny_world.actor_path, tiny_world.draft_path, "adaptive", 4, 48,
+                                  calibration="auto", profile_budget_s=30, profile_fallback="none")
+        assert inst.profile_status() == {"state": "waiting", "progress": "", "strategy": "none"}
+        first = rollout(inst, prompts, 10, "a")
+        assert [o.token_ids for o in first] == want
+        assert all(o.stats["drafted"] == 0 for o in first)  # plain decoding, nothing waited for a profile
+        probe.save(path)
+    deadline = time.monotonic() + 30
+    while inst.profile_status()["state"] != "none" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert inst.profile_status()["strategy"] == "adaptive"
+    assert [o.token_ids for o in rollout(inst, prompts, 10, "b")] == want
+    out = capsys.readouterr().out
+    assert ("generation instance 0: calibration: no profile of this model pair here yet (another process is "
+            "profiling it, budget 30 s); decoding with fallback strategy 'none' until it lands") in out
+    assert "switching from 'none' to 'adaptive'" in out
+
+
+def test_first_use_profiles_between_steps_and_switches(tiny_world, tmp_path, monkeypatch, capsys, one_thread):
+    """No profile and no other process: the instance profiles the pair itself within a small budget, in slices
+    between rollout steps, then says how good the fit is and decodes with adaptive; tokens unchanged."""
+    import time
+
+    from actors.generation import GenerationInstance
+
+    monkeypatch.setenv("RLHFSPEC_CALIBRATION_DIR", str(tmp_path))
+    prompts = [[5, 3, 9, 4], [7, 7, 1], [2, 8, 6, 1, 3]]
+    want = plain_greedy(tiny_world, prompts, 10)
+    inst = GenerationInstance(0, tiny_world.actor_path, tiny_world.draft_path, "adaptive", 4, 48,
+                              calibration="auto", profile_budget_s=6, profile_fallback="chain:2")
+    assert inst.profile_status()["state"] == "profiling"
+    assert [o.token_ids for o in rollout(inst, prompts, 10, "a")] == want
+    deadline = time.monotonic() + 120
+    while inst.profile_status()["state"] != "none" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert inst.profile_status()["strategy"] == "adaptive" and list(tmp_path.glob("*.json"))
+    assert [o.token_ids for o in rollout(inst, prompts, 10, "b")] == want
+    out = capsys.readouterr().out
+    assert "decoding with fallback strategy 'chain:2' until it lands" in out
+    assert re.search(r"calibration: profiled in \d+ s \(budget 6 s\), .*; step-time model cross-validated error "
+                     r"[\d.]+%, plain decoding saturates at \d+ live samples; switching from 'chain:2' to "
+                     r"'adaptive'", out)

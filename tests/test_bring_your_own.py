@@ -1,11 +1,15 @@
 """Bring your own prompts, reward and model: the Verl example config on the tiny world (a reward file's scores
-reach the experience batch), and every bad input stops before training with exit status 2 and one line, also
-when the error is raised inside a Ray actor."""
+reach the experience batch), every bad input stops with exit status 2 and one line (before Ray starts, or raised
+inside a Ray actor), and a stop signal ends a run with one line."""
 import glob
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -105,8 +109,13 @@ def bad_cases(f):
          f"config error: model.actor: model type 'gpt2' ({f['gpt2']}) is not supported by the generation engine "
          "(supported: llama, qwen2, qwen3, mistral)"),
         ([train, f"model.draft={f['draft32']}"],
-         "config error: model.draft: vocabulary size 32 != actor's 18; speculative decoding needs one shared "
-         "vocabulary"),
+         f"config error: model.draft: vocabulary size 32 ({f['draft32']}) != the actor's 18; speculative decoding "
+         "needs one shared vocabulary"),
+        ([train, "data.max_prompt_len=4"],
+         f"data error: {f['train']}: all 4096 prompts are longer than data.max_prompt_len=4 (shortest 5, median 11, "
+         "longest 68 tokens)"),
+        ([train, "model.reward=null", "trainer.rm_weight=1"],
+         "config error: model.reward: null (no reward model) needs trainer.rm_weight=0, got trainer.rm_weight=1"),
         ([train, "generation.memory_gb=0.04"],
          "config error: generation.max_slots=16 x generation.max_len=160: K/V 29.9 MiB + weights 24.8 MiB do not "
          "fit in 36.9 MiB (90% of 41.0 MiB, generation.memory_gb); the largest that fit: generation.max_slots=6 at "
@@ -115,11 +124,13 @@ def bad_cases(f):
 
 
 CASES = ["missing file", "missing function", "raises", "not a number", "no ground truth", "no chat template",
-         "wrong column type", "gpt2 actor", "draft vocabulary", "kv does not fit"]
+         "wrong column type", "gpt2 actor", "draft vocabulary", "prompts too long", "reward null with rm_weight",
+         "kv does not fit"]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASES)
-def test_bad_input_exits_2_with_one_line(ray_cluster, inputs, capsys, case):
+def test_bad_input_exits_2_with_one_line(inputs, capsys, case):
+    """The preflight finds each of these before Ray starts (no cluster here: none is needed)."""
     overrides, line = bad_cases(inputs)[case]
     code = launch.main(["--config", EXAMPLE, *QUICK, "data.eval.path=null", *overrides])
     err = capsys.readouterr().err.strip().splitlines()
@@ -154,3 +165,74 @@ def test_verl_example_iteration_then_an_error_inside_the_reward_actor(ray_cluste
     # evaluation (before the iteration): test.parquet rows 0..3, greedy and sampled
     assert first["eval/score"] == first["eval/sampled_score"] == pytest.approx(np.mean([0, 1, 2, 3]) / 4)
     assert first["eval/index"] == 1.5 and first["eval/train"] == 0.0
+
+
+def test_reward_function_only_preflight_never_touches_the_tiny_world(tiny_world, inputs, tmp_path, monkeypatch):
+    """model.reward null (or left at tiny but unused: rm_weight 0) and model.draft null with every other path
+    given: the preflight passes on an empty cache and builds nothing there (the run proper: the SIGTERM test)."""
+    from configs.schema import load_config
+    from trainer.preflight import preflight
+
+    cache = tmp_path / "tiny"
+    monkeypatch.setenv("RLHFSPEC_CACHE", str(cache))
+    for reward in ("null", "tiny"):
+        cfg = load_config(EXAMPLE, [f"model.actor={tiny_world.actor_path}", "model.draft=null",
+                                    f"model.reward={reward}", "generation.strategy=none",
+                                    f"data.train.path={inputs['train']}", f"data.eval.path={inputs['test']}",
+                                    "data.eval.size=4"])
+        checked = preflight(cfg, log=lambda *a, **k: None)
+        assert (checked.paths.draft, checked.paths.reward, len(checked.eval_prompts)) == (None, None, 4)
+        assert not cache.exists()
+
+
+def test_a_stop_signal_names_the_iteration_and_phase():
+    """The handler reads what was running off the interrupted stack: the driver loop's iteration and phase."""
+    from trainer import stop
+
+    def fit():  # the Driver's names, as the handler finds them
+        for iteration in range(2, 4):  # noqa: B007 - read off the frame
+            if iteration == 3:
+                return generate()
+
+    def generate():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    handlers = stop.install()
+    try:
+        with pytest.raises(stop.Interrupted) as got:
+            fit()
+    finally:
+        stop.restore(handlers)
+    assert (got.value.where, got.value.exit_status) == ("iteration 3 (generate)", 143)
+    assert stop.last() is got.value  # kept for launch.py: inside ray.get, Ray raises its own KeyboardInterrupt
+    assert got.value.line(None) == "interrupted during iteration 3 (generate); no checkpoint yet"
+    assert signal.getsignal(signal.SIGTERM) == handlers[signal.SIGTERM]
+
+
+def test_sigterm_ends_a_reward_function_only_run_with_one_line(ray_cluster, tiny_world, inputs, tmp_path):
+    """A run with a reward function alone (model.reward null) and plain decoding (model.draft null) on explicit
+    paths, with an empty tiny-world cache: SIGTERM once iteration 0's checkpoint is in ends the run with one line
+    naming iteration 1 and that checkpoint, exit status 143, no traceback or native stack dump; nothing built
+    the tiny world."""
+    cache, run_dir = tmp_path / "cache" / "tiny", tmp_path / "run"
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "launch.py", "--config", EXAMPLE, *QUICK, "trainer.iterations=4", "trainer.save_every=1",
+             f"model.actor={tiny_world.actor_path}", "model.draft=null", "model.reward=null",
+             "generation.strategy=none", f"data.train.path={inputs['train']}", "data.eval.path=null",
+             f"trainer.output_dir={run_dir}"],
+            stdout=out, stderr=err, cwd=ROOT, env={**os.environ, "RLHFSPEC_CACHE": str(cache)})
+        deadline = time.time() + 600
+        while not (run_dir / "checkpoints" / "latest").exists():  # iteration 0 is done: iteration 1 has begun
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err").read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143, (tmp_path / "err").read_text()[-3000:]
+    stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert "reward model none" in stdout and "draft none (plain decoding)" in stdout
+    assert re.fullmatch(r"interrupted during iteration 1( \((generate|make_experience|update|weight sync)\))?; "
+                        rf"last checkpoint {run_dir}/checkpoints/iter_00001", stderr.strip().splitlines()[-1])
+    for dump in ("Traceback", "Fatal Python error", "*** SIG", "Stack trace"):
+        assert dump not in stdout + stderr
+    assert not cache.exists()

@@ -83,7 +83,11 @@ def test_draft_vocab_mismatch_is_named(tmp_path):
                      reward=save(LlamaForSequenceClassification, 32, "rm", num_labels=1), train_prompts=str(prompts),
                      eval_prompts=None)
     cfg = load_config(None, ["trainer.rm_weight=1.0"])
-    with pytest.raises(ConfigError, match=r"model.draft: vocabulary size 48 != actor's 32"):
+    with pytest.raises(ConfigError, match=r"model.draft: vocabulary size 48 \(.*/draft\) != the actor's 32"):
+        check_models(cfg, paths)
+    paths.reward = save(LlamaForSequenceClassification, 48, "rm48", num_labels=1)
+    paths.draft = None  # plain decoding: no draft to check
+    with pytest.raises(ConfigError, match=r"model.reward: vocabulary size 48 \(.*/rm48\) != the actor's 32; "):
         check_models(cfg, paths)
     paths.draft = paths.actor
     paths.reward = paths.actor  # a causal LM where a reward model belongs
@@ -92,6 +96,33 @@ def test_draft_vocab_mismatch_is_named(tmp_path):
     paths.reward = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match=r"model.reward: model directory not found: .*missing"):
         check_models(cfg, paths)
+
+
+def test_reward_and_draft_may_be_null():
+    """A reward function alone (rm_weight 0) needs no reward model; plain decoding needs no draft. Null elsewhere,
+    or an empty path, is an error naming the keys."""
+    cfg = load_config(None, ["model.reward=null", "model.draft=null", "generation.strategy=none"])
+    assert (cfg.model.reward, cfg.model.draft, cfg.trainer.rm_weight) == (None, None, 0.0)
+    from configs.schema import critic_init
+
+    assert critic_init(cfg) == "actor" and critic_init(load_config(None, ["model.critic_init=reward"])) == "reward"
+    for overrides, message in [
+        (["model.reward=null", "trainer.rm_weight=0.5"],
+         "model.reward: null (no reward model) needs trainer.rm_weight=0, got trainer.rm_weight=0.5"),
+        (["model.draft=null"], "model.draft: null (no draft model) needs generation.strategy=none, got "
+                               "generation.strategy=adaptive"),
+        (["model.reward="], "model.reward: empty path; null means no model"),
+        (["model.actor=null"], "model.actor: expected str, got NoneType None"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, overrides)
+        assert str(err.value) == message
+
+
+def test_real_small_example_is_valid():
+    cfg = load_config(CONFIG_DIR / "real_small.yaml")
+    assert (cfg.model.reward, cfg.model.draft, cfg.generation.strategy) == (None, None, "none")
+    assert cfg.trainer.actor_lr <= 1e-6 and cfg.trainer.rm_weight == 0 and cfg.trainer.algorithm == "grpo"
 
 
 def test_too_many_instances_for_the_cluster():

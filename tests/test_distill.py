@@ -192,3 +192,138 @@ def test_draft_weights_ride_the_weight_group_with_a_version(ray_cluster, tiny_wo
         policy.shutdown()
         for handle in [draft, *fleet.instances]:
             ray.kill(handle)
+
+
+class _StepCosts:
+    """A hand-made step-time model (ms): plain 10; the draft's root and each level 1; verify 10 plus `per_node`
+    per drafted node of a sample."""
+
+    def __init__(self, per_node: float = 1.0):
+        self.per_node = per_node
+
+    def plain_ms(self, live, ctx):
+        return 10.0
+
+    def root_ms(self, live, lag, ctx):
+        return 1.0
+
+    def level_ms(self, live, width, ctx):
+        return 1.0
+
+    def verify_ms(self, live, tokens, width, ctx):
+        import numpy as np
+
+        return 10.0 + self.per_node * (np.asarray(width, dtype=float) - 1)
+
+
+def test_verdict_by_hand():
+    from drafting.verdict import committed_per_step, judge
+
+    assert committed_per_step(0.5, 2) == pytest.approx(1.75)
+    # acceptance 0.8: a chain of d costs 10 + 2d ms for 1 + 0.8 + ... + 0.8^d tokens; d = 4 is best:
+    # 3.3616 tokens / 18 ms against plain's 1 / 10 ms
+    good = judge(0.8, _StepCosts(), live=32, ctx=100)
+    assert good.speedup == pytest.approx(3.3616 / 18 * 10) and good.depth == 4 and good.pays
+    # break-even: d = 1 pays 1.05 at (1 + a) / 12 ms = 1.05 / 10 ms, a = 0.26
+    assert good.break_even == pytest.approx(0.26, abs=1e-4)
+    assert good.line() == ("draft verdict: acceptance 0.80 per drafted token: drafting pays x1.87 (chain of 4, "
+                           "32 live samples, context 100) -> keep drafting (generation.strategy=adaptive)")
+    assert good.metrics() == {"draft/verdict_acceptance": 0.8, "draft/verdict_speedup": good.speedup,
+                              "draft/verdict_pays": 1.0, "draft/verdict_break_even": good.break_even}
+
+    low = judge(0.19, _StepCosts(), live=32, ctx=100)
+    assert not low.pays and low.speedup == pytest.approx(1.19 / 12 * 10)
+    assert low.line().endswith("drafting cannot pay (best x0.99, chain of 1, 32 live samples, context 100) -> "
+                               "decode plain (generation.strategy=none), or train the draft longer: it needs "
+                               "acceptance >= 0.26")
+    # verifying a node costs as much as a plain step: no acceptance pays
+    hopeless = judge(0.9, _StepCosts(per_node=10.0))
+    assert hopeless.break_even is None and not hopeless.pays
+    assert "use another kind of draft" in hopeless.line() and "decode plain" in hopeless.line()
+    assert math.isnan(hopeless.metrics()["draft/verdict_break_even"])
+    # a calibration only a near-perfect draft beats
+    costly = judge(0.5, _StepCosts(per_node=7.5))  # (1 + a) / 18.5 ms = 1.05 / 10 ms: a = 0.9425
+    assert costly.break_even == pytest.approx(0.9425, abs=1e-4)
+    assert "or use another kind of draft: it needs acceptance >= 0.94" in costly.line()
+    blind = judge(0.4)  # no calibration: the number, and how to get the speed verdict
+    assert blind.line().startswith("draft verdict: acceptance 0.40 per drafted token; no step-time calibration")
+    assert blind.metrics() == {"draft/verdict_acceptance": 0.4} and not blind.pays
+
+
+def test_sampled_softmax_is_the_full_loss_when_the_sample_covers_the_vocabulary():
+    from trainer.distill import sample_candidates
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(4, 24, generator=g) * 2, torch.randn(4, 24, generator=g) * 2
+    top = teacher.log_softmax(-1).topk(3, -1)  # at most 12 of the 24 tokens
+    full = draft_loss(student, "kl_topk", topk_logprobs=top.values, topk_ids=top.indices)
+    ids, log_w, local = sample_candidates(top.indices, 24, 24, torch.Generator().manual_seed(1))
+    assert sorted(ids.tolist()) == list(range(24)) and torch.equal(ids[local], top.indices)
+    assert torch.count_nonzero(log_w) == 0  # every token scored: each stands for itself
+    sampled = draft_loss(student[:, ids] + log_w, "kl_topk", topk_logprobs=top.values, topk_ids=local)
+    assert sampled.item() == pytest.approx(full.item(), rel=1e-5)
+    # a part of the rest: each sampled token stands for (V - u) / m of them
+    ids, log_w, local = sample_candidates(top.indices, 24, 4, torch.Generator().manual_seed(1))
+    u = len(top.indices.unique())
+    assert len(ids) == u + 4 and torch.allclose(log_w[u:], torch.full((4,), math.log((24 - u) / 4)))
+    assert not set(ids[u:].tolist()) & set(top.indices.flatten().tolist())
+
+
+def test_learner_with_sampled_softmax_learns_and_stops_when_asked(one_thread):
+    actor, draft = _tiny_lm(0), _tiny_lm(1, layers=1)
+    seqs, attn, action = _rollout(16)
+    R = action.shape[1]
+    with torch.no_grad():
+        _, top_logp, top_ids = sequence_logprobs_topk(actor, seqs, attn, R, 1.0, k=4)
+    batch = Experience(seqs, attn, action, R, topk_logprobs=top_logp, topk_ids=top_ids)
+    learner = DraftLearner(draft, DraftConfig(lr=1e-2, steps=4, batch_size=4, vocab_sample=8), temperature=1.0)
+    assert not learner.sampled  # 24 tokens are not over 4 x 8: the full softmax
+    learner.sampled = True  # as on a large vocabulary
+    first = learner.train(batch, seed=0)
+    for it in range(1, 6):
+        last = learner.train(batch, seed=it)
+    assert last["loss"] < 0.8 * first["loss"], (first, last)
+    assert 0 < first["acceptance"] < last["acceptance"] <= 1  # measured on the first pass, before its steps
+    asked = []
+    stopped = learner.train(batch, seed=9, steps=10, should_stop=lambda: asked.append(1) or len(asked) > 3)
+    assert stopped["steps"] == 3 and len(asked) == 4 and learner.updates == 27
+
+
+def test_draft_trainer_stops_with_the_updates_and_carries_the_rest(tiny_world, one_thread):
+    from actors.draft_trainer import DraftTrainer
+    from trainer.strategy import load_causal_lm
+
+    actor = load_causal_lm(tiny_world.actor_path, "actor").eval()
+    seqs, attn, action = _rollout(16)
+    seqs = seqs % actor.config.vocab_size  # the tiny world's vocabulary is smaller than _rollout's
+    R = action.shape[1]
+    with torch.no_grad():
+        _, top_logp, top_ids = sequence_logprobs_topk(actor, seqs, attn, R, 1.0, k=4)
+    batch = Experience(seqs, attn, action, R, topk_logprobs=top_logp, topk_ids=top_ids)
+    trainer = DraftTrainer(tiny_world.draft_path, DraftConfig(steps=4, batch_size=4), 1.0)
+    m = trainer.train(batch, 0, updates=[])  # the updates are done already: one step, the rest carries over
+    assert (m["steps"], m["budget"], m["carried"]) == (1, 4, 3)
+    m = trainer.train(batch, 1, updates=[])
+    assert (m["steps"], m["budget"], m["carried"]) == (1, 7, 4)  # at most one budget carries
+    m = trainer.train(batch, 2, updates=[object()], deadline_s=0.0)  # the next step would end past the deadline
+    assert (m["steps"], m["budget"], m["carried"]) == (1, 8, 4)
+    m = trainer.train(batch, 3)  # no update window: the whole budget
+    assert (m["steps"], m["budget"], m["carried"]) == (8, 8, 0) and m["step_seconds"] > 0
+
+
+def test_verdict_without_a_calibration_bounds_the_gain_on_any_hardware():
+    from drafting.verdict import forward_cost, judge, upper_bound
+
+    # a draft costing a quarter of the target per token: at 0.5 one drafted token is best, 1.5 / 1.25
+    assert upper_bound(0.5, 0.25) == pytest.approx(1.2)
+    assert upper_bound(0.19, 0.25) == pytest.approx(1.19 / 1.25)
+    low = judge(0.19, cost_ratio=0.25)
+    assert low.line() == ("draft verdict: acceptance 0.19 per drafted token: drafting cannot pay on any hardware "
+                          "(at most x0.95) -> decode plain (generation.strategy=none), or train the draft longer, "
+                          "or use another kind of draft (fewer layers, or a head)")
+    assert low.metrics() == {"draft/verdict_acceptance": 0.19, "draft/verdict_bound": pytest.approx(0.952)}
+    assert "(at most x1.20 on ideal hardware); no step-time calibration" in judge(0.5, cost_ratio=0.25).line()
+    cfg = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    # per layer: q, o 8 x 8 each, k, v 8 x 4 each (head_dim 4), MLP 3 x 8 x 16; the head 8 x 100
+    assert forward_cost(cfg) == 2 * (2 * 64 + 2 * 32 + 3 * 128) + 800

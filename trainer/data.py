@@ -106,7 +106,7 @@ def load_prompts(path, tokenizer, max_prompt_len: int, prompt_key: str = "prompt
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no prompts in file")
-    prompts = []
+    prompts, lengths = [], []
     for i, row in enumerate(rows):
         where = f"{path} row {i}"
         value = lookup(row, prompt_key)
@@ -126,6 +126,7 @@ def load_prompts(path, tokenizer, max_prompt_len: int, prompt_key: str = "prompt
         if not isinstance(extra_info, dict):
             raise DataError(f"{where}: extra_info holds {type(extra_info).__name__}; expected a mapping")
         ids = tokenize_prompt(text, tokenizer)
+        lengths.append(len(ids))
         if len(ids) > max_prompt_len:
             if overlong == "filter":
                 continue
@@ -134,7 +135,8 @@ def load_prompts(path, tokenizer, max_prompt_len: int, prompt_key: str = "prompt
         if size is not None and len(prompts) == size:
             break
     if not prompts:
-        raise DataError(f"{path}: all {len(rows)} prompts are longer than data.max_prompt_len={max_prompt_len}")
+        raise DataError(f"{path}: all {len(rows)} prompts are longer than data.max_prompt_len={max_prompt_len} "
+                        f"(shortest {min(lengths)}, median {int(np.median(lengths))}, longest {max(lengths)} tokens)")
     return prompts
 
 

@@ -1,12 +1,15 @@
 """Fit a draft to an actor, offline, before RL: sample from the actor on a prompt file, then distil.
 
-    python -m trainer.distill_draft --actor DIR --prompts FILE --out DIR [--draft DIR | --layers 2]
+    python -m trainer.distill_draft --actor DIR --prompts FILE --out DIR [--draft DIR | --layers 2] [--budget-min 15]
 
 The answer to "where do I get a draft for my actor?": start from a small model with the actor's vocabulary
 (--draft), or from the actor itself cut to its first --layers layers (same embeddings, norm and head). The
 draft learns on the actor's own samples with the loss online adaptation uses (trainer/distill.py), and the
 held-out acceptance probability (sum_x min(p, q), the chance speculative sampling accepts a drafted token)
-is printed before and after each epoch. `tiny` for --actor / --prompts means the tiny world's.
+is printed before and after each epoch. A wall-clock budget (--budget-min) sizes the run to the machine: sampling
+takes prompts until half of it, training stops at its end. The last line is the draft's verdict
+(drafting/verdict.py): the acceptance reached and whether drafting can pay with it on this hardware. `tiny` for
+--actor / --prompts means the tiny world's.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from configs.schema import DRAFT_LOSSES, DraftConfig
 from trainer.distill import DraftLearner, acceptance_probability
@@ -46,23 +50,44 @@ def draft_from_actor(actor_path: str, layers: int) -> torch.nn.Module:
 
 @torch.no_grad()
 def sample_responses(actor_path: str, prompts: list[list[int]], temperature: float, max_new_tokens: int,
-                     seed: int, max_len: int) -> list[list[int]]:
-    """The actor's samples with the project's engine (plain decoding: nothing to draft with yet)."""
-    from drafting import SamplingParams, SpeculativeEngine
+                     seed: int, max_len: int, deadline: float = math.inf, progress: bool = True,
+                     min_samples: int = 0) -> list[list[int]]:
+    """The actor's samples with the project's engine (plain decoding: nothing to draft with yet), in prompt
+    order; past `deadline` (perf_counter) no new prompt starts beyond the first `min_samples`, so fewer may
+    come back."""
+    from drafting import GenRequest, SamplingParams, SpeculativeEngine
+    from drafting.sampling import derive_seed
 
     engine = SpeculativeEngine(actor_path, None, strategy="none", max_slots=64, max_len=max_len)
-    outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
-    return [o.token_ids for o in outs]
+    for i, p in enumerate(prompts):
+        engine.add(GenRequest(i, list(p), SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                                                         seed=derive_seed(seed, i))))
+    done: dict[int, list[int]] = {}
+    with tqdm(total=len(prompts), desc="sampling", unit="sample", disable=not progress) as bar:
+        while engine.live or engine.queue:
+            late = [r.request_id for r in engine.queue if r.request_id >= min_samples]
+            if late and time.perf_counter() > deadline:  # the budget: no new prompt starts
+                for request_id in late:
+                    engine.remove(request_id)
+                bar.total = len(prompts) - len(late)
+                bar.refresh()
+            for out in engine.step():
+                done[out.request_id] = out.token_ids
+                bar.update(1)
+    n = 0  # queued prompts leave in order: the samples that came back are a prefix of the prompts
+    while n in done:
+        n += 1
+    return [done[i] for i in range(n)]
 
 
 @torch.no_grad()
 def teacher_batch(actor, prompts: list[list[int]], responses: list[list[int]], pad_id: int, temperature: float,
-                  top_k: int, chunk: int = 32) -> Experience:
+                  top_k: int, chunk: int = 32, desc: str = "teacher") -> Experience:
     """Sequences and masks of the samples with the actor's top-k log-probs per response position."""
     seqs, attn, action = make_sequences(prompts, responses, pad_id)
     R = action.shape[1]
     parts = [sequence_logprobs_topk(actor, seqs[i:i + chunk], attn[i:i + chunk], R, temperature, top_k)
-             for i in range(0, len(seqs), chunk)]
+             for i in tqdm(range(0, len(seqs), chunk), desc=desc, unit="batch", disable=desc is None)]
     _, top_logp, top_ids = (torch.cat(p) for p in zip(*parts))
     return Experience(seqs, attn, action, R, topk_logprobs=top_logp, topk_ids=top_ids)
 
@@ -83,34 +108,72 @@ def held_out_scores(actor, draft, batch: Experience, temperature: float, chunk: 
     return {"acceptance": accept / max(n, 1), "top1_agreement": agree / max(n, 1), "positions": n}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# --- draft kinds: how the draft starts (E adds "head"); the sampling, teacher pass and fit are shared ---
+def layers_draft(args, actor_path: str) -> torch.nn.Module:
+    """A draft model: the one --draft names, else the actor cut to its first --layers layers."""
+    return load_causal_lm(args.draft, "draft") if args.draft else draft_from_actor(actor_path, args.layers)
+
+
+def head_draft(args, actor_path: str):
+    """An EAGLE-style draft head (drafting/head.py): it trains on the actor's features, in trainer/distill_head.py."""
+    raise NotImplementedError("--kind head runs trainer.distill_head.fit")
+
+
+KINDS = {"layers": layers_draft, "head": head_draft}
+
+SAMPLING_SHARE = 0.5  # of --budget-min: sampling stops taking new prompts past it; the teacher pass and training
+# share the rest (the teacher pass costs about one forward per sample, a few % of sampling's)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--actor", required=True, help="HF dir of the actor (or 'tiny')")
     parser.add_argument("--prompts", required=True, help="JSONL / Parquet prompt file (or 'tiny')")
     parser.add_argument("--out", required=True, help="where the draft is saved (HF dir)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="layers", help="what kind of draft to fit")
     init = parser.add_mutually_exclusive_group()
     init.add_argument("--draft", help="HF dir of the draft to start from (same vocabulary as the actor)")
     init.add_argument("--layers", type=int, default=2, help="else: the actor cut to its first N layers")
-    parser.add_argument("--prompt-key", default="prompt")
-    parser.add_argument("--max-prompt-len", type=int, default=256)
-    parser.add_argument("--num-prompts", type=int, default=1024, help="prompts used (from the top of the file)")
-    parser.add_argument("--held-out", type=int, default=64, help="of those, the last N only measure acceptance")
-    parser.add_argument("--samples-per-prompt", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--budget-min", type=float, default=15.0,
+                        help="wall-clock budget in minutes: sampling stops taking prompts at half of it, training "
+                             "stops at the end of it (the run may overshoot by one batch)")
+    parser.add_argument("--prompt-key", default="prompt", help="the prompt column (Verl: chat messages)")
+    parser.add_argument("--max-prompt-len", type=int, default=256, help="longer prompts are left out")
+    parser.add_argument("--num-prompts", type=int, default=1024, help="at most this many prompts, from the top "
+                                                                      "of the file (the budget may use fewer)")
+    parser.add_argument("--held-out", type=int, default=16, help="the first N prompts only measure acceptance")
+    parser.add_argument("--samples-per-prompt", type=int, default=2, help="actor samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="per sample")
     parser.add_argument("--temperature", type=float, default=1.0, help="the rollout temperature to fit")
-    parser.add_argument("--loss", choices=DRAFT_LOSSES, default=DraftConfig.loss)
-    parser.add_argument("--top-k", type=int, default=DraftConfig.top_k)
-    parser.add_argument("--lr", type=float, default=DraftConfig.lr)
-    parser.add_argument("--batch-size", type=int, default=DraftConfig.batch_size, help="samples per optimizer step")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args(argv)
+    parser.add_argument("--loss", choices=DRAFT_LOSSES, default=DraftConfig.loss, help="as draft.loss")
+    parser.add_argument("--top-k", type=int, default=DraftConfig.top_k, help="actor log-probs per position (kl_topk)")
+    parser.add_argument("--vocab-sample", type=int, default=DraftConfig.vocab_sample,
+                        help="sampled-softmax size for kl_topk on large vocabularies (0: full softmax)")
+    parser.add_argument("--lr", type=float, default=DraftConfig.lr, help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step")
+    parser.add_argument("--epochs", type=int, default=3, help="at most; the budget may stop training sooner")
+    parser.add_argument("--live", type=int, default=32, help="live samples per instance the speed verdict assumes")
+    parser.add_argument("--calibration", default="auto", help="step-time calibration for the speed verdict: a file, "
+                        "or 'auto' (this pair's cached profile at one thread, if any)")
+    parser.add_argument("--head-lr", type=float, default=1e-3, help="--kind head: AdamW learning rate")
+    parser.add_argument("--head-init", choices=("random", "actor"), default="random",
+                        help="--kind head: the layer from scratch, or a copy of the actor's last layer")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and minibatch order")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    end = start + 60.0 * args.budget_min
 
     from transformers import AutoTokenizer
 
+    from drafting.verdict import find_calibration, forward_cost, judge
     from trainer.data import load_prompts
 
     actor_path, prompt_path = args.actor, args.prompts
@@ -126,38 +189,78 @@ def main(argv: list[str] | None = None) -> dict:
                                                  prompt_key=args.prompt_key, size=args.num_prompts)]
     if len(prompts) <= args.held_out:
         raise ValueError(f"--held-out {args.held_out} leaves no training prompts out of {len(prompts)}")
-    prompts = [list(p) for p in prompts for _ in range(args.samples_per_prompt)]
-    held = args.held_out * args.samples_per_prompt
+    k = args.samples_per_prompt
+    prompts = [list(p) for p in prompts for _ in range(k)]
+    held = args.held_out * k
+    print(f"{len(prompts) // k} prompts x {k} samples, up to {args.max_new_tokens} new tokens, {args.threads} "
+          f"threads; budget {args.budget_min:g} min: sampling until {SAMPLING_SHARE * args.budget_min:.1f} min, "
+          f"then the teacher pass and up to {args.epochs} epochs until {args.budget_min:g} min", flush=True)
 
+    if args.kind == "head":  # samples carry the actor's features; no teacher pass (trainer/distill_head.py)
+        from trainer.distill_head import fit as fit_head
+
+        return fit_head(args, actor_path, tokenizer, prompts, held, start, end, SAMPLING_SHARE)
     max_len = max(map(len, prompts)) + args.max_new_tokens + 1
-    responses = sample_responses(actor_path, prompts, args.temperature, args.max_new_tokens, args.seed, max_len)
-    sampled_s = time.perf_counter() - start
+    sample_start = time.perf_counter()
+    responses = sample_responses(actor_path, prompts, args.temperature, args.max_new_tokens, args.seed, max_len,
+                                 deadline=start + SAMPLING_SHARE * (end - start), progress=args.progress,
+                                 min_samples=held + 2 * args.batch_size)  # however short the budget
+    sampled_s = time.perf_counter() - sample_start
+    if len(responses) <= held:
+        raise ValueError(f"--held-out {args.held_out}: leaves none of the {len(responses)} samples to train on")
+    prompts = prompts[:len(responses)]
+    tokens = sum(map(len, responses))
+    print(f"sampled {len(responses)} samples ({tokens} tokens, {tokens / sampled_s:.1f} tokens/s) in "
+          f"{sampled_s:.0f} s", flush=True)
     actor = load_causal_lm(actor_path, "actor").eval()
-    train = teacher_batch(actor, prompts[:-held], responses[:-held], pad_id, args.temperature, args.top_k)
-    held_out = teacher_batch(actor, prompts[-held:], responses[-held:], pad_id, args.temperature, args.top_k)
-    draft = load_causal_lm(args.draft, "draft") if args.draft else draft_from_actor(actor_path, args.layers)
+    held_out = teacher_batch(actor, prompts[:held], responses[:held], pad_id, args.temperature, args.top_k,
+                             desc="teacher (held out)" if args.progress else None)
+    train = teacher_batch(actor, prompts[held:], responses[held:], pad_id, args.temperature, args.top_k,
+                          desc="teacher" if args.progress else None)
+    draft = KINDS[args.kind](args, actor_path)
+    steps = math.ceil(train.batch_size / args.batch_size)  # one pass per epoch
     cfg = DraftConfig(online=False, loss=args.loss, top_k=args.top_k, lr=args.lr, batch_size=args.batch_size,
-                      steps=math.ceil(train.batch_size / args.batch_size))  # one pass per epoch
+                      steps=steps, vocab_sample=args.vocab_sample)
     learner = DraftLearner(draft, cfg, args.temperature)
 
     history = [{"epoch": 0, **held_out_scores(actor, draft, held_out, learner.temperature)}]
     print(f"{train.batch_size} training samples, {held} held out; before: acceptance "
           f"{history[0]['acceptance']:.4f}, top-1 agreement {history[0]['top1_agreement']:.4f}", flush=True)
+    left = end - time.perf_counter()
+    print(f"training: {steps} steps per epoch{' (sampled softmax)' if learner.sampled else ''}, up to "
+          f"{args.epochs} epochs in the {max(left, 0) / 60:.1f} min left (one at least)", flush=True)
+    bar = tqdm(total=steps * args.epochs, desc="training", unit="step", disable=not args.progress)
+
+    def out_of_time() -> bool:  # asked before each step; the first epoch runs whatever the budget
+        bar.update(1)
+        return epoch > 1 and time.perf_counter() > end
+
     for epoch in range(1, args.epochs + 1):
-        fit = learner.train(train, seed=args.seed * 1000 + epoch)
-        history.append({"epoch": epoch, "loss": fit["loss"], **held_out_scores(actor, draft, held_out,
-                                                                                learner.temperature)})
-        print(f"epoch {epoch}: {args.loss} {fit['loss']:.4f}; held-out acceptance {history[-1]['acceptance']:.4f}, "
-              f"top-1 agreement {history[-1]['top1_agreement']:.4f}", flush=True)
+        fit = learner.train(train, seed=args.seed * 1000 + epoch, should_stop=out_of_time)
+        history.append({"epoch": epoch, "loss": fit["loss"], "steps": fit["steps"],
+                        **held_out_scores(actor, draft, held_out, learner.temperature)})
+        tqdm.write(f"epoch {epoch}: {args.loss} {fit['loss']:.4f}; held-out acceptance "
+                   f"{history[-1]['acceptance']:.4f}, top-1 agreement {history[-1]['top1_agreement']:.4f}"
+                   + ("" if fit["steps"] == steps else f" (budget spent after {fit['steps']:.0f} of {steps} steps)"))
+        if time.perf_counter() > end:
+            break
+    bar.close()
 
     out = Path(args.out)
     draft.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    report = {"actor": actor_path, "prompts": prompt_path, "init": args.draft or f"actor's first {args.layers} layers",
-              "args": vars(args), "history": history, "sample_seconds": round(sampled_s, 1),
-              "seconds": round(time.perf_counter() - start, 1)}
+    acceptance = history[-1]["acceptance"]
+    ctx = int(sum(map(len, prompts)) / len(prompts) + args.max_new_tokens / 2)
+    cal = find_calibration(actor_path, str(out), spec=args.calibration)
+    ratio = forward_cost(draft.config) / forward_cost(actor.config)  # the bound when there is no calibration
+    verdict = judge(acceptance, cal, live=args.live, ctx=ctx, cost_ratio=ratio)
+    report = {"actor": actor_path, "prompts": prompt_path, "kind": args.kind,
+              "init": args.draft or f"actor's first {args.layers} layers", "args": vars(args), "history": history,
+              "samples": len(responses), "sample_seconds": round(sampled_s, 1),
+              "seconds": round(time.perf_counter() - start, 1), "verdict": verdict.metrics("")}
     (out / "distill.json").write_text(json.dumps(report, indent=1))
     print(f"draft saved to {out} ({report['seconds']:.0f} s)")
+    print(verdict.line(), flush=True)
     return report
 
 

@@ -59,6 +59,10 @@ class Driver:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.reward_moments = reward_moments
         self.eval_prompts = list(eval_prompts)
+        self._update_s: float | None = None  # the last policy + critic update's seconds
+        self._found_calibration = self._cost_ratio = self._last_verdict = None  # the draft verdict's
+        self._mean_prompt_len = float(np.mean([len(p.token_ids) for p in sampler.prompts])) if hasattr(
+            sampler, "prompts") else 0.0
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self, start_iteration: int = 0) -> list[dict]:
@@ -83,6 +87,7 @@ class Driver:
                         train_metrics.update(self.sync_weights(iteration + 1))
             metrics = {"iteration": iteration, **gen_metrics, **exp_metrics, **train_metrics,
                        **{f"time/{k}": v for k, v in times.items()}, **evaluation}
+            metrics.update(self.draft_verdict(metrics))
             self.tracking.log(metrics, step=iteration)
             history.append(metrics)
             if self.checkpoints.due(iteration):
@@ -232,12 +237,17 @@ class Driver:
 
     def update(self, experience: Experience, iteration: int) -> dict:
         """Critic and policy learn at the same time, each on its data-parallel shards, and the draft trainer
-        distils the draft toward the policy that made this rollout, beside them, off the critical path."""
+        distils the draft toward the policy that made this rollout beside them, off the critical path: it is handed
+        their refs and stops when they are done (the rest of its step budget carries over)."""
         start = time.perf_counter()
-        draft_ref = self.draft.train.remote(experience, iteration) if self.draft is not None else None
+        draft_batch = experience
         experience = replace(experience, topk_logprobs=None, topk_ids=None)  # only the draft reads them
         policy_refs = [] if self.policy_frozen(iteration) else self.policy.call_sharded("update", experience, iteration)
         critic_refs = self.critic.call_sharded("update", experience, iteration) if self.critic else []
+        draft_ref = None
+        if self.draft is not None:
+            window = None if self.cfg.draft.full_budget else list(policy_refs) + list(critic_refs)
+            draft_ref = self.draft.train.remote(draft_batch, iteration, window, self._update_s)
         metrics = {}
         if policy_refs:
             policy_metrics = ray.get(policy_refs)[0]  # already all-reduced across ranks
@@ -249,11 +259,53 @@ class Driver:
             metrics["loss/value"] = critic_metrics.get("value_loss", float("nan"))
         updated = time.perf_counter()
         metrics["time/policy_update"] = updated - start  # policy and critic, side by side
+        if policy_refs or critic_refs:
+            self._update_s = updated - start  # the next iteration's draft deadline
         if draft_ref is not None:
             draft_metrics = ray.get(draft_ref)
-            metrics["time/draft_wait"] = time.perf_counter() - updated  # ~0 while the draft finishes first
+            metrics["time/draft_wait"] = time.perf_counter() - updated  # ~0: the draft stops with the updates
             metrics.update({f"draft/{k}": v for k, v in draft_metrics.items()})
         return metrics
+
+    def draft_verdict(self, metrics: dict) -> dict:
+        """Whether drafting can pay at the acceptance measured this iteration (the draft trainer's, on the rollout
+        before it trained on it; else the rollout's accepted per drafted token), as `draft/verdict_*` metrics; the
+        console line comes at the first verdict and whenever it turns."""
+        from drafting.verdict import judge
+
+        acceptance = metrics.get("draft/acceptance")
+        if acceptance is None and metrics.get("rollout/acceptance_rate"):
+            acceptance = metrics["rollout/acceptance_rate"]
+        if acceptance is None or self.cfg.generation.strategy == "none":
+            return {}
+        g, t = self.cfg.generation, self.cfg.trainer
+        live = metrics.get("drafting/live_mean") or t.prompts_per_iteration * t.samples_per_prompt / g.num_instances
+        ctx = self._mean_prompt_len + metrics.get("response/length_mean", 0.0) / 2
+        cal = self._calibration()
+        verdict = judge(acceptance, cal, live=round(live), ctx=round(ctx), cost_ratio=self._cost_ratio)
+        if self._last_verdict is None or verdict.pays != self._last_verdict:
+            tqdm.write(verdict.line())
+        self._last_verdict = verdict.pays
+        return verdict.metrics()
+
+    def _calibration(self):
+        """The step-time calibration of this actor and draft here, once the instances have one (read, never
+        profiled: `auto` profiles on first use only where a strategy needs it). Also the draft's cost per token
+        over the actor's, for the bound without one."""
+        if self._found_calibration is None and self.cfg.generation.gpus_per_instance == 0:
+            from transformers import AutoConfig
+
+            from drafting.verdict import find_calibration, forward_cost
+            from trainer.preflight import resolve_paths
+
+            paths = resolve_paths(self.cfg)
+            if self._cost_ratio is None:
+                self._cost_ratio = (forward_cost(AutoConfig.from_pretrained(paths.draft))
+                                    / forward_cost(AutoConfig.from_pretrained(paths.actor)))
+            self._found_calibration = find_calibration(paths.actor, paths.draft, self.cfg.model.dtype, "cpu",
+                                                       self.cfg.generation.threads_per_instance,
+                                                       self.cfg.generation.calibration)
+        return self._found_calibration
 
     def sync_weights(self, version: int = 0) -> dict:
         """Trainer rank 0 broadcasts every actor parameter to every generation instance, the draft trainer the

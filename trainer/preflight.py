@@ -1,5 +1,6 @@
-"""Checks that run before any long work: model paths and families, vocabularies, reward head, the generation
-instances' memory, cluster resources.
+"""Checks that run before any long work: model paths and families, vocabularies, reward head, prompt data, the
+reward function's dry run, the generation instances' memory (all before Ray starts: `preflight`), then the
+cluster's resources.
 
 Each failure is one line naming the config key and the cause.
 """
@@ -8,24 +9,78 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.schema import TINY, Config, ConfigError, adapts_draft
+from configs.schema import TINY, Config, ConfigError, PromptFileConfig, adapts_draft, critic_init
 
 
 @dataclass
 class RunPaths:
     actor: str
-    draft: str
-    reward: str
+    draft: str | None  # None: plain decoding (generation.strategy=none)
+    reward: str | None  # None: the reward function alone scores
     train_prompts: str
     eval_prompts: str | None
     reward_fn: str | None = None  # "/absolute/file.py:name": the reward actor may run in another directory
 
 
+@dataclass
+class Checked:
+    """What the preflight read and checked: the run starts from these."""
+    paths: RunPaths
+    tokenizer: object  # the actor's
+    prompts: list  # trainer.data.Prompt
+    eval_prompts: list
+
+
+def preflight(cfg: Config, log=print) -> Checked:
+    """Every check that needs no cluster, cheapest first: paths and model configs, the prompt files, the reward
+    function's dry run, the K/V memory (unless a GPU has to be asked). A bad input stops here in seconds."""
+    paths = resolve_paths(cfg)
+    if paths.reward_fn:  # a missing file or function is found before anything heavy loads
+        from trainer.reward_fn import load_reward_fn
+
+        load_reward_fn(paths.reward_fn)
+    actor_config, draft_config = check_models(cfg, paths)
+    if paths.draft is not None:
+        from drafting.head import draft_kind
+
+        kind = ("an EAGLE-style draft head (one layer over the actor's features)" if draft_kind(paths.draft) == "head"
+                else f"a draft model ({draft_config.num_hidden_layers} layers)")
+        log(f"model.draft: {kind} at {paths.draft}", flush=True)
+    if not memory_needs_ray(cfg):
+        check_memory(cfg, actor_config, draft_config, *instance_memory(cfg))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths.actor)
+    prompts = _load(cfg, cfg.data.train, paths.train_prompts, tokenizer, "data.train")
+    eval_prompts = _load(cfg, cfg.data.eval, paths.eval_prompts, tokenizer, "data.eval") if paths.eval_prompts else []
+    if paths.reward_fn:  # the user's function on the first batch's rows, before any actor starts
+        from trainer.reward_fn import dry_run
+
+        n = cfg.trainer.prompts_per_iteration
+        log(dry_run(paths.reward_fn, prompts[:n] + eval_prompts[:n]), flush=True)
+    return Checked(paths, tokenizer, prompts, eval_prompts)
+
+
+def _load(cfg: Config, spec: PromptFileConfig, path: str, tokenizer, what: str) -> list:
+    from trainer.data import load_prompts
+
+    label_key = spec.label_key if cfg.trainer.reward_fn else None  # the ground truth only matters to a function
+    return load_prompts(path, tokenizer, cfg.data.max_prompt_len, spec.prompt_key, label_key,
+                        spec.apply_chat_template, cfg.data.overlong, spec.size, what)
+
+
+def needs_reward_model(cfg: Config) -> bool:
+    """The reward model scores (rm_weight) or gives PPO's critic its weights; otherwise model.reward is unused."""
+    t = cfg.trainer
+    return t.rm_weight != 0 or (t.algorithm == "ppo" and critic_init(cfg) == "reward")
+
+
 def resolve_paths(cfg: Config) -> RunPaths:
-    """Map "tiny" entries to the tiny world, building it on first use."""
+    """Map "tiny" entries to the tiny world, building it on first use (only then: no path says tiny, no build). An
+    unused reward model is not resolved at all: `model.reward: tiny` with rm_weight 0 builds nothing."""
     m = cfg.model
-    paths = {"actor": m.actor, "draft": m.draft, "reward": m.reward, "train_prompts": cfg.data.train.path,
-             "eval_prompts": cfg.data.eval.path}
+    paths = {"actor": m.actor, "draft": m.draft, "reward": m.reward if needs_reward_model(cfg) else None,
+             "train_prompts": cfg.data.train.path, "eval_prompts": cfg.data.eval.path}
     paths = {k: v if v in (None, TINY) else str(Path(v).expanduser()) for k, v in paths.items()}
     if TINY in paths.values():
         from trainer.tiny.bootstrap import ensure_tiny_world
@@ -43,17 +98,46 @@ def resolve_paths(cfg: Config) -> RunPaths:
     return RunPaths(**paths, reward_fn=reward_fn)
 
 
-def _model_config(path: str, key: str):
-    from transformers import AutoConfig
+@dataclass
+class ModelShape:
+    """The fields of a model's config.json the checks read, with Hugging Face's defaults. Read as JSON, not with
+    AutoConfig, so a bad path or vocabulary stops the run before torch is even imported."""
+    model_type: str
+    architectures: list
+    vocab_size: int
+    hidden_size: int = 0
+    num_hidden_layers: int = 0
+    intermediate_size: int = 0
+    num_attention_heads: int = 1
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False  # every family the engine runs defaults to untied
+    max_position_embeddings: int | None = None
+    num_labels: int = 2  # Hugging Face's default; id2label gives the real count
 
+    @classmethod
+    def from_json(cls, raw: dict) -> "ModelShape":
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if raw.get(k) is not None}
+        if isinstance(raw.get("id2label"), dict):
+            known["num_labels"] = len(raw["id2label"])
+        shape = cls(**{"architectures": [], **known})
+        shape.num_key_value_heads = shape.num_key_value_heads or shape.num_attention_heads
+        return shape
+
+
+def _model_config(path: str, key: str) -> ModelShape:
+    import json
+
+    file = Path(path) / "config.json"
     if not Path(path).is_dir():
         raise ConfigError(f"{key}: model directory not found: {path}")
-    if not (Path(path) / "config.json").is_file():
+    if not file.is_file():
         raise ConfigError(f"{key}: {path} has no config.json (not a Hugging Face model directory)")
     try:
-        return AutoConfig.from_pretrained(path)
+        raw = json.loads(file.read_text())
+        return ModelShape.from_json(raw)
     except Exception as e:  # noqa: BLE001 - re-raised with the key that points at it
-        raise ConfigError(f"{key}: cannot read the model config in {path}: {e}") from None
+        raise ConfigError(f"{key}: cannot read the model config in {path}: {' '.join(str(e).split())}") from None
 
 
 def _check_generation_model(config, path: str, key: str) -> None:
@@ -68,22 +152,36 @@ def _check_generation_model(config, path: str, key: str) -> None:
 
 
 def check_models(cfg: Config, paths: RunPaths):
-    """Returns the actor's and the draft's HF configs (the memory check sizes their caches)."""
+    """Returns the actor's and the draft's HF configs (the memory check sizes their caches; draft None: no draft)."""
     actor = _model_config(paths.actor, "model.actor")
-    draft = _model_config(paths.draft, "model.draft")
-    reward = _model_config(paths.reward, "model.reward")
-    _check_generation_model(actor, paths.actor, "model.actor")
-    _check_generation_model(draft, paths.draft, "model.draft")
-    if draft.vocab_size != actor.vocab_size:
-        raise ConfigError(f"model.draft: vocabulary size {draft.vocab_size} != actor's {actor.vocab_size}; "
-                          "speculative decoding needs one shared vocabulary")
-    needs_rm = cfg.trainer.rm_weight != 0 or (cfg.trainer.algorithm == "ppo" and cfg.model.critic_init == "reward")
-    if needs_rm:
+    draft = None
+    # a head directory holds drafting.head.CONFIG_FILE; asked without importing drafting (torch) for a model's
+    is_head = paths.draft is not None and (Path(paths.draft) / "head.json").is_file()
+    if is_head:  # an EAGLE-style head of this actor
+        from drafting.head import head_config
+
+        try:
+            draft = head_config(paths.draft, actor)
+        except ValueError as e:
+            raise ConfigError(f"model.draft: {e}") from None
+        if adapts_draft(cfg):
+            raise ConfigError("model.draft: a draft head's online adaptation is not implemented yet; set "
+                              "draft.online=false (or use a draft model)")
+    elif paths.draft is not None:
+        draft = _model_config(paths.draft, "model.draft")
+        if draft.vocab_size != actor.vocab_size:
+            raise ConfigError(f"model.draft: vocabulary size {draft.vocab_size} ({paths.draft}) != the actor's "
+                              f"{actor.vocab_size}; speculative decoding needs one shared vocabulary")
+    if needs_reward_model(cfg):
+        reward = _model_config(paths.reward, "model.reward")
         if not any(a.endswith("ForSequenceClassification") for a in reward.architectures or []):
             raise ConfigError(f"model.reward: {paths.reward} is {reward.architectures}, "
                               "not a sequence-classification (reward) model")
         if getattr(reward, "num_labels", 1) != 1:
             raise ConfigError(f"model.reward: {paths.reward} has {reward.num_labels} labels; a reward model has 1")
+        if reward.vocab_size != actor.vocab_size:  # it scores the actor's token ids as they are
+            raise ConfigError(f"model.reward: vocabulary size {reward.vocab_size} ({paths.reward}) != the actor's "
+                              f"{actor.vocab_size}; the reward model reads the actor's tokens")
     max_pos = getattr(actor, "max_position_embeddings", None)
     if max_pos and cfg.generation.max_len > max_pos:
         raise ConfigError(f"generation.max_len: {cfg.generation.max_len} exceeds the actor's "
@@ -92,6 +190,9 @@ def check_models(cfg: Config, paths: RunPaths):
         raise ConfigError(f"data.train.path: prompt file not found: {paths.train_prompts}")
     if paths.eval_prompts is not None and not Path(paths.eval_prompts).is_file():
         raise ConfigError(f"data.eval.path: prompt file not found: {paths.eval_prompts}")
+    _check_generation_model(actor, paths.actor, "model.actor")  # imports the engine (torch): after the cheap checks
+    if draft is not None and not is_head:
+        _check_generation_model(draft, paths.draft, "model.draft")
     return actor, draft
 
 
@@ -114,6 +215,11 @@ def kv_bytes_per_position(config, dtype_bytes: int) -> int:
     """K and V of one token in every layer: what one slot's cache costs per position."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+
+def memory_needs_ray(cfg: Config) -> bool:
+    """A GPU instance's memory is measured on the cluster; a CPU one's (or a configured figure) right here."""
+    return cfg.generation.memory_gb is None and cfg.generation.gpus_per_instance > 0
 
 
 def instance_memory(cfg: Config) -> tuple[int, str]:
@@ -146,15 +252,14 @@ def _size(n: int) -> str:
 def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
     """The engine preallocates K/V for max_slots x (max_len + scratch + 1) positions (scratch: room for a step's
     tree nodes), target and draft: with both models' weights it must fit in USABLE of the instance's memory."""
-    import torch
-
     from drafting.engine import scratch_columns
 
     g = cfg.generation
     extra = scratch_columns(g.strategy) + 1
-    dtype_bytes = torch.empty(0, dtype=getattr(torch, cfg.model.dtype)).element_size()
-    weights = weight_bytes(actor, dtype_bytes) + weight_bytes(draft, dtype_bytes)
-    per_position = kv_bytes_per_position(actor, dtype_bytes) + kv_bytes_per_position(draft, dtype_bytes)
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
+    models = [actor] + ([draft] if draft is not None else [])
+    weights = sum(weight_bytes(c, dtype_bytes) for c in models)
+    per_position = sum(kv_bytes_per_position(c, dtype_bytes) for c in models)
     kv = g.max_slots * (g.max_len + extra) * per_position
     usable = int(USABLE * memory)
     if weights + kv <= usable:

@@ -59,7 +59,7 @@ class RolloutFleet:
                                               max_concurrency=8)
         self.instances = [cls.remote(i, actor_path, draft_path, gen.strategy, gen.max_slots, gen.max_len,
                                      device, gen.threads_per_instance, dtype, gen.calibration, gen.attention,
-                                     gen.cuda_graphs, gen.compile)
+                                     gen.cuda_graphs, gen.compile, gen.profile_budget_s, gen.profile_fallback)
                           for i in range(gen.num_instances)]
         ray.get([inst.ping.remote() for inst in self.instances])  # surface model-loading errors now
         self.alive = list(range(len(self.instances)))
@@ -160,8 +160,8 @@ class RolloutFleet:
         if len(self.alive) > 1:
             self._ensure_kv_group()
         if self.balancer_cfg.threshold == "auto" and not self._saturation_read:
-            ray.get([self.instances[i].resolve_saturation.remote() for i in self.alive])
-            self._saturation_read = True
+            points = ray.get([self.instances[i].resolve_saturation.remote() for i in self.alive])
+            self._saturation_read = None not in points  # a first-use profile still running: read again next time
         if self.balancer is None:
             self.balancer = LoadBalancerActor.remote(self.balancer_cfg)
             # a first start connects the balancer to every instance (seconds under load): not in a rollout

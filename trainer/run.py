@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from configs.schema import Config, PromptFileConfig, adapts_draft
-from trainer.preflight import RunPaths, check_memory, check_models, check_resources, instance_memory, resolve_paths
+from configs.schema import Config, adapts_draft, critic_init
+from trainer.preflight import (RunPaths, check_memory, check_models, check_resources, instance_memory,
+                               memory_needs_ray, preflight)
 
 
 @dataclass
@@ -52,9 +53,9 @@ def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
     policy = create_trainer_group(PolicyTrainer, t.world_size, per_rank, paths.actor, policy_cfg)
     critic = None
     if t.algorithm == "ppo":
-        critic_path = paths.reward if m.critic_init == "reward" else paths.actor
-        critic = create_trainer_group(Critic, t.world_size, per_rank, critic_path, critic_cfg,
-                                      init_from=m.critic_init)
+        init_from = critic_init(cfg)
+        critic_path = paths.reward if init_from == "reward" else paths.actor
+        critic = create_trainer_group(Critic, t.world_size, per_rank, critic_path, critic_cfg, init_from=init_from)
     remote = lambda cls: ray.remote(cls).options(**per_rank)  # noqa: E731
     reference = remote(ReferenceActor).remote(paths.actor, device=device, threads=t.threads_per_actor, dtype=m.dtype)
     reward = remote(RewardActor).remote(paths.reward, replace(t, reward_fn=paths.reward_fn), dtype=m.dtype)
@@ -69,42 +70,26 @@ def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
 
 def run(cfg: Config) -> list[dict]:
     """Run the configured RLHF job end to end; returns per-iteration metrics."""
-    from transformers import AutoTokenizer
-
+    from trainer import stop
     from trainer.data import PromptSampler
     from trainer.ray_setup import init_ray
 
+    checked = preflight(cfg)  # a bad input stops here, before Ray starts
+    paths = checked.paths
     os.environ.setdefault("WANDB_MODE", cfg.tracking.wandb_mode)
     resources = init_ray()
+    stop.install()  # again: ray.init sets its own SIGTERM handler
     check_resources(cfg, resources)  # before any model loads
-    paths = resolve_paths(cfg)
-    actor_config, draft_config = check_models(cfg, paths)
-    check_memory(cfg, actor_config, draft_config, *instance_memory(cfg))
-    tokenizer = AutoTokenizer.from_pretrained(paths.actor)
-    prompts = _load(cfg, cfg.data.train, paths.train_prompts, tokenizer, "data.train")
-    sampler = PromptSampler(prompts, cfg.seed, cfg.data.shuffle)
-    eval_prompts = _load(cfg, cfg.data.eval, paths.eval_prompts, tokenizer, "data.eval") if paths.eval_prompts else []
-    print(f"{len(prompts)} prompts from {paths.train_prompts}; actor {paths.actor}; draft {paths.draft}",
-          flush=True)
-    if paths.reward_fn:  # the user's function on the first batch's rows, before any actor starts
-        from trainer.reward_fn import dry_run
-
-        n = cfg.trainer.prompts_per_iteration
-        print(dry_run(paths.reward_fn, prompts[:n] + eval_prompts[:n]), flush=True)
-
+    if memory_needs_ray(cfg):
+        check_memory(cfg, *check_models(cfg, paths), *instance_memory(cfg))
+    sampler = PromptSampler(checked.prompts, cfg.seed, cfg.data.shuffle)
+    print(f"{len(checked.prompts)} prompts from {paths.train_prompts}; actor {paths.actor}; "
+          f"draft {paths.draft or 'none (plain decoding)'}; reward model {paths.reward or 'none'}", flush=True)
     actors = build_actors(cfg, paths)
     try:
-        return _train(cfg, actors, tokenizer, sampler, eval_prompts)
+        return _train(cfg, actors, checked.tokenizer, sampler, checked.eval_prompts)
     finally:
         actors.shutdown()
-
-
-def _load(cfg: Config, spec: PromptFileConfig, path: str, tokenizer, what: str) -> list:
-    from trainer.data import load_prompts
-
-    label_key = spec.label_key if cfg.trainer.reward_fn else None  # the ground truth only matters to a function
-    return load_prompts(path, tokenizer, cfg.data.max_prompt_len, spec.prompt_key, label_key,
-                        spec.apply_chat_template, cfg.data.overlong, spec.size, what)
 
 
 def _train(cfg: Config, actors: RLActors, tokenizer, sampler, eval_prompts) -> list[dict]:

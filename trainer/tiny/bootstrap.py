@@ -19,11 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from trainer.tiny import task
-from trainer.tiny import models as tm
 
 # Everything that decides the world's content. Bump "version" when the code that uses it changes meaning.
 RECIPE = {
@@ -122,6 +118,11 @@ def _save(model, tokenizer, path: Path) -> None:
 
 def build_world(out: Path, recipe: dict, quiet: bool = False) -> dict:
     """Build every part of the world into `out` and write metrics.json, then stamp.json last."""
+    import torch  # here, not at the top: finding a built world (the preflight) imports no torch
+    from tqdm.auto import tqdm
+
+    from trainer.tiny import models as tm
+
     t_start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = copy.deepcopy(recipe)
