@@ -5,6 +5,10 @@ It never holds the loop: `draft.steps` is a budget, and the trainer stops betwee
 policy and critic updates it was handed are done (or its next step would end after the last iteration's update
 time). The steps it did not get to carry over to the next iteration, up to one budget.
 
+The draft is a model (an HF causal LM, trainer/distill.py) or an EAGLE-style head (its directory,
+trainer/head_online.py): a head learns from the old policy's features and borrows the actor's current embedding
+and LM head, which it keeps from the actor's weight pushes (`drop_broadcast`).
+
 Plain torch, not DeepSpeed: a draft is small (1 layer here, about 1B parameters beside an 8B actor), so one
 device holds it with its AdamW states; ZeRO sharding or data parallelism would buy nothing, and a second
 DeepSpeed process group would only add start-up time and a rendezvous. The training loop is trainer/distill.py.
@@ -18,10 +22,12 @@ import numpy as np
 import ray
 import torch
 
-from actors.weight_sync import WeightSender
+from actors.weight_sync import WeightSender, receive_broadcast
 from configs.schema import DraftConfig
+from drafting.head import draft_kind
 from trainer.distill import DraftLearner
 from trainer.experience import Experience
+from trainer.head_online import HeadOnline
 from trainer.strategy import load_causal_lm
 
 STATE_FILE = "draft_trainer.pt"
@@ -29,17 +35,27 @@ STATE_FILE = "draft_trainer.pt"
 
 class DraftTrainer(WeightSender):
     def __init__(self, draft_path: str, cfg: DraftConfig, temperature: float, seed: int = 0, device: str = "cpu",
-                 threads: int = 1):
+                 threads: int = 1, actor_path: str | None = None):
+        """actor_path: the actor a head borrows its embedding, LM head and rotary from (a head only)."""
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.seed, self.cfg = seed, cfg
-        model = load_causal_lm(draft_path, "draft").to(self.device)
-        self.learner = DraftLearner(model, cfg, temperature)
+        self.draft_kind = draft_kind(draft_path)
+        if self.draft_kind == "head":
+            if actor_path is None:
+                raise ValueError(f"draft trainer: {draft_path} is a draft head; it needs the actor's path")
+            self.learner = HeadOnline(draft_path, actor_path, cfg, temperature, self.device)
+        else:
+            self.learner = DraftLearner(load_causal_lm(draft_path, "draft").to(self.device), cfg, temperature)
         self.carried = 0  # budgeted steps the last iteration did not get to
         self.step_s = 0.0  # a step's seconds, running mean: no step starts that would end past the deadline
 
     def ready(self) -> bool:
         return True
+
+    def kind(self) -> str:
+        """'head' (it learns from the old policy's features) or 'model' (from its top-k log-probs)."""
+        return self.draft_kind
 
     def train(self, experience: Experience, iteration: int, updates: list | None = None,
               deadline_s: float | None = None) -> dict[str, float]:
@@ -70,14 +86,28 @@ class DraftTrainer(WeightSender):
         return metrics
 
     def sync_tensors(self):
+        """The draft's parameters by name: a model's HF names, or a head's fc.* and layer.* (what `HeadDecoder`
+        loads; the embedding and LM head are the actor's, already on the instances)."""
         return ((name, p.detach()) for name, p in self.learner.model.named_parameters())
 
+    def drop_broadcast(self, specs: list[tuple[str, tuple, str]], src: int) -> int:
+        """Take part in the actor's broadcast; a head keeps the actor's embedding and LM head from it (the ones
+        that computed the next rollout's features, trainer/head_online.py), a model drops everything."""
+        if self.draft_kind != "head":
+            return super().drop_broadcast(specs, src)
+        for spec in specs:
+            for name, tensor in receive_broadcast(self._weight_group, [spec], src).items():
+                self.learner.load_actor_tensor(name, tensor)
+        return len(specs)
+
     def save_checkpoint(self, ckpt_dir: str) -> bool:
-        """The draft's weights and AdamW states, plus the draft in HF format (loadable as model.draft)."""
+        """The draft's weights and AdamW states, plus the draft itself in `hf/` (loadable as model.draft: an HF
+        model, or a head directory)."""
         path = Path(ckpt_dir)
         path.mkdir(parents=True, exist_ok=True)
         torch.save({**self.learner.state_dict(), "carried": self.carried}, path / STATE_FILE)
-        self.learner.model.save_pretrained(path / "hf")
+        model = self.learner.model
+        (model.save if self.draft_kind == "head" else model.save_pretrained)(path / "hf")
         return True
 
     def load_checkpoint(self, ckpt_dir: str) -> bool:

@@ -9,7 +9,7 @@ import torch
 from actors.trainer_group import TrainerRank
 from actors.weight_sync import WeightSender
 from trainer import algorithms as algo
-from trainer.experience import Experience, sequence_logprobs, sequence_logprobs_topk
+from trainer.experience import Experience, sequence_logprobs, sequence_logprobs_features, sequence_logprobs_topk
 from trainer.strategy import load_causal_lm
 
 
@@ -46,6 +46,18 @@ class PolicyTrainer(WeightSender, TrainerRank):
         temperature = float(self.cfg.get("temperature", 1.0))
         return self._forward_batched(
             lambda s, a: sequence_logprobs_topk(self.engine, s, a, num_actions, temperature, k),
+            sequences, attention_mask, num_actions,
+        )
+
+    @torch.no_grad()
+    def compute_logprobs_features(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                                  num_actions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """compute_logprobs plus a draft head's data from the same forward: the features [B, T, H] (the final
+        norm's output, what the engine keeps for a head) at every position."""
+        self.engine.eval()
+        temperature = float(self.cfg.get("temperature", 1.0))
+        return self._forward_batched(
+            lambda s, a: sequence_logprobs_features(self.engine, s, a, num_actions, temperature),
             sequences, attention_mask, num_actions,
         )
 

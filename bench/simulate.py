@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import glob
 import json
 import math
 import os
@@ -130,13 +129,21 @@ def roofline_model(spec: str) -> StepModel:
 
 
 def cpu_calibration_path() -> Path:
-    from drafting.profile import cache_dir
+    """The tiny pair's CPU calibration at one thread (by its key: the cache also holds other pairs')."""
+    from transformers import AutoConfig
 
-    files = sorted(glob.glob(str(cache_dir() / "*-float32-cpu-t1.json")))
-    if not files:
-        raise FileNotFoundError("no CPU calibration of the tiny world: run python -m bench.rollout --quick once "
-                                "(adaptive profiles on first use)")
-    return Path(files[-1])
+    from drafting.calibration import calibration_key, key_name
+    from drafting.profile import cache_dir
+    from trainer.tiny.bootstrap import ensure_tiny_world
+
+    w = ensure_tiny_world(quiet=True)
+    key = calibration_key(AutoConfig.from_pretrained(w.actor_path), AutoConfig.from_pretrained(w.draft_path),
+                          "float32", "cpu", 1)
+    path = cache_dir() / f"{key_name(key)}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no CPU calibration of the tiny world ({path}): run python -m drafting.profile "
+                                f"--config configs/tiny.yaml --max-slots 64 once")
+    return path
 
 
 def load_step_model(spec: str, trees: "Trees | None" = None) -> StepModel:
@@ -360,15 +367,8 @@ class Instance:
         ms = cal.root_ms(B, max(view.draft_lag, 1), ctx)
         levels, size, newest, widths = 1, k, k, []
         while True:
-            if s.host_decisions:
-                tree = view_of(size)
-                s.score(tree, view)
-                more = s.deeper(tree, view)
-                width = min(s.width, newest)
-            else:
-                more = levels < shape.levels
-                width = min(shape.width, newest) if more else 0
-            if not more:
+            width = s.next_width(view, shape, levels, newest, lambda: view_of(size))  # the engine's own decision
+            if not width:
                 break
             front = (size - newest) + score[:, size - newest:size].topk(width, dim=1).indices.numpy()  # [B, w]
             M = width * k

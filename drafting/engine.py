@@ -398,16 +398,9 @@ class SpeculativeEngine:
         t_policy = 0.0
         while True:
             t = time.perf_counter()
-            if host:
-                tree = self.drafter.view(B, size)
-                s.score(tree, view)
-                more = s.deeper(tree, view)
-                width = min(s.width, newest)
-            else:
-                more = levels < shape.levels
-                width = min(shape.width, newest) if more else 0
+            width = s.next_width(view, shape, levels, newest, lambda: self.drafter.view(B, size))
             t_policy += time.perf_counter() - t
-            if not more:
+            if not width:
                 break
             kv_len = self._kv_len(ctx + size, graphed)
             a = clock.mark()

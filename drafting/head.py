@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,15 @@ def is_head_dir(path) -> bool:
 def draft_kind(path) -> str:
     """'head' for a draft head directory, 'model' for anything else (an HF causal LM)."""
     return "head" if is_head_dir(path) else "model"
+
+
+def draft_config(path, actor_config):
+    """The HF config a draft sizes like, whatever its kind: a head's (`head_config`), or a model's own."""
+    if is_head_dir(path):
+        return head_config(path, actor_config)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
 
 
 def _actor_config(actor_config):
@@ -134,6 +144,10 @@ class DraftHead(torch.nn.Module):
         """The actor's LM head on (predicted) features."""
         return F.linear(feats, self._lent[1].weight.detach())
 
+    def lm_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The actor's LM-head rows [C, H] for token ids [C] (a sampled softmax scores only those)."""
+        return self._lent[1].weight.detach()[ids]
+
     def save(self, path) -> Path:
         """head.json (kind + the actor's config) and head.safetensors (fc and layer only)."""
         from safetensors.torch import save_file
@@ -144,6 +158,28 @@ class DraftHead(torch.nn.Module):
         (path / CONFIG_FILE).write_text(json.dumps({"kind": KIND, "actor_config": self.actor_config.to_dict()},
                                                    indent=1, default=str))
         return path
+
+
+def actor_shell(actor_path, dtype: torch.dtype = torch.float32):
+    """The actor without its decoder layers: embedding, final norm, LM head and rotary module, all that a head
+    borrows (`bind`), at a fraction of the actor's memory; only those tensors are read from its files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(actor_path)
+    config.num_hidden_layers = 0
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = []
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the layers' tensors are left out on purpose: no load report of them
+    hf_logging.disable_progress_bar()
+    try:
+        shell = AutoModelForCausalLM.from_pretrained(actor_path, config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    return shell.eval().requires_grad_(False)
 
 
 def load_head(path, actor=None) -> DraftHead:
@@ -234,13 +270,22 @@ class HeadBatch:
     attention_mask: torch.Tensor  # [B, T]
     feats: torch.Tensor  # [B, T, H]
     learn: torch.Tensor  # [B, T] bool
+    # the actor's top-k next-token log-probs and ids [B, T, k] at every position, when cached once
+    # (HeadLearner.cache_teacher) rather than recomputed from the features at each step
+    top_logp: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return self.sequences.shape[0]
 
     def rows(self, idx) -> "HeadBatch":
-        return HeadBatch(self.sequences[idx], self.attention_mask[idx], self.feats[idx], self.learn[idx])
+        return self.map(lambda t: t[idx])
+
+    def map(self, f) -> "HeadBatch":
+        """The batch with f applied to each [B, T, ...] tensor (rows, columns)."""
+        return HeadBatch(*(None if t is None else f(t) for t in (self.sequences, self.attention_mask, self.feats,
+                                                                   self.learn, self.top_logp, self.top_ids)))
 
 
 def head_batch(actor, sequences: torch.Tensor, attention_mask: torch.Tensor, learn: torch.Tensor | None = None,
@@ -269,30 +314,52 @@ class HeadLearner:
     warmup = 8
 
     def __init__(self, head: DraftHead, lr: float = 3e-4, temperature: float = 1.0, top_k: int = 64,
-                 feature_weight: float = 0.1, batch_size: int = 8, max_norm: float = 1.0):
+                 feature_weight: float = 0.1, batch_size: int = 8, max_norm: float = 1.0, vocab_sample: int = 2048):
         self.head, self.lr, self.top_k = head, lr, top_k
         self.temperature = temperature if temperature > 1e-3 else 1.0
         self.feature_weight, self.batch_size, self.max_norm = feature_weight, batch_size, max_norm
+        self.vocab_sample = vocab_sample  # sampled softmax (as the draft model's) where V > 4x this; 0: never
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.updates = 0
 
-    def loss(self, batch: HeadBatch) -> tuple[torch.Tensor, dict]:
-        from trainer.distill import draft_loss
+    def loss(self, batch: HeadBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Top-k KL to the actor's next-token distribution (a sampled softmax over the vocabulary when it is
+        large: the student's LM head is most of a step's cost) plus feature regression."""
+        from trainer.distill import draft_loss, sample_candidates
 
         pred = head_outputs(self.head, batch)[batch.learn]  # [N, H]
         target = batch.feats[batch.learn]  # [N, H]
-        with torch.no_grad():
-            teacher = torch.log_softmax(self.head.logits(target).float() / self.temperature, dim=-1)
-            top_logp, top_ids = teacher.topk(min(self.top_k, teacher.shape[-1]), dim=-1)
-        kl = draft_loss(self.head.logits(pred) / self.temperature, "kl_topk", topk_logprobs=top_logp,
-                        topk_ids=top_ids)
+        if batch.top_logp is not None:
+            top_logp, top_ids = batch.top_logp[batch.learn], batch.top_ids[batch.learn]
+        else:
+            top_logp, top_ids = self.teacher(target)
+        vocab = self.head.actor_config.vocab_size
+        if generator is not None and 0 < self.vocab_sample and 4 * self.vocab_sample < vocab:
+            ids, log_w, top_ids = sample_candidates(top_ids, vocab, self.vocab_sample, generator)
+            student = F.linear(pred, self.head.lm_rows(ids.to(pred.device))).float() / self.temperature + log_w.to(pred.device)
+        else:
+            student = self.head.logits(pred) / self.temperature
+        kl = draft_loss(student, "kl_topk", topk_logprobs=top_logp, topk_ids=top_ids)
         feat = F.smooth_l1_loss(pred.float(), target.float())
         return kl + self.feature_weight * feat, {"kl": kl.item(), "feature": feat.item(), "tokens": len(target)}
 
-    def train(self, batch: HeadBatch, seed: int, steps: int | None = None,
-              deadline: float = float("inf")) -> dict[str, float]:
+    @torch.no_grad()
+    def teacher(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor's top-k next-token log-probs and ids [..., k] from its features [..., H]."""
+        logp = torch.log_softmax(self.head.logits(feats).float() / self.temperature, dim=-1)
+        return logp.topk(min(self.top_k, logp.shape[-1]), dim=-1)
+
+    def cache_teacher(self, batch: HeadBatch, rows: int = 8) -> HeadBatch:
+        """The batch with its teacher computed once (a full LM-head pass per position) for every epoch after."""
+        parts = [self.teacher(batch.feats[i:i + rows]) for i in range(0, batch.size, rows)]
+        return HeadBatch(batch.sequences, batch.attention_mask, batch.feats, batch.learn,
+                         torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def train(self, batch: HeadBatch, seed: int, steps: int | None = None, deadline: float = float("inf"),
+              should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """Seeded passes over the rows in minibatches of similar length; `steps` optimizer steps (default one
-        pass), fewer if time.perf_counter() passes `deadline`. Returns mean losses and tokens seen."""
+        pass), fewer if time.perf_counter() passes `deadline` or `should_stop()`, asked before each step, says so
+        (the online draft trainer's stop with the policy update). Returns mean losses and tokens seen."""
         if batch.size == 0:
             return {"loss": 0.0, "kl": 0.0, "feature": 0.0, "tokens": 0.0, "steps": 0.0}
         g = torch.Generator().manual_seed(seed)
@@ -307,11 +374,11 @@ class HeadLearner:
             order = order[lengths[order].argsort(stable=True)]  # similar lengths together: little padding
             groups = list(order.split(self.batch_size))
             for i in torch.randperm(len(groups), generator=g).tolist():
-                if done >= steps or time.perf_counter() > deadline:
+                if done >= steps or time.perf_counter() > deadline or (should_stop is not None and should_stop()):
                     steps = done
                     break
                 mb = _trim(batch.rows(groups[i]))
-                loss, parts = self.loss(mb)
+                loss, parts = self.loss(mb, g)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.max_norm)
@@ -341,7 +408,7 @@ def _trim(b: HeadBatch) -> HeadBatch:
     """Drop columns that are padding in every row (left padding of prompts, right padding of responses)."""
     cols = b.attention_mask.bool().any(0).nonzero().squeeze(1)
     lo, hi = int(cols[0]), int(cols[-1]) + 1
-    return HeadBatch(b.sequences[:, lo:hi], b.attention_mask[:, lo:hi], b.feats[:, lo:hi], b.learn[:, lo:hi])
+    return b.map(lambda t: t[:, lo:hi])
 
 
 @torch.no_grad()

@@ -94,6 +94,16 @@ class DraftStrategy:
         """Draft one more level on top of `tree`."""
         return tree.levels < self.depth
 
+    def next_width(self, view: StepView, shape: StepShape | None, levels: int, newest: int, tree_of) -> int:
+        """How many of the newest level's nodes to expand into one more level; 0: stop drafting. With host
+        decisions the strategy scores the tree so far (`tree_of()`, built only then) and decides; otherwise the
+        step's fixed `shape` does. The engine's level loop and bench.simulate's both ask this."""
+        if self.host_decisions:
+            tree = tree_of()
+            self.score(tree, view)
+            return min(self.width, newest) if self.deeper(tree, view) else 0
+        return min(shape.width, newest) if levels < shape.levels else 0
+
     def select(self, tree: DraftTree, view: StepView) -> torch.Tensor:
         """[B, N] bool: nodes to verify (the engine closes the set under ancestors)."""
         return top_per_sample(tree.value, self.nodes)

@@ -129,8 +129,10 @@ def find_calibration(actor_path: str, draft_path: str, dtype: str = "float32", d
 
     if not spec:
         return None
-    key = calibration_key(AutoConfig.from_pretrained(actor_path), AutoConfig.from_pretrained(draft_path), dtype,
-                          device, threads)
+    from drafting.head import draft_config
+
+    actor = AutoConfig.from_pretrained(actor_path)
+    key = calibration_key(actor, draft_config(draft_path, actor), dtype, device, threads)
     path = cache_dir() / f"{key_name(key)}.json" if str(spec) == "auto" else Path(spec)
     try:
         return load_calibration(path, key) if path.is_file() else None

@@ -145,6 +145,7 @@ def test_verl_example_iteration_then_an_error_inside_the_reward_actor(ray_cluste
     from trainer.tracking import read_wandb_history
 
     out = subprocess.run([sys.executable, "launch.py", "--config", EXAMPLE, *QUICK, "tracking.wandb=true",
+                          "model.draft=null", "generation.strategy=none",  # rewards only: no draft trainer
                           f"data.train.path={inputs['train']}", f"data.eval.path={inputs['test']}",
                           "data.eval.size=4", f"trainer.reward_fn={inputs['probe']}", "trainer.reward_fn_weight=2.0",
                           f"trainer.output_dir={tmp_path}"],

@@ -53,6 +53,8 @@ class Driver:
         self.fleet: RolloutFleet = actors.fleet
         self.policy, self.critic = actors.policy, actors.critic
         self.draft = actors.draft  # DraftTrainer handle, or None when the draft does not adapt online
+        # "head": the draft trainer reads the old policy's features; "model": its top-k (draft.loss=kl_topk)
+        self.draft_kind = ray.get(self.draft.kind.remote()) if self.draft is not None else None
         self.weight_version = 0  # the last weight push: iterations whose updates it includes
         self.reference, self.reward = actors.reference, actors.reward
         self.tracking, self.checkpoints = tracking, checkpoints
@@ -186,15 +188,22 @@ class Driver:
 
         ref_ref = self.reference.logprobs.remote(seqs, attn, num_actions, temperature)
         score_ref = self.reward.score.remote(seqs, attn, [r.prompt for r in rollouts], responses_text)
-        teacher_k = self.cfg.draft.top_k if self.draft is not None and self.cfg.draft.loss == "kl_topk" else 0
-        if teacher_k:  # the draft trainer's teacher comes from the same forward as the old log-probs
+        # the draft trainer's data comes from the same forward as the old log-probs: a head's features, or a draft
+        # model's top-k teacher
+        features = self.draft_kind == "head"
+        teacher_k = self.cfg.draft.top_k if self.draft_kind == "model" and self.cfg.draft.loss == "kl_topk" else 0
+        if features:
+            old_refs = self.policy.call_split("compute_logprobs_features", seqs, attn, num_actions)
+        elif teacher_k:
             old_refs = self.policy.call_split("compute_logprobs_topk", seqs, attn, num_actions, teacher_k)
         else:
             old_refs = self.policy.call_split("compute_logprobs", seqs, attn, num_actions)
         value_refs = self.critic.call_split("values", seqs, attn, num_actions) if self.critic else None
         ref_logp = ray.get(ref_ref)
-        topk_logp = topk_ids = None
-        if teacher_k:
+        topk_logp = topk_ids = feats = None
+        if features:
+            old_logp, feats = (torch.cat(parts) for parts in zip(*ray.get(old_refs)))
+        elif teacher_k:
             old_logp, topk_logp, topk_ids = (torch.cat(parts) for parts in zip(*ray.get(old_refs)))
         else:
             old_logp = torch.cat(ray.get(old_refs))
@@ -220,7 +229,7 @@ class Driver:
         exp = Experience(sequences=seqs, attention_mask=attn, action_mask=action_mask, num_actions=num_actions,
                          old_logprobs=old_logp, ref_logprobs=ref_logp, values=values, rewards=rewards,
                          advantages=advantages, returns=returns, scores=raw_scores, topk_logprobs=topk_logp,
-                         topk_ids=topk_ids)
+                         topk_ids=topk_ids, features=feats)
         metrics = {
             "reward/mean": raw_scores.mean().item(),
             "reward/std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
@@ -241,7 +250,8 @@ class Driver:
         their refs and stops when they are done (the rest of its step budget carries over)."""
         start = time.perf_counter()
         draft_batch = experience
-        experience = replace(experience, topk_logprobs=None, topk_ids=None)  # only the draft reads them
+        # only the draft reads the teacher and the features
+        experience = replace(experience, topk_logprobs=None, topk_ids=None, features=None)
         policy_refs = [] if self.policy_frozen(iteration) else self.policy.call_sharded("update", experience, iteration)
         critic_refs = self.critic.call_sharded("update", experience, iteration) if self.critic else []
         draft_ref = None
@@ -295,13 +305,14 @@ class Driver:
         if self._found_calibration is None and self.cfg.generation.gpus_per_instance == 0:
             from transformers import AutoConfig
 
+            from drafting.head import draft_config
             from drafting.verdict import find_calibration, forward_cost
             from trainer.preflight import resolve_paths
 
             paths = resolve_paths(self.cfg)
             if self._cost_ratio is None:
-                self._cost_ratio = (forward_cost(AutoConfig.from_pretrained(paths.draft))
-                                    / forward_cost(AutoConfig.from_pretrained(paths.actor)))
+                actor = AutoConfig.from_pretrained(paths.actor)
+                self._cost_ratio = forward_cost(draft_config(paths.draft, actor)) / forward_cost(actor)
             self._found_calibration = find_calibration(paths.actor, paths.draft, self.cfg.model.dtype, "cpu",
                                                        self.cfg.generation.threads_per_instance,
                                                        self.cfg.generation.calibration)

@@ -34,6 +34,9 @@ class Experience:
     # the old policy's top-k per response position, the draft trainer's teacher (draft.loss=kl_topk)
     topk_logprobs: torch.Tensor | None = None  # [B, R, k] float
     topk_ids: torch.Tensor | None = None  # [B, R, k] long
+    # the old policy's features (final hidden state after the last norm) at every position, a draft head's input
+    # and teacher (draft.online with a head, `drafting.head`); the model's dtype
+    features: torch.Tensor | None = None  # [B, T, H]
     info: dict = field(default_factory=dict)  # per-sample stats: tensors [B] or lists of length B
 
     def __post_init__(self) -> None:
@@ -54,6 +57,8 @@ class Experience:
             if value is not None and (value.dim() != 3 or tuple(value.shape[:2]) != (b, self.num_actions)):
                 raise ValueError(f"Experience.{name} has shape {tuple(value.shape)}, "
                                  f"expected {(b, self.num_actions)} + (k,)")
+        if self.features is not None and (self.features.dim() != 3 or tuple(self.features.shape[:2]) != (b, t)):
+            raise ValueError(f"Experience.features has shape {tuple(self.features.shape)}, expected {(b, t)} + (H,)")
 
     @property
     def batch_size(self) -> int:
@@ -227,6 +232,31 @@ def sequence_logprobs_topk(
     top_logp, top_ids = logp_all.topk(min(k, logp_all.shape[-1]), dim=-1)  # [B, R', k] each
     pad = (0, 0, 0, num_actions - top_logp.shape[1])
     return logprobs, torch.nn.functional.pad(top_logp, pad), torch.nn.functional.pad(top_ids, pad)
+
+
+def sequence_logprobs_features(
+    model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The old-logprob pass plus a draft head's data from the same forward: log-probs [B, R] of the response
+    tokens, and the features [B, T, H] at every position (zeros at padding), in the model's dtype.
+
+    The feature is the final norm's output, what the LM head reads: the same tensor the engine keeps for a head
+    (`LeanDecoder.final`, `KVCache.feat`) and `drafting.head.actor_features` computes. It is read with a hook on
+    that norm, so the call still goes through the model's (a DeepSpeed engine's) own forward."""
+    norm = getattr(model, "module", model).base_model.norm
+    captured = []
+    handle = norm.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        logprobs = sequence_logprobs(model, sequences, attention_mask, num_actions, temperature)
+    finally:
+        handle.remove()
+    h = captured[0]  # [B, W, H]: the columns trim_padding kept, from the first one used by any row
+    used = attention_mask.bool().any(0)
+    first = int(used.nonzero()[0]) if used.any() else 0
+    feats = h.new_zeros(*sequences.shape, h.shape[-1])
+    feats[:, first:first + h.shape[1]] = h
+    return logprobs, feats * attention_mask[..., None].to(feats.dtype)
 
 
 def hidden_states(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

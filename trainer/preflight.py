@@ -45,7 +45,9 @@ def preflight(cfg: Config, log=print) -> Checked:
 
         kind = ("an EAGLE-style draft head (one layer over the actor's features)" if draft_kind(paths.draft) == "head"
                 else f"a draft model ({draft_config.num_hidden_layers} layers)")
-        log(f"model.draft: {kind} at {paths.draft}", flush=True)
+        online = ("; adapts online (draft.online), from the old policy's features" if draft_kind(paths.draft) == "head"
+                  else "; adapts online (draft.online)") if adapts_draft(cfg) else ""
+        log(f"model.draft: {kind} at {paths.draft}{online}", flush=True)
     if not memory_needs_ray(cfg):
         check_memory(cfg, actor_config, draft_config, *instance_memory(cfg))
     from transformers import AutoTokenizer
@@ -164,9 +166,9 @@ def check_models(cfg: Config, paths: RunPaths):
             draft = head_config(paths.draft, actor)
         except ValueError as e:
             raise ConfigError(f"model.draft: {e}") from None
-        if adapts_draft(cfg):
-            raise ConfigError("model.draft: a draft head's online adaptation is not implemented yet; set "
-                              "draft.online=false (or use a draft model)")
+        if adapts_draft(cfg) and cfg.draft.loss != "kl_topk":
+            raise ConfigError(f"draft.loss: {cfg.draft.loss!r} is a draft model's; a draft head learns online with "
+                              "kl_topk (its teacher is the actor's LM head on the old policy's features)")
     elif paths.draft is not None:
         draft = _model_config(paths.draft, "model.draft")
         if draft.vocab_size != actor.vocab_size:

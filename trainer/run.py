@@ -62,7 +62,7 @@ def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
     draft = None
     if adapts_draft(cfg):
         draft = remote(DraftTrainer).remote(paths.draft, cfg.draft, cfg.generation.temperature, seed=cfg.seed,
-                                            device=device, threads=t.threads_per_actor)
+                                            device=device, threads=t.threads_per_actor, actor_path=paths.actor)
     fleet = RolloutFleet(cfg.generation, paths.actor, paths.draft, m.dtype, cfg.balancer)
     ray.get([reference.ready.remote(), reward.ready.remote()] + ([] if draft is None else [draft.ready.remote()]))
     return RLActors(fleet, policy, critic, reference, reward, draft=draft)

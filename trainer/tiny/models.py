@@ -251,6 +251,24 @@ def distill_draft(draft, actor, train: list[Seq], *, lr: float, token_budget: in
     return {"steps": step, "seconds": time.time() - t0, "final_kl": loss.item() if step else None}
 
 
+def distill_head(head, actor, train: list[Seq], *, lr: float, token_budget: int, max_steps: int, seed: int) -> dict:
+    """`distill_draft` for an EAGLE-style head (drafting/head.py): the same batches and budget, the head's own loss
+    (KL to the actor at the response positions plus feature regression) on the actor's features."""
+    from drafting.head import HeadLearner, head_batch
+
+    rng = random.Random(seed)
+    learner = HeadLearner(head, lr=lr, batch_size=1 << 30)  # one optimizer step per length bucket
+    t0, step, batches, last = time.time(), 0, [], {}
+    while step < max_steps:
+        if not batches:
+            batches = length_buckets(train, token_budget, rng)
+        ids, attn, tgt = collate([train[i] for i in batches.pop()])
+        learn = F.pad(tgt, (0, 1))  # [B, T]: position t predicts token t + 1
+        last = learner.train(head_batch(actor, ids, attn, learn=learn), seed=seed + step, steps=1)
+        step += 1
+    return {"steps": step, "seconds": time.time() - t0, "final_kl": last.get("kl")}
+
+
 def greedy_agreement(draft, seqs: list[Seq], batch_size: int = 64) -> float:
     """Token-level: fraction of response positions where the draft's argmax equals the given (actor) token."""
     agree = total = 0
