@@ -161,3 +161,16 @@ def upper_bound(acceptance: float, cost_ratio: float) -> float:
 def cannot_pay(acceptance: float, target_config, draft_config) -> bool:
     """True when even the hardware-free bound says drafting loses: the first-use profile would buy nothing."""
     return upper_bound(acceptance, forward_cost(draft_config) / forward_cost(target_config)) < 1.0
+
+
+def distilled_acceptance(draft_path) -> float | None:
+    """The held-out acceptance `trainer.distill_draft` recorded for this draft (DRAFT/distill.json, its last
+    epoch), or None when the draft has no such record."""
+    import json
+    from pathlib import Path
+
+    record = Path(draft_path) / "distill.json"
+    try:
+        return float(json.loads(record.read_text())["history"][-1]["acceptance"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None

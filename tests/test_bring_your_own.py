@@ -186,6 +186,24 @@ def test_reward_function_only_preflight_never_touches_the_tiny_world(tiny_world,
         assert not cache.exists()
 
 
+def test_preflight_checks_prompts_before_torch_where_it_can(tiny_world, inputs, tmp_path):
+    """Prompts too long for data.max_prompt_len: with tokenizer.json, the light check finds it (before torch or
+    transformers load); without, it leaves the check to transformers' tokenizer (False, nothing raised)."""
+    from configs.schema import load_config
+    from trainer.data import DataError
+    from trainer.preflight import check_prompts_light, resolve_paths
+
+    cfg = load_config(EXAMPLE, [f"data.train.path={inputs['train']}", "data.eval.path=null"])
+    assert check_prompts_light(cfg, resolve_paths(cfg))
+    cfg.data.max_prompt_len = 4
+    with pytest.raises(DataError, match="all 4096 prompts are longer than data.max_prompt_len=4"):
+        check_prompts_light(cfg, resolve_paths(cfg))
+    no_json = tmp_path / "actor"
+    shutil.copytree(tiny_world.actor_path, no_json, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer.json"))
+    cfg.model.actor = str(no_json)
+    assert not check_prompts_light(cfg, resolve_paths(cfg))
+
+
 def test_a_stop_signal_names_the_iteration_and_phase():
     """The handler reads what was running off the interrupted stack: the driver loop's iteration and phase."""
     from trainer import stop

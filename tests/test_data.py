@@ -175,3 +175,79 @@ def test_sampler_is_seeded_and_resumes_exactly(tmp_path, tokenizer):
     assert head + [p.index for p in again.next_batch(12)] == straight
     with pytest.raises(DataError, match="data cursor does not match this dataset"):
         PromptSampler(prompts[:5], seed=7).load_state(saved)
+
+
+# every helper transformers gives a template, the special tokens, the generation prompt, reasoning under an old
+# name, a key holding None (dropped)
+RICH_TEMPLATE = """{{ bos_token }}{% set ns = namespace(turns=0) %}
+{% for m in messages %}
+  {% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}
+  {% set ns.turns = ns.turns + 1 %}
+  {% if m['role'] == 'system' %}: {% endif %}{{ m['content'] | trim }}
+  {% if m.reasoning_content is defined %} reverse {{ m.reasoning_content }}{% endif %}
+  {% if m.name is defined %} sort{% endif %}
+  {% if not loop.last %} {{ eos_token }}{% endif %}
+{% endfor %}
+{% if add_generation_prompt %} = {{ ns.turns }} {{ (messages | length) | tojson }}
+{{- ' ' ~ (dict(a=1) | length) }}{% endif %}"""
+
+
+def test_light_tokenizer_gives_transformers_text_and_ids(tiny_world, tmp_path):
+    """The preflight's light tokenizer (tokenizers + jinja2, no transformers) renders and tokenizes the tiny
+    world's Verl prompts (chat messages) and plain strings as transformers does; a template that uses every helper
+    transformers gives it too."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from trainer.light_tokenizer import light_tokenizer
+    from trainer.tiny.make_verl_data import verl_rows
+    from trainer.tiny.task import read_prompts_jsonl
+
+    rich = tmp_path / "rich"
+    shutil.copytree(tiny_world.actor_path, rich, ignore=shutil.ignore_patterns("*.safetensors"))
+    (rich / "chat_template.jinja").write_text(RICH_TEMPLATE)
+    raws = read_prompts_jsonl(tiny_world.eval_prompts)[:32]
+    for path in (tiny_world.actor_path, rich):
+        light, full = light_tokenizer(path), AutoTokenizer.from_pretrained(path)
+        assert light is not None and light.bos_token_id == full.bos_token_id
+        for raw, verl in zip(raws, verl_rows(raws, "test")):
+            turns = [{"role": "system", "content": " sort ", "name": None},
+                     {"role": "user", "content": raw["prompt"], "thinking": "0 1", "reasoning_content": None}]
+            chats = [verl["prompt"], turns]
+            for value, template in [(c, False) for c in chats] + [(raw["prompt"], True), (raw["prompt"], False)]:
+                text = render_prompt(value, full, template, "", "")
+                assert render_prompt(value, light, template, "", "") == text
+                assert tokenize_prompt(text, light) == tokenize_prompt(text, full)
+        assert light(raws[0]["prompt"], add_special_tokens=False) == {"input_ids": full(raws[0]["prompt"],
+                                                                      add_special_tokens=False)["input_ids"]}
+    text = render_prompt(verl["prompt"], light, False, "", "")
+    assert text.startswith("<bos>") and text.endswith(" = 1 1 1")  # the rich template did render its helpers
+
+
+def test_light_tokenizer_leaves_what_it_cannot_reproduce_to_transformers(tiny_world, tmp_path):
+    """No tokenizer.json, a tokenizer_config key that changes encoding, a template only transformers compiles:
+    no light tokenizer. A template that raises: NotExact (transformers raises its own error)."""
+    import shutil
+
+    from trainer.light_tokenizer import NotExact, light_tokenizer
+
+    def variant(name, edit):
+        path = tmp_path / name
+        shutil.copytree(tiny_world.actor_path, path, ignore=shutil.ignore_patterns("*.safetensors"))
+        edit(path)
+        return path
+
+    assert light_tokenizer(variant("plain", lambda p: None)) is not None
+    assert light_tokenizer(variant("no_json", lambda p: (p / "tokenizer.json").unlink())) is None
+
+    def add_bos(path):
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+
+    assert light_tokenizer(variant("add_bos", add_bos)) is None
+    tracked = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    assert light_tokenizer(variant("tracked", lambda p: (p / "chat_template.jinja").write_text(tracked))) is None
+    raising = light_tokenizer(variant("raising", lambda p: (p / "chat_template.jinja").write_text(RICH_TEMPLATE)))
+    with pytest.raises(NotExact):
+        raising.apply_chat_template([{"role": "tool", "content": "0"}], add_generation_prompt=True)

@@ -311,6 +311,31 @@ def test_draft_trainer_stops_with_the_updates_and_carries_the_rest(tiny_world, o
     assert (m["steps"], m["budget"], m["carried"]) == (8, 8, 0) and m["step_seconds"] > 0
 
 
+def test_a_hopeless_distilled_draft_skips_the_first_use_profile(tiny_world, tmp_path, capsys):
+    """adaptive with no profile here would profile on first use; a draft whose distill.json acceptance cannot pay
+    on any hardware makes the run decode plain instead, with one line; a good one, or no record, changes nothing."""
+    import json
+    import shutil
+
+    from trainer.preflight import resolve_paths
+    from trainer.run import skip_hopeless_profile
+
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_world.draft_path, draft)
+    over = [f"model.draft={draft}", "generation.strategy=adaptive", "generation.calibration=auto"]
+    cfg = load_config("configs/tiny.yaml", over)
+    assert not skip_hopeless_profile(cfg, resolve_paths(cfg)) and cfg.generation.strategy == "adaptive"  # no record
+    for acceptance, skipped in ((0.95, False), (0.0, True)):  # the tiny draft is cheap: 0 cannot pay
+        (draft / "distill.json").write_text(json.dumps({"history": [{"epoch": 0, "acceptance": 0.01},
+                                                                    {"epoch": 1, "acceptance": acceptance}]}))
+        cfg = load_config("configs/tiny.yaml", over)
+        assert skip_hopeless_profile(cfg, resolve_paths(cfg)) == skipped
+        assert cfg.generation.strategy == ("none" if skipped else "adaptive")
+    line, = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith(f"draft verdict: acceptance 0.00 per drafted token ({draft}/distill.json): drafting "
+                           "cannot pay on any hardware (at most x") and "skips the first-use profile" in line
+
+
 def test_verdict_without_a_calibration_bounds_the_gain_on_any_hardware():
     from drafting.verdict import forward_cost, judge, upper_bound
 

@@ -197,12 +197,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{len(prompts) // k} prompts x {k} samples, up to {args.max_new_tokens} new tokens, {args.threads} "
           f"threads; budget {args.budget_min:g} min: sampling until "
           f"{SAMPLING_SHARE[args.kind] * args.budget_min:.1f} min, "
-          f"then the teacher pass and up to {args.epochs} epochs until {args.budget_min:g} min", flush=True)
+          f"then {'the teacher pass and ' if args.kind != 'head' else ''}up to {args.epochs} epochs until "
+          f"{args.budget_min:g} min", flush=True)
 
     if args.kind == "head":  # samples carry the actor's features; no teacher pass (trainer/distill_head.py)
         from trainer.distill_head import fit as fit_head
 
-        return fit_head(args, actor_path, tokenizer, prompts, held, start, end, SAMPLING_SHARE[args.kind])
+        report = fit_head(args, actor_path, tokenizer, prompts, held, start, end, SAMPLING_SHARE[args.kind])
+        from transformers import AutoConfig
+
+        from drafting.head import draft_config
+
+        actor = AutoConfig.from_pretrained(actor_path)
+        ctx = int(sum(map(len, prompts)) / len(prompts) + args.max_new_tokens / 2)
+        ratio = forward_cost(draft_config(args.out, actor)) / forward_cost(actor)
+        verdict = judge(report["history"][-1]["acceptance"], find_calibration(actor_path, args.out,
+                                                                             spec=args.calibration),
+                        live=args.live, ctx=ctx, cost_ratio=ratio)
+        report["verdict"] = verdict.metrics("")
+        (Path(args.out) / "distill.json").write_text(json.dumps(report, indent=1, default=str))
+        print(verdict.line(), flush=True)
+        return report
     max_len = max(map(len, prompts)) + args.max_new_tokens + 1
     sample_start = time.perf_counter()
     responses = sample_responses(actor_path, prompts, args.temperature, args.max_new_tokens, args.seed, max_len,

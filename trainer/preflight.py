@@ -40,6 +40,8 @@ def preflight(cfg: Config, log=print) -> Checked:
 
         load_reward_fn(paths.reward_fn)
     actor_config, draft_config = check_models(cfg, paths)
+    check_prompts_light(cfg, paths)  # the prompt files' data errors, before torch loads
+    check_engine_models(paths, actor_config, draft_config)
     if paths.draft is not None:
         from drafting.head import draft_kind
 
@@ -52,7 +54,7 @@ def preflight(cfg: Config, log=print) -> Checked:
         check_memory(cfg, actor_config, draft_config, *instance_memory(cfg))
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(paths.actor)
+    tokenizer = AutoTokenizer.from_pretrained(paths.actor)  # what the run uses: the prompts are tokenized again
     prompts = _load(cfg, cfg.data.train, paths.train_prompts, tokenizer, "data.train")
     eval_prompts = _load(cfg, cfg.data.eval, paths.eval_prompts, tokenizer, "data.eval") if paths.eval_prompts else []
     if paths.reward_fn:  # the user's function on the first batch's rows, before any actor starts
@@ -61,6 +63,24 @@ def preflight(cfg: Config, log=print) -> Checked:
         n = cfg.trainer.prompts_per_iteration
         log(dry_run(paths.reward_fn, prompts[:n] + eval_prompts[:n]), flush=True)
     return Checked(paths, tokenizer, prompts, eval_prompts)
+
+
+def check_prompts_light(cfg: Config, paths: RunPaths) -> bool:
+    """Load the prompt files with the light tokenizer (no transformers, no torch): a bad key, type or length stops
+    the run in a second or two. False: not checked here (a tokenizer or input only transformers reproduces exactly);
+    the full load after the engine checks finds the same errors then."""
+    from trainer.light_tokenizer import NotExact, light_tokenizer
+
+    tokenizer = light_tokenizer(paths.actor)
+    if tokenizer is None:
+        return False
+    try:
+        _load(cfg, cfg.data.train, paths.train_prompts, tokenizer, "data.train")
+        if paths.eval_prompts:
+            _load(cfg, cfg.data.eval, paths.eval_prompts, tokenizer, "data.eval")
+    except NotExact:
+        return False
+    return True
 
 
 def _load(cfg: Config, spec: PromptFileConfig, path: str, tokenizer, what: str) -> list:
@@ -154,7 +174,8 @@ def _check_generation_model(config, path: str, key: str) -> None:
 
 
 def check_models(cfg: Config, paths: RunPaths):
-    """Returns the actor's and the draft's HF configs (the memory check sizes their caches; draft None: no draft)."""
+    """Returns the actor's and the draft's HF configs (the memory check sizes their caches; draft None: no draft).
+    Reads JSON only (torch loads for a draft head alone); the engine's families: `check_engine_models`."""
     actor = _model_config(paths.actor, "model.actor")
     draft = None
     # a head directory holds drafting.head.CONFIG_FILE; asked without importing drafting (torch) for a model's
@@ -192,10 +213,15 @@ def check_models(cfg: Config, paths: RunPaths):
         raise ConfigError(f"data.train.path: prompt file not found: {paths.train_prompts}")
     if paths.eval_prompts is not None and not Path(paths.eval_prompts).is_file():
         raise ConfigError(f"data.eval.path: prompt file not found: {paths.eval_prompts}")
-    _check_generation_model(actor, paths.actor, "model.actor")  # imports the engine (torch): after the cheap checks
-    if draft is not None and not is_head:
-        _check_generation_model(draft, paths.draft, "model.draft")
     return actor, draft
+
+
+def check_engine_models(paths: RunPaths, actor, draft) -> None:
+    """The generation engine takes the actor and a draft model (a head is its own kind). Imports the engine (torch):
+    after the cheap checks."""
+    _check_generation_model(actor, paths.actor, "model.actor")
+    if draft is not None and not (Path(paths.draft) / "head.json").is_file():
+        _check_generation_model(draft, paths.draft, "model.draft")
 
 
 # ------------------------------------------------------------------------------- generation memory

@@ -68,14 +68,46 @@ def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
     return RLActors(fleet, policy, critic, reference, reward, draft=draft)
 
 
+def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
+    """`adaptive` without a profile of this pair here profiles it on first use. When the draft's distillation
+    record (DRAFT/distill.json) says drafting cannot pay on any hardware, adaptive could only ever decode plain:
+    the run decodes plain from the start (generation.strategy none, so no draft trainer either), with one line.
+    True when it did."""
+    from drafting.profile import profile_needed
+    from drafting.verdict import distilled_acceptance, forward_cost, judge
+
+    g = cfg.generation
+    if paths.draft is None or not profile_needed(g.strategy, g.calibration):
+        return False
+    acceptance = distilled_acceptance(paths.draft)
+    if acceptance is None:
+        return False
+    from transformers import AutoConfig
+
+    from drafting.head import draft_config
+
+    actor = AutoConfig.from_pretrained(paths.actor)
+    verdict = judge(acceptance, cost_ratio=forward_cost(draft_config(paths.draft, actor)) / forward_cost(actor))
+    if not verdict.bound < 1.0:
+        return False
+    log(f"draft verdict: acceptance {acceptance:.2f} per drafted token ({paths.draft}/distill.json): drafting "
+        f"cannot pay on any hardware (at most x{verdict.bound:.2f}), so adaptive would only decode plain -> this "
+        f"run skips the first-use profile and decodes plain (generation.strategy=none); train the draft longer, "
+        f"or use another kind of draft (fewer layers, or a head)", flush=True)
+    g.strategy = "none"
+    return True
+
+
 def run(cfg: Config) -> list[dict]:
     """Run the configured RLHF job end to end; returns per-iteration metrics."""
     from trainer import stop
     from trainer.data import PromptSampler
+
+    checked = preflight(cfg)  # a bad input stops here, before Ray starts (or is even imported)
     from trainer.ray_setup import init_ray
 
-    checked = preflight(cfg)  # a bad input stops here, before Ray starts
     paths = checked.paths
+    skip_hopeless_profile(cfg, paths)
     os.environ.setdefault("WANDB_MODE", cfg.tracking.wandb_mode)
     resources = init_ray()
     stop.install()  # again: ray.init sets its own SIGTERM handler
