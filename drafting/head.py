@@ -336,7 +336,8 @@ class HeadLearner:
         vocab = self.head.actor_config.vocab_size
         if generator is not None and 0 < self.vocab_sample and 4 * self.vocab_sample < vocab:
             ids, log_w, top_ids = sample_candidates(top_ids, vocab, self.vocab_sample, generator)
-            student = F.linear(pred, self.head.lm_rows(ids.to(pred.device))).float() / self.temperature + log_w.to(pred.device)
+            student = F.linear(pred, self.head.lm_rows(ids.to(pred.device))).float() / self.temperature
+            student = student + log_w.to(pred.device)  # each sampled row stands for (V - u) / m of the rest
         else:
             student = self.head.logits(pred) / self.temperature
         kl = draft_loss(student, "kl_topk", topk_logprobs=top_logp, topk_ids=top_ids)
