@@ -142,6 +142,30 @@ def test_distill_draft_command_fits_a_draft_cut_from_the_actor(tiny_world, tmp_p
     assert engine.generate([[1, 5, 6]])[0].token_ids  # the engine takes it as a draft
 
 
+def test_the_teacher_from_the_sampled_features_is_the_teacher_pass(tiny_world, one_thread):
+    """distill_draft's layer cut reads its teacher off the features the engine kept while sampling: the same top-k
+    as a second forward over the samples gives."""
+    from transformers import AutoTokenizer
+
+    from trainer.distill_draft import feature_teacher_batch, teacher_batch
+    from trainer.distill_head import load_actor, sample_with_features
+    from trainer.tiny.task import read_prompts_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.actor_path)
+    prompts = [tokenizer(r["prompt"])["input_ids"] for r in read_prompts_jsonl(tiny_world.eval_prompts)[:3]]
+    outs = sample_with_features(tiny_world.actor_path, prompts, 0.8, 12, seed=3, max_len=64, progress=False)
+    actor = load_actor(tiny_world.actor_path)
+    with torch.no_grad():
+        got = feature_teacher_batch(actor, prompts, outs, 0, 0.8, 5)
+        want = teacher_batch(actor, prompts, [o.token_ids for o in outs], 0, 0.8, 5, desc=None)
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.action_mask, want.action_mask)
+    m = want.action_mask.bool()
+    assert m.sum() > 10
+    torch.testing.assert_close(got.topk_logprobs[m], want.topk_logprobs[m], atol=1e-4, rtol=0)
+    assert torch.equal(got.topk_ids[m][:, 0], want.topk_ids[m][:, 0])
+    assert not got.topk_logprobs[~m].any()  # padding stays empty
+
+
 def test_draft_weights_ride_the_weight_group_with_a_version(ray_cluster, tiny_world, tmp_path, one_thread):
     """Policy rank 0 and the draft trainer both send on one group; the instance decodes with what they sent."""
     from actors.draft_trainer import DraftTrainer

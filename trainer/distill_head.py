@@ -21,9 +21,10 @@ from drafting.head import DraftHead, HeadBatch, HeadLearner, head_scores
 
 @torch.no_grad()
 def sample_with_features(actor_path: str, prompts: list[list[int]], temperature: float, max_new_tokens: int,
-                         seed: int, max_len: int, deadline: float = math.inf, progress: bool = True):
+                         seed: int, max_len: int, deadline: float = math.inf, progress: bool = True,
+                         min_samples: int = 0):
     """The actor's samples (plain decoding) with its features [len - 1, H] each, in prompt order; past
-    `deadline` no new prompt starts."""
+    `deadline` no new prompt starts beyond the first `min_samples`."""
     from transformers import AutoConfig
 
     from drafting import GenRequest, SamplingParams, SpeculativeEngine
@@ -38,10 +39,11 @@ def sample_with_features(actor_path: str, prompts: list[list[int]], temperature:
     done = {}
     with tqdm(total=len(prompts), desc="sampling", unit="sample", disable=not progress) as bar:
         while engine.live or engine.queue:
-            if time.perf_counter() > deadline and engine.queue:
-                for request in list(engine.queue):
-                    engine.remove(request.request_id)
-                bar.total = len(done) + len(engine.live)
+            late = [r.request_id for r in engine.queue if r.request_id >= min_samples]
+            if late and time.perf_counter() > deadline:
+                for request_id in late:
+                    engine.remove(request_id)
+                bar.total = len(prompts) - len(late)
                 bar.refresh()
             for out in engine.step():
                 done[out.request_id] = out
@@ -93,7 +95,8 @@ def fit(args, actor, tokenizer, prompts: list[list[int]], held: int, start: floa
         head = DraftHead(hf_actor.config).bind(hf_actor)
     held_out, train = batch_of(outs[:held]), batch_of(outs[held:], prompts_too=True)
     learner = HeadLearner(head, lr=args.head_lr, temperature=args.temperature, top_k=args.top_k,
-                          batch_size=args.batch_size, vocab_sample=args.vocab_sample)
+                          batch_size=args.batch_size, vocab_sample=args.vocab_sample,
+                          feature_weight=args.head_feature_weight)
     train = learner.cache_teacher(train)
     history = [{"epoch": 0, **head_scores(head, held_out, args.temperature)}]
     steps = math.ceil(train.size / args.batch_size)
