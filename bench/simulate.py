@@ -715,9 +715,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, m in zip(axes[0], models):
         for c in CONFIGS[1:]:
             pts = sorted((r["instances"], r["speedup"]) for r in rows if r["step_model"] == m and r["config"] == c)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=c)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=c)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="none")
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(r["instances"] for r in rows) / 1.5, max(r["instances"] for r in rows) * 1.5)
         ax.set_xlabel("generation instances")
         ax.set_ylabel("rollout speed-up over none")
         ax.set_title(f"{m} ({next(r['workload'] for r in rows if r['step_model'] == m)})", fontsize=9)
