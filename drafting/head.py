@@ -36,6 +36,11 @@ _LAYER_CLASS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "qwe
                 "mistral": "MistralDecoderLayer"}
 
 
+def head_supports(model_type: str) -> bool:
+    """Whether a head (and the engine's feature buffer) covers this architecture."""
+    return model_type in _LAYER_CLASS
+
+
 def is_head_dir(path) -> bool:
     """A draft head directory (vs an HF model directory): it has head.json."""
     return isinstance(path, (str, Path)) and (Path(path) / CONFIG_FILE).is_file()

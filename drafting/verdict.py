@@ -158,10 +158,6 @@ def upper_bound(acceptance: float, cost_ratio: float) -> float:
     return max(committed_per_step(acceptance, d) / (1.0 + d * cost_ratio) for d in DEPTHS)
 
 
-def cannot_pay(acceptance: float, target_config, draft_config) -> bool:
-    """True when even the hardware-free bound says drafting loses: the first-use profile would buy nothing."""
-    return upper_bound(acceptance, forward_cost(draft_config) / forward_cost(target_config)) < 1.0
-
 
 def distilled_acceptance(draft_path) -> float | None:
     """The held-out acceptance `trainer.distill_draft` recorded for this draft (DRAFT/distill.json, its last

@@ -49,20 +49,28 @@ def draft_from_actor(actor_path: str, layers: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def sample_responses(actor_path: str, prompts: list[list[int]], temperature: float, max_new_tokens: int,
-                     seed: int, max_len: int, deadline: float = math.inf, progress: bool = True,
-                     min_samples: int = 0) -> list[list[int]]:
-    """The actor's samples with the project's engine (plain decoding: nothing to draft with yet), in prompt
-    order; past `deadline` (perf_counter) no new prompt starts beyond the first `min_samples`, so fewer may
-    come back."""
+def sample_outputs(actor_path: str, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int,
+                   max_len: int, deadline: float = math.inf, progress: bool = True, min_samples: int = 0,
+                   features: bool = False) -> list:
+    """The actor's samples with the project's engine (plain decoding: nothing to draft with yet), its outputs in
+    prompt order; with `features`, each carries the actor's features [len - 1, H] (a head's feature buffer on).
+    Past `deadline` (perf_counter) no new prompt starts beyond the first `min_samples`, so fewer may come back."""
     from drafting import GenRequest, SamplingParams, SpeculativeEngine
     from drafting.sampling import derive_seed
 
-    engine = SpeculativeEngine(actor_path, None, strategy="none", max_slots=64, max_len=max_len)
+    placeholder = None
+    if features:
+        from transformers import AutoConfig
+
+        from drafting.head import DraftHead
+
+        placeholder = DraftHead(AutoConfig.from_pretrained(actor_path))  # only switches the feature buffer on
+    engine = SpeculativeEngine(actor_path, placeholder, strategy="none", max_slots=64, max_len=max_len)
+    engine.keep_features = features
     for i, p in enumerate(prompts):
         engine.add(GenRequest(i, list(p), SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
                                                          seed=derive_seed(seed, i))))
-    done: dict[int, list[int]] = {}
+    done = {}
     with tqdm(total=len(prompts), desc="sampling", unit="sample", disable=not progress) as bar:
         while engine.live or engine.queue:
             late = [r.request_id for r in engine.queue if r.request_id >= min_samples]
@@ -72,7 +80,7 @@ def sample_responses(actor_path: str, prompts: list[list[int]], temperature: flo
                 bar.total = len(prompts) - len(late)
                 bar.refresh()
             for out in engine.step():
-                done[out.request_id] = out.token_ids
+                done[out.request_id] = out
                 bar.update(1)
     n = 0  # queued prompts leave in order: the samples that came back are a prefix of the prompts
     while n in done:
@@ -119,9 +127,9 @@ def keeps_features(actor_path: str) -> bool:
     """Whether the engine can keep this actor's features while it samples (a head's architectures)."""
     from transformers import AutoConfig
 
-    from drafting.head import _LAYER_CLASS
+    from drafting.head import head_supports
 
-    return AutoConfig.from_pretrained(actor_path).model_type in _LAYER_CLASS
+    return head_supports(AutoConfig.from_pretrained(actor_path).model_type)
 
 
 @torch.no_grad()
@@ -260,15 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
     sample_start = time.perf_counter()
     deadline, least = start + SAMPLING_SHARE[args.kind] * (end - start), held + 2 * args.batch_size
     with_features = not teacher_pass  # the engine keeps the features: the teacher is the LM head on them
-    if with_features:
-        from trainer.distill_head import sample_with_features
-
-        outputs = sample_with_features(actor_path, prompts, args.temperature, args.max_new_tokens, args.seed,
-                                       max_len, deadline=deadline, progress=args.progress, min_samples=least)
-        responses = [o.token_ids for o in outputs]
-    else:
-        responses = sample_responses(actor_path, prompts, args.temperature, args.max_new_tokens, args.seed, max_len,
-                                     deadline=deadline, progress=args.progress, min_samples=least)
+    outputs = sample_outputs(actor_path, prompts, args.temperature, args.max_new_tokens, args.seed, max_len,
+                             deadline=deadline, progress=args.progress, min_samples=least, features=with_features)
+    responses = [o.token_ids for o in outputs]
     sampled_s = time.perf_counter() - sample_start
     if len(responses) <= held:
         raise ValueError(f"--held-out {args.held_out}: leaves none of the {len(responses)} samples to train on")
@@ -281,12 +283,12 @@ def main(argv: list[str] | None = None) -> dict:
         held_out = feature_teacher_batch(actor, prompts[:held], outputs[:held], pad_id, args.temperature,
                                          args.top_k)
         train = feature_teacher_batch(actor, prompts[held:], outputs[held:], pad_id, args.temperature, args.top_k)
-        del outputs
     else:
         held_out = teacher_batch(actor, prompts[:held], responses[:held], pad_id, args.temperature, args.top_k,
                                  desc="teacher (held out)" if args.progress else None)
         train = teacher_batch(actor, prompts[held:], responses[held:], pad_id, args.temperature, args.top_k,
                               desc="teacher" if args.progress else None)
+    del outputs  # the features: only the teacher read them
     draft = KINDS[args.kind](args, actor_path)
     steps = math.ceil(train.batch_size / args.batch_size)  # one pass per epoch
     cfg = DraftConfig(online=False, loss=args.loss, top_k=args.top_k, lr=args.lr, batch_size=args.batch_size,

@@ -14,44 +14,17 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from drafting.head import DraftHead, HeadBatch, HeadLearner, head_scores
 
 
-@torch.no_grad()
 def sample_with_features(actor_path: str, prompts: list[list[int]], temperature: float, max_new_tokens: int,
-                         seed: int, max_len: int, deadline: float = math.inf, progress: bool = True,
-                         min_samples: int = 0):
-    """The actor's samples (plain decoding) with its features [len - 1, H] each, in prompt order; past
-    `deadline` no new prompt starts beyond the first `min_samples`."""
-    from transformers import AutoConfig
+                         seed: int, max_len: int, **kw) -> list:
+    """The actor's samples (plain decoding) with its features [len - 1, H] each, in prompt order
+    (`trainer.distill_draft.sample_outputs`: a deadline and min_samples as there)."""
+    from trainer.distill_draft import sample_outputs
 
-    from drafting import GenRequest, SamplingParams, SpeculativeEngine
-    from drafting.sampling import derive_seed
-
-    placeholder = DraftHead(AutoConfig.from_pretrained(actor_path))  # only switches the feature buffer on
-    engine = SpeculativeEngine(actor_path, placeholder, strategy="none", max_slots=64, max_len=max_len)
-    engine.keep_features = True
-    for i, p in enumerate(prompts):
-        engine.add(GenRequest(i, list(p), SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                                                         seed=derive_seed(seed, i))))
-    done = {}
-    with tqdm(total=len(prompts), desc="sampling", unit="sample", disable=not progress) as bar:
-        while engine.live or engine.queue:
-            late = [r.request_id for r in engine.queue if r.request_id >= min_samples]
-            if late and time.perf_counter() > deadline:
-                for request_id in late:
-                    engine.remove(request_id)
-                bar.total = len(prompts) - len(late)
-                bar.refresh()
-            for out in engine.step():
-                done[out.request_id] = out
-                bar.update(1)
-    n = 0
-    while n in done:
-        n += 1
-    return [done[i] for i in range(n)]
+    return sample_outputs(actor_path, prompts, temperature, max_new_tokens, seed, max_len, features=True, **kw)
 
 
 def batch_of(outputs, prompts_too: bool = False) -> HeadBatch:

@@ -219,8 +219,10 @@ def check_models(cfg: Config, paths: RunPaths):
 def check_engine_models(paths: RunPaths, actor, draft) -> None:
     """The generation engine takes the actor and a draft model (a head is its own kind). Imports the engine (torch):
     after the cheap checks."""
+    from drafting.head import is_head_dir
+
     _check_generation_model(actor, paths.actor, "model.actor")
-    if draft is not None and not (Path(paths.draft) / "head.json").is_file():
+    if draft is not None and not is_head_dir(paths.draft):
         _check_generation_model(draft, paths.draft, "model.draft")
 
 

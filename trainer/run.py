@@ -74,7 +74,7 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
     the run decodes plain from the start (generation.strategy none, so no draft trainer either), with one line.
     True when it did."""
     from drafting.profile import profile_needed
-    from drafting.verdict import distilled_acceptance, forward_cost, judge
+    from drafting.verdict import distilled_acceptance, forward_cost, upper_bound
 
     g = cfg.generation
     if paths.draft is None or not profile_needed(g.strategy, g.calibration):
@@ -87,11 +87,11 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
     from drafting.head import draft_config
 
     actor = AutoConfig.from_pretrained(paths.actor)
-    verdict = judge(acceptance, cost_ratio=forward_cost(draft_config(paths.draft, actor)) / forward_cost(actor))
-    if not verdict.bound < 1.0:
+    bound = upper_bound(acceptance, forward_cost(draft_config(paths.draft, actor)) / forward_cost(actor))
+    if bound >= 1.0:
         return False
     log(f"draft verdict: acceptance {acceptance:.2f} per drafted token ({paths.draft}/distill.json): drafting "
-        f"cannot pay on any hardware (at most x{verdict.bound:.2f}), so adaptive would only decode plain -> this "
+        f"cannot pay on any hardware (at most x{bound:.2f}), so adaptive would only decode plain -> this "
         f"run skips the first-use profile and decodes plain (generation.strategy=none); train the draft longer, "
         f"or use another kind of draft (fewer layers, or a head)", flush=True)
     g.strategy = "none"
