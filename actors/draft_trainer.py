@@ -118,4 +118,5 @@ class DraftTrainer(WeightSender):
         state = torch.load(state_file, map_location=self.device, weights_only=True)
         self.learner.load_state_dict(state)
         self.carried = int(state.get("carried", 0))
+        self.step_s = 0.0  # a step's time is measured anew, as in a new process
         return True

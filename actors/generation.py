@@ -49,19 +49,15 @@ class GenerationInstance:
         torch.set_num_threads(threads)
         self.index = index
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        first_use = bool(draft_path) and profile_needed(strategy, calibration)
-        self.engine = SpeculativeEngine(actor_path, draft_path, strategy=profile_fallback if first_use else strategy,
-                                        max_slots=max_slots, max_len=max_len, device=self.device,
-                                        dtype=getattr(torch, dtype), calibration=calibration if draft_path else None,
-                                        attention=attention, cuda_graphs=cuda_graphs, compile=compile)
-        self._first_use = FirstUse.start(self.engine, strategy, profile_fallback, profile_budget_s,
-                                         report=self._say) if first_use else None
+        self._engine_args = dict(actor_path=actor_path, draft_path=draft_path, max_len=max_len, dtype=dtype,
+                                 calibration=calibration, attention=attention, cuda_graphs=cuda_graphs,
+                                 compile=compile, profile_budget_s=profile_budget_s, profile_fallback=profile_fallback)
+        self._start_engine(strategy, max_slots)
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._finished = []
         self._error: BaseException | None = None
         self._weight_group: CollectiveGroup | None = None
-        self.weight_version = self.draft_version = 0
         # sample reallocation: calls run at step boundaries, the KV group, orders in flight, outputs held back
         self._calls: list = []
         self._calls_lock = threading.Lock()
@@ -72,12 +68,43 @@ class GenerationInstance:
         self._recent: collections.deque = collections.deque()  # (time, tokens committed by one step)
         self._tokens_seen = 0
         self._crash_point: str | None = None
-        self.saturation_live: int | None = None  # resolve_saturation() reads it when a balancer needs it
         self._slice_s = 0.05  # a profile slice while a rollout runs: as long as the last engine step
         self._loop = threading.Thread(target=self._step_loop, daemon=True, name=f"gen-{index}")
         if self._first_use is not None:
             self._work.set()  # the profile runs while the instance is idle too
         self._loop.start()
+
+    def _start_engine(self, strategy: str, max_slots: int) -> None:
+        """A new engine from the model files (the weights of no push), and what a new instance starts with."""
+        a = self._engine_args
+        first_use = bool(a["draft_path"]) and profile_needed(strategy, a["calibration"])
+        self.engine = SpeculativeEngine(a["actor_path"], a["draft_path"],
+                                        strategy=a["profile_fallback"] if first_use else strategy,
+                                        max_slots=max_slots, max_len=a["max_len"], device=self.device,
+                                        dtype=getattr(torch, a["dtype"]),
+                                        calibration=a["calibration"] if a["draft_path"] else None,
+                                        attention=a["attention"], cuda_graphs=a["cuda_graphs"], compile=a["compile"])
+        self._first_use = FirstUse.start(self.engine, strategy, a["profile_fallback"], a["profile_budget_s"],
+                                         report=self._say) if first_use else None
+        self.weight_version = self.draft_version = 0
+        self.saturation_live = None
+
+    def restart(self, strategy: str, max_slots: int) -> int:
+        """Start over as a new instance would, in this process (benchmarks run many short runs on one set of
+        actors): a new engine from the model files with this strategy and slot count; the groups stay. Only
+        between runs: it refuses while a sample is in flight, so none is dropped."""
+        self._check()
+        with self._lock:
+            busy = len(self.engine.live) + len(self.engine.queue) + len(self._finished) + len(self._withheld)
+            if busy or self._orders or self._first_use is not None:
+                raise RuntimeError(f"generation instance {self.index}: restart with {busy} samples in flight, "
+                                   f"{len(self._orders)} migration orders open or a first-use profile running")
+            self._start_engine(strategy, max_slots)
+            self._recent.clear()
+            self._tokens_seen = 0
+            if self._first_use is not None:
+                self._work.set()
+        return self.index
 
     def _say(self, line: str) -> None:
         """A line for the driver's console (Ray forwards an actor's stdout there)."""

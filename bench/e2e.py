@@ -1,24 +1,26 @@
-"""End to end: the same RLHF run under five rollout configurations, on two workloads; what the rollout gains
-and what nothing around it loses.
+"""End to end: the same RLHF run under five rollout configurations, on two workloads; what the rollout gains and what
+nothing around it loses.
 
     python -m bench.e2e --out bench/results/e2e.json [--quick]
 
 Configurations: `none` (plain decoding), `static` (the best fixed strategy of bench.rollout's rollout phase, read
 from bench/results/rollout.json), `adaptive`, `adaptive+balancer`, and `all` (adds online draft adaptation,
-draft.online; the others keep it off). Workloads: `default` = configs/tiny.yaml as it is; `sorted` = the tiny
-train prompts in blocks of one iteration's batch, each block ordered by prompt length, read in file order
-(data.shuffle false) and split over the instances in contiguous chunks (generation.assignment chunk) with
-slots for a quarter of a chunk as in bench.reallocation, so one instance gets the long samples and queues form:
-the case reallocation is for. Every run is a full `trainer.run.run(cfg)` (its own actors, one Ray cluster for all) with
-the same seeds, prompts and iterations; configurations are interleaved within each repeat, their order rotated.
+draft.online; the others keep it off). Workloads: `default` = configs/tiny.yaml as it is; `sorted` = the tiny train
+prompts in blocks of one iteration's batch, each block ordered by prompt length, read in file order (data.shuffle
+false) and split over the instances in contiguous chunks (generation.assignment chunk) with slots for a quarter of a
+chunk as in bench.reallocation, so one instance gets the long samples and queues form: the case reallocation is for.
+Every run is the driver's loop (`trainer.run.train`) with the same seeds, prompts and iterations, on one set of
+actors restarted as new ones before each run (`Actors`: trainers from a checkpoint saved before any update,
+instances with new engines from the model files); configurations are interleaved within each repeat, their order
+rotated.
 
-Times are the driver's `time/*` metrics, averaged over the iterations after the first `--warmup` (engine
-warm-up, DeepSpeed's first step), then the median over repeats. Speed-ups are over `none` of the same workload.
-amdahl_bound = the iteration speed-up the rollout's speed-up allows at `none`'s generation share, if nothing
-outside the rollout changed; outside_rollout_overhead = how far the iteration is from that (0 = the mechanisms
-cost nothing outside the rollout). Sampling is position-keyed, so every configuration must draw `none`'s tokens:
-tokens_differing counts rollout tokens that differ from `none`'s first run (a flip diverges the rest of the run,
-so first_difference says where the first one was)."""
+Times are the driver's `time/*` metrics, averaged over the iterations after the first `--warmup` (none by default:
+the actors are warm, so no iteration pays a process's first steps), then the median over repeats. Speed-ups are over
+`none` of the same workload. amdahl_bound = the iteration speed-up the rollout's speed-up allows at `none`'s
+generation share, if nothing outside the rollout changed; outside_rollout_overhead = how far the iteration is from
+that (0 = the mechanisms cost nothing outside the rollout). Sampling is position-keyed, so every configuration must
+draw `none`'s tokens: tokens_differing counts rollout tokens that differ from `none`'s first run (a flip diverges
+the rest of the run, so first_difference says where the first one was)."""
 from __future__ import annotations
 
 import argparse
@@ -190,53 +192,134 @@ def recording_rollouts():
         Driver.generate = original
 
 
-def run_one(overrides: list[str], out_dir: str) -> tuple[list[dict], list]:
-    from configs.schema import load_config
-    from trainer.run import run
+RESTARTABLE = ("generation.strategy", "generation.max_slots", "generation.assignment", "balancer.enabled",
+               "draft.online", "data.train.path", "data.shuffle", "trainer.output_dir")
 
-    cfg = load_config(None, overrides + [f"trainer.output_dir={out_dir}", "tracking.progress=false",
-                                         "tracking.wandb=false", "trainer.save_every=0", "trainer.eval_every=0"])
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    return {k: v for key, val in d.items()
+            for k, v in (_flat(val, f"{prefix}{key}.").items() if isinstance(val, dict) else [(prefix + key, val)])}
+
+
+def restart_differences(base: dict, cfg: dict) -> list[str]:
+    """Settings (dotted) in which a run's configuration differs from the one its actors were made with, other
+    than the RESTARTABLE ones: a run on reused actors must differ in none."""
+    a, b = _flat(base), _flat(cfg)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(RESTARTABLE))
+
+
+def run_config(overrides: list[str], out_dir: str):
+    from configs.schema import load_config
+
+    return load_config(None, overrides + [f"trainer.output_dir={out_dir}", "tracking.progress=false",
+                                          "tracking.wandb=false", "trainer.save_every=0", "trainer.eval_every=0"])
+
+
+class Actors:
+    """One set of actors for every run of the measurement, each run starting them as new ones: the policy (and
+    critic) and the draft trainer load a checkpoint saved before any update, the instances make new engines from
+    the model files (`RolloutFleet.restart`). New actors per run spent about 30 s of each run starting processes
+    on 2 cores, half of a --quick run. Runs may differ only in RESTARTABLE settings; the set is made with the
+    draft trainer (`all` needs it; the others leave it out of their runs)."""
+
+    def __init__(self, cfg, tmp: str):
+        from configs.schema import adapts_draft
+        from trainer.preflight import preflight
+        from trainer.run import build_actors
+
+        if not adapts_draft(cfg):
+            raise ValueError("bench.e2e builds its actors from a configuration whose draft adapts online")
+        self.cfg, self.initial = cfg, Path(tmp) / "initial"
+        self.actors = build_actors(cfg, preflight(cfg, log=lambda *a, **k: None).paths)
+        self._call_trainers("save_checkpoint")
+
+    def _call_trainers(self, method: str) -> None:
+        import ray
+
+        a = self.actors
+        jobs = a.policy.call_all(method, str(self.initial / "policy"))
+        if a.critic is not None:
+            jobs += a.critic.call_all(method, str(self.initial / "critic"))
+        jobs.append(getattr(a.draft, method).remote(str(self.initial / "draft")))
+        ray.get(jobs)
+
+    def restart(self, cfg):
+        """The actors as new ones for a run of `cfg` (an RLActors; the draft trainer only where the draft adapts)."""
+        from dataclasses import replace
+
+        from configs.schema import adapts_draft
+
+        differ = restart_differences(self.cfg.to_dict(), cfg.to_dict())
+        if differ:
+            raise ValueError(f"bench.e2e: runs on one set of actors may not differ in {', '.join(differ)}")
+        self._call_trainers("load_checkpoint")
+        self.actors.fleet.restart(cfg.generation, cfg.balancer)
+        return replace(self.actors, draft=self.actors.draft if adapts_draft(cfg) else None)
+
+    def shutdown(self) -> None:
+        self.actors.shutdown()
+
+
+def run_one(actors: Actors, cfg) -> tuple[list[dict], list]:
+    from trainer.preflight import preflight
+    from trainer.run import train
+
+    checked = preflight(cfg, log=lambda *a, **k: None)
     with recording_rollouts() as tokens:
-        history = run(cfg)
+        history = train(cfg, actors.restart(cfg), checked)
     return history, tokens
 
 
 def measure(args, static: str, log) -> list[dict]:
-    """Every (repeat, workload, configuration) run; each run's record is also appended to `args.runs_file` as
-    it ends, so a long measurement that breaks off can still be summarised (--from-runs)."""
+    """Every (repeat, workload, configuration) run, on one set of actors; each run's record is also appended to
+    `args.runs_file` as it ends, so a long measurement that breaks off can still be summarised (--from-runs)."""
     runs, reference = [], {}
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         prompt_file = Path(tmp) / "sorted.jsonl"
         write_sorted_prompts(prompt_file, args.iterations, args.prompts)
         common = [f"trainer.iterations={args.iterations}", f"trainer.prompts_per_iteration={args.prompts}",
                   f"data.eval.size={args.eval_size}", f"seed={args.seed}"]
-        for rep in range(args.repeats):
-            for workload in args.workloads:
-                k = rep % len(args.configs)  # rotate: no configuration always runs first; `none` first in rep 0
-                for name in args.configs[k:] + args.configs[:k]:
-                    overrides = common + workload_overrides(workload, prompt_file, args.prompts) + config_overrides(
-                        name, static)
-                    t0 = time.perf_counter()
-                    history, tokens = run_one(overrides, os.path.join(tmp, f"{workload}-{name}-{rep}"))
-                    final = history[-1] if "time/iteration" not in history[-1] else {}
-                    if name == "none" and workload not in reference:
-                        reference[workload] = tokens
-                    differing, first = token_differences(reference[workload], tokens)
-                    run = {"workload": workload, "name": name, "repeat": rep, "wall_s": time.perf_counter() - t0,
-                           "phase_s": phase_means(history, args.warmup),
-                           "final_score": final.get("eval/score"),
-                           "final_sampled_score": final.get("eval/sampled_score"),
-                           "tokens_differing": differing, "first_difference": first,
-                           "rollout_tokens": sum(len(t) for batch in tokens for t in batch),
-                           "load_avg": os.getloadavg(),  # this machine is shared: how busy it was
-                           "per_iteration": [{k: v for k, v in m.items() if k.startswith(("time/", "rollout/",
-                                              "drafting/", "balance/", "draft/", "response/", "reward/"))}
-                                             for m in history if "time/iteration" in m]}
-                    runs.append(run)
-                    with open(args.runs_file, "a") as f:
-                        f.write(json.dumps(run) + "\n")
-                    log(run)
+
+        def config(workload: str, name: str, rep: int):
+            overrides = (common + workload_overrides(workload, prompt_file, args.prompts)
+                         + config_overrides(name, static))
+            return run_config(overrides, os.path.join(tmp, f"{workload}-{name}-{rep}"))
+
+        actors = Actors(config(args.workloads[0], "all", -1), tmp)
+        try:
+            for rep in range(args.repeats):
+                for workload in args.workloads:
+                    k = rep % len(args.configs)  # rotate: no configuration always runs first; `none` first in rep 0
+                    for name in args.configs[k:] + args.configs[:k]:
+                        t0 = time.perf_counter()
+                        history, tokens = run_one(actors, config(workload, name, rep))
+                        if name == "none" and workload not in reference:
+                            reference[workload] = tokens
+                        run = run_record(workload, name, rep, time.perf_counter() - t0, history, tokens,
+                                         reference[workload], args.warmup)
+                        runs.append(run)
+                        with open(args.runs_file, "a") as f:
+                            f.write(json.dumps(run) + "\n")
+                        log(run)
+        finally:
+            actors.shutdown()
     return runs
+
+
+def run_record(workload: str, name: str, rep: int, wall_s: float, history: list[dict], tokens: list,
+               reference: list, warmup: int) -> dict:
+    final = history[-1] if "time/iteration" not in history[-1] else {}
+    differing, first = token_differences(reference, tokens)
+    return {"workload": workload, "name": name, "repeat": rep, "wall_s": wall_s,
+            "phase_s": phase_means(history, warmup),
+            "final_score": final.get("eval/score"), "final_sampled_score": final.get("eval/sampled_score"),
+            "tokens_differing": differing, "first_difference": first,
+            "rollout_tokens": sum(len(t) for batch in tokens for t in batch),
+            "load_avg": os.getloadavg(),  # this machine is shared: how busy it was
+            "per_iteration": [{k: v for k, v in m.items() if k.startswith(("time/", "rollout/", "drafting/",
+                                                                           "balance/", "draft/", "response/",
+                                                                           "reward/"))}
+                              for m in history if "time/iteration" in m]}
 
 
 def ensure_calibration() -> None:
@@ -316,11 +399,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write (a PNG goes beside it)")
-    ap.add_argument("--quick", action="store_true", help="3 iterations of 16 prompts x 4, eval on 32, one repeat")
-    ap.add_argument("--iterations", type=int, default=None, help="RLHF iterations per run (default 8, quick 3)")
-    ap.add_argument("--prompts", type=int, default=None, help="prompts per iteration (default 32, quick 16)")
+    ap.add_argument("--quick", action="store_true", help="2 iterations of 8 prompts x 4, eval on 32, one repeat")
+    ap.add_argument("--iterations", type=int, default=None, help="RLHF iterations per run (default 8, quick 2)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per iteration (default 32, quick 8)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per configuration (default 2, quick 1)")
-    ap.add_argument("--warmup", type=int, default=1, help="first iterations left out of the times")
+    ap.add_argument("--warmup", type=int, default=0, help="first iterations left out of the times (the actors "
+                    "are warm: every run restarts one set)")
     ap.add_argument("--eval-size", type=int, default=None, help="held-out prompts scored at the end (256, quick 32)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="default,sorted or one of them")
@@ -329,8 +413,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--from-runs", default=None, help="summarise the run records of an earlier measurement "
                     "(OUT.runs.jsonl) instead of running")
     args = ap.parse_args(argv)
-    args.iterations = args.iterations or (3 if args.quick else 8)
-    args.prompts = args.prompts or (16 if args.quick else 32)
+    args.iterations = args.iterations or (2 if args.quick else 8)
+    args.prompts = args.prompts or (8 if args.quick else 32)
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.eval_size = args.eval_size or (32 if args.quick else 256)
     args.configs = sorted(args.configs.split(","), key=lambda c: c != "none")  # the reference runs first

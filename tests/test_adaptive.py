@@ -281,3 +281,26 @@ def test_first_use_profiles_between_steps_and_switches(tiny_world, tmp_path, mon
     assert re.search(r"calibration: profiled in \d+ s \(budget 6 s\)( \(\d+ s wall, with decoding between its "
                      r"slices\))?, .*; step-time model cross-validated error [\d.]+%, plain decoding saturates at \d+ "
                      r"live samples; switching from 'chain:2' to 'adaptive'", out)
+
+
+def test_a_restarted_instance_decodes_as_a_new_one_and_never_drops_a_sample(tiny_world, one_thread):
+    """bench.e2e runs many short runs on one set of actors: a restart makes a new engine from the model files
+    (pushed weights and versions gone, the new strategy and slots in use), and refuses while a sample waits."""
+    from actors.generation import GenerationInstance
+    from drafting.records import GenRequest, SamplingParams
+
+    prompts = [[5, 3, 9, 4], [7, 7, 1], [2, 8, 6, 1, 3]]
+    want = plain_greedy(tiny_world, prompts, 10)
+    inst = GenerationInstance(0, tiny_world.actor_path, tiny_world.draft_path, "none", 4, 48, calibration=None)
+    norm = inst.engine.target.views["model.norm.weight"]
+    inst.engine.load_target_weights({"model.norm.weight": torch.zeros_like(norm)})  # a push: every output changes
+    inst.weight_version = 3
+    assert [o.token_ids for o in rollout(inst, prompts, 10, "pushed")] != want
+    inst.submit([GenRequest("waiting", prompts[0], SamplingParams(temperature=0, max_new_tokens=10))])
+    with pytest.raises(RuntimeError, match=r"generation instance 0: restart with 1 samples in flight"):
+        inst.restart("chain:2", 2)
+    assert [o.request_id for o in inst.collect(30.0)] == ["waiting"]  # still there, and it finishes
+    inst.restart("chain:2", 2)
+    assert (inst.weight_version, inst.engine.strategy.name, inst.engine.max_slots) == (0, "chain:2", 2)
+    outs = rollout(inst, prompts, 10, "restarted")
+    assert [o.token_ids for o in outs] == want and sum(o.stats["drafted"] for o in outs) > 0

@@ -80,6 +80,22 @@ def test_config_overrides_name_what_differs():
                                                 "draft.online=true"]
 
 
+def test_runs_on_one_set_of_actors_may_differ_only_in_what_a_restart_resets():
+    """The five configurations and both workloads restart one set of actors; a run that changed anything a
+    restart keeps (the algorithm, the models, the instance count) would measure the actors' run, not its own."""
+    from configs.schema import load_config
+
+    base = load_config(None, e2e.config_overrides("all", "chain:2") + ["trainer.output_dir=a"]).to_dict()
+    for name in e2e.CONFIGS:
+        for workload in e2e.WORKLOADS:
+            run = load_config(None, e2e.config_overrides(name, "chain:2") + ["trainer.output_dir=b"]
+                              + e2e.workload_overrides(workload, "sorted.jsonl", 32)).to_dict()
+            assert e2e.restart_differences(base, run) == []
+    run = load_config(None, ["trainer.algorithm=ppo", "generation.num_instances=3", "model.dtype=bfloat16"])
+    assert e2e.restart_differences(base, run.to_dict()) == ["generation.num_instances", "model.dtype",
+                                                            "trainer.algorithm"]
+
+
 def test_static_strategy_reads_the_rollout_oracle(tmp_path):
     path = tmp_path / "rollout.json"
     path.write_text('{"rows": [{"phase": "live=4", "name": "oracle", "oracle_of": "tree:4,2,10"},'

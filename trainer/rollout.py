@@ -76,6 +76,20 @@ class RolloutFleet:
         if self.balancer_cfg.enabled:
             self._ready_balancer()
 
+    def restart(self, gen: GenerationConfig, balancer: BalancerConfig) -> None:
+        """Start the next run on these instances as on new ones (benchmarks run many short runs on one set of
+        actors): every instance makes a new engine from the model files with this run's strategy and slots, the
+        split and the balancer take its settings, and the next weight push forms the group anew. The model
+        paths, instance count and devices stay those the fleet was made with."""
+        if not self.alive or len(self.alive) != gen.num_instances:
+            raise RolloutError(f"restart: {len(self.alive)} live instances, the run wants {gen.num_instances}")
+        ray.get([self.instances[i].restart.remote(gen.strategy, gen.max_slots) for i in self.alive])
+        self.assignment = gen.assignment
+        self._weight_group_ready = False
+        self._saturation_read = False
+        self.last_balance = {}
+        self.set_balancer(balancer)
+
     def set_balancer(self, cfg: BalancerConfig) -> None:
         """Balancer settings for the next rollouts (e.g. off / two-stage / stop-and-copy in one benchmark)."""
         self.balancer_cfg = cfg

@@ -101,7 +101,6 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
 def run(cfg: Config) -> list[dict]:
     """Run the configured RLHF job end to end; returns per-iteration metrics."""
     from trainer import stop
-    from trainer.data import PromptSampler
 
     checked = preflight(cfg)  # a bad input stops here, before Ray starts (or is even imported)
     from trainer.ray_setup import init_ray
@@ -114,24 +113,28 @@ def run(cfg: Config) -> list[dict]:
     check_resources(cfg, resources)  # before any model loads
     if memory_needs_ray(cfg):
         check_memory(cfg, *check_models(cfg, paths), *instance_memory(cfg))
-    sampler = PromptSampler(checked.prompts, cfg.seed, cfg.data.shuffle)
     print(f"{len(checked.prompts)} prompts from {paths.train_prompts}; actor {paths.actor}; "
           f"draft {paths.draft or 'none (plain decoding)'}; reward model {paths.reward or 'none'}", flush=True)
     actors = build_actors(cfg, paths)
     try:
-        return _train(cfg, actors, checked.tokenizer, sampler, checked.eval_prompts)
+        return train(cfg, actors, checked)
     finally:
         actors.shutdown()
 
 
-def _train(cfg: Config, actors: RLActors, tokenizer, sampler, eval_prompts) -> list[dict]:
+def train(cfg: Config, actors: RLActors, checked) -> list[dict]:
+    """The driver loop on built actors (`run` builds them; bench.e2e restarts one set for many runs), from the
+    preflight's prompts and tokenizer."""
     from trainer import algorithms as algo
     from trainer.checkpoint import CheckpointManager
+    from trainer.data import PromptSampler
     from trainer.driver import Driver
     from trainer.tracking import Tracking
 
     checkpoints = CheckpointManager(cfg.trainer.output_dir, cfg.trainer.save_every, actors.policy, actors.critic,
                                     actors.draft)
+    sampler = PromptSampler(checked.prompts, cfg.seed, cfg.data.shuffle)
+    tokenizer, eval_prompts = checked.tokenizer, checked.eval_prompts
     reward_moments = algo.RunningMoments()
     start, run_id = 0, None
     if cfg.trainer.resume:

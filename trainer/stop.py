@@ -16,7 +16,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PHASES = {"generate": "generate", "make_experience": "make_experience", "update": "update",
           "sync_weights": "weight sync", "evaluate": "evaluation", "save": "checkpoint"}
 STAGES = {"preflight": "the preflight", "init_ray": "Ray start-up", "build_actors": "actor start-up",
-          "_train": "start-up"}
+          "train": "start-up"}
 
 
 class Interrupted(KeyboardInterrupt):
