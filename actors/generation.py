@@ -87,7 +87,7 @@ class GenerationInstance:
         self._first_use = FirstUse.start(self.engine, strategy, a["profile_fallback"], a["profile_budget_s"],
                                          report=self._say) if first_use else None
         self.weight_version = self.draft_version = 0
-        self.saturation_live = None
+        self.saturation_live: int | None = None  # resolve_saturation() reads it when a balancer needs it
 
     def restart(self, strategy: str, max_slots: int) -> int:
         """Start over as a new instance would, in this process (benchmarks run many short runs on one set of
