@@ -245,14 +245,15 @@ def test_instance_dies_mid_rollout_balancer_off(shared_fleet, model_dirs, one_th
     fleet = shared_fleet()
     fleet.set_balancer(BalancerConfig(enabled=False))
     fleet.assignment = "round_robin"
-    reqs = requests(1.0, short=0, long=12, long_tokens=60)
+    reqs = requests(1.0, short=0, long=12)
     expected = reference(model_dirs, reqs)
     steps0 = ray.get(fleet.instances[1].stats.remote()).steps
     result = {}
     runner = threading.Thread(target=lambda: result.update(outs=fleet.run(reqs)))
     runner.start()
     deadline = time.monotonic() + 60
-    while ray.get(fleet.instances[1].stats.remote()).steps < steps0 + 5:  # decoding, far from done
+    # decoding, far from done: under a loaded suite, 5 steps of 60-token samples once left too few for the kill
+    while ray.get(fleet.instances[1].stats.remote()).steps < steps0 + 2:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     ray.kill(fleet.instances[1])
