@@ -223,36 +223,32 @@ class Actors:
     draft trainer (`all` needs it; the others leave it out of their runs)."""
 
     def __init__(self, cfg, tmp: str):
+        import ray
+
         from configs.schema import adapts_draft
-        from trainer.preflight import preflight
+        from trainer.checkpoint import CheckpointManager
+        from trainer.preflight import resolve_paths
         from trainer.run import build_actors
 
         if not adapts_draft(cfg):
             raise ValueError("bench.e2e builds its actors from a configuration whose draft adapts online")
         self.cfg, self.initial = cfg, Path(tmp) / "initial"
-        self.actors = build_actors(cfg, preflight(cfg, log=lambda *a, **k: None).paths)
-        self._call_trainers("save_checkpoint")
-
-    def _call_trainers(self, method: str) -> None:
-        import ray
-
-        a = self.actors
-        jobs = a.policy.call_all(method, str(self.initial / "policy"))
-        if a.critic is not None:
-            jobs += a.critic.call_all(method, str(self.initial / "critic"))
-        jobs.append(getattr(a.draft, method).remote(str(self.initial / "draft")))
-        ray.get(jobs)
+        a = self.actors = build_actors(cfg, resolve_paths(cfg))
+        self.checkpoints = CheckpointManager(tmp, 0, a.policy, a.critic, a.draft)
+        ray.get(self.checkpoints.trainer_calls("save_checkpoint", self.initial))
 
     def restart(self, cfg):
         """The actors as new ones for a run of `cfg` (an RLActors; the draft trainer only where the draft adapts)."""
         from dataclasses import replace
+
+        import ray
 
         from configs.schema import adapts_draft
 
         differ = restart_differences(self.cfg.to_dict(), cfg.to_dict())
         if differ:
             raise ValueError(f"bench.e2e: runs on one set of actors may not differ in {', '.join(differ)}")
-        self._call_trainers("load_checkpoint")
+        ray.get(self.checkpoints.trainer_calls("load_checkpoint", self.initial))
         self.actors.fleet.restart(cfg.generation, cfg.balancer)
         return replace(self.actors, draft=self.actors.draft if adapts_draft(cfg) else None)
 

@@ -158,7 +158,6 @@ def upper_bound(acceptance: float, cost_ratio: float) -> float:
     return max(committed_per_step(acceptance, d) / (1.0 + d * cost_ratio) for d in DEPTHS)
 
 
-
 def distilled_acceptance(draft_path) -> float | None:
     """The held-out acceptance `trainer.distill_draft` recorded for this draft (DRAFT/distill.json, its last
     epoch), or None when the draft has no such record."""

@@ -28,13 +28,8 @@ class CheckpointManager:
     def save(self, iteration: int, sampler, reward_moments, run_id: str | None) -> Path:
         path = self.root / f"iter_{iteration + 1:05d}"
         path.mkdir(parents=True, exist_ok=True)
-        jobs = self.policy.call_all("save_checkpoint", str(path / "policy"))
-        jobs.append(self.policy.actors[0].save_hf.remote(str(path / "actor_hf")))
-        if self.critic:
-            jobs += self.critic.call_all("save_checkpoint", str(path / "critic"))
-        if self.draft is not None:
-            jobs.append(self.draft.save_checkpoint.remote(str(path / "draft")))
-        ray.get(jobs)
+        ray.get(self.trainer_calls("save_checkpoint", path)
+                + [self.policy.actors[0].save_hf.remote(str(path / "actor_hf"))])
         state = {
             "completed_iterations": iteration + 1,
             "data": sampler.state(),
@@ -49,6 +44,16 @@ class CheckpointManager:
         os.replace(tmp, self.root / "latest")
         return path
 
+    def trainer_calls(self, method: str, path: Path) -> list:
+        """`method` (save_checkpoint or load_checkpoint) on every trainer, each in its own folder of `path`: Ray
+        refs to wait on."""
+        jobs = self.policy.call_all(method, str(path / "policy"))
+        if self.critic:
+            jobs += self.critic.call_all(method, str(path / "critic"))
+        if self.draft is not None:
+            jobs.append(getattr(self.draft, method).remote(str(path / "draft")))
+        return jobs
+
     def latest(self) -> Path | None:
         marker = self.root / "latest"
         return self.root / marker.read_text().strip() if marker.is_file() else None
@@ -59,12 +64,7 @@ class CheckpointManager:
         if path is None:
             raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.root}")
         state = json.loads((path / "driver.json").read_text())
-        jobs = self.policy.call_all("load_checkpoint", str(path / "policy"))
-        if self.critic:
-            jobs += self.critic.call_all("load_checkpoint", str(path / "critic"))
-        if self.draft is not None:
-            jobs.append(self.draft.load_checkpoint.remote(str(path / "draft")))
-        ray.get(jobs)
+        ray.get(self.trainer_calls("load_checkpoint", path))
         sampler.load_state(state["data"])
         reward_moments.load_state_dict(state["reward_moments"])
         rng = state["rng"]
