@@ -41,16 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.algorithm=ppo")
     args = parser.parse_args(argv)
-    from trainer import stop
-    from trainer.data import DataError
-    from trainer.reward_fn import RewardFnError
+    from trainer.loop import stop
+    from trainer.loop.data import DataError
+    from trainer.core.reward_fn import RewardFnError
 
     handlers = stop.install()
     stop.received = None
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        from trainer.run import run
+        from trainer.loop.run import run
 
         history = run(cfg)
     except KeyboardInterrupt:  # stop.Interrupted, or the one ray.get raises for it
@@ -74,7 +74,7 @@ def _shut_down_ray(cfg) -> str | None:
     """Disconnect from (or stop the local) Ray; returns the newest checkpoint of this run's output_dir, if any."""
     import ray
 
-    from trainer.checkpoint import CheckpointManager
+    from trainer.loop.checkpoint import CheckpointManager
 
     if ray.is_initialized():
         ray.shutdown()

@@ -7,9 +7,9 @@ from collections import defaultdict
 import torch
 
 from actors.trainer_group import TrainerRank
-from trainer import algorithms as algo
-from trainer.experience import Experience, sequence_values
-from trainer.strategy import load_scalar_head_model
+from trainer.core import algorithms as algo
+from trainer.core.experience import Experience, sequence_values
+from trainer.core.deepspeed_backend import load_scalar_head_model
 
 
 class Critic(TrainerRank):
@@ -50,8 +50,8 @@ class Critic(TrainerRank):
                                              group_by_length=True):
                 values = sequence_values(self.engine, mb.sequences, mb.attention_mask, mb.num_actions)
                 loss = algo.value_loss(values, mb.values, mb.returns, mb.action_mask, value_clip)
-                self.strategy.backward(loss, self.engine)
-                grad_norm = self.strategy.step(self.engine)
+                self.backend.backward(loss, self.engine)
+                grad_norm = self.backend.step(self.engine)
                 sums["value_loss"] += loss.item()
                 sums["values_mean"] += algo.masked_mean(values.detach(), mb.action_mask).item()
                 counts["value_loss"] += 1

@@ -24,11 +24,11 @@ import torch
 
 from actors.weight_sync import WeightSender, receive_broadcast
 from configs.schema import DraftConfig
-from drafting.head import draft_kind
-from trainer.distill import DraftLearner
-from trainer.experience import Experience
-from trainer.head_online import HeadOnline
-from trainer.strategy import load_causal_lm
+from drafting.model.head import draft_kind
+from trainer.draft.distill import DraftLearner
+from trainer.core.experience import Experience
+from trainer.draft.head_online import HeadOnline
+from trainer.core.deepspeed_backend import load_causal_lm
 
 STATE_FILE = "draft_trainer.pt"
 

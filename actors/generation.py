@@ -12,7 +12,7 @@ import ray
 import torch
 
 from drafting import GenRequest, SpeculativeEngine
-from drafting.profile import FirstUse, profile_needed
+from drafting.calibrate.first_use import FirstUse, profile_needed
 from actors.weight_sync import ACTOR_SRC, DRAFT_SRC, receive_broadcast
 from migration.collective import CollectiveGroup, free_port
 from migration.planner import InstanceLoad, SampleLoad
@@ -201,7 +201,7 @@ class GenerationInstance:
     def drafting_summary(self) -> dict:
         """What the draft strategy did since the last call (plain steps, nodes, levels, predicted vs realised
         acceptance, selection overhead), and the acceptance predictor's calibration; the log is emptied."""
-        from drafting.steplog import summarize
+        from drafting.runtime.steplog import summarize
 
         with self._lock:
             steps = list(self.engine.step_log)

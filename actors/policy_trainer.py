@@ -8,9 +8,9 @@ import torch
 
 from actors.trainer_group import TrainerRank
 from actors.weight_sync import WeightSender
-from trainer import algorithms as algo
-from trainer.experience import Experience, sequence_logprobs, sequence_logprobs_features, sequence_logprobs_topk
-from trainer.strategy import load_causal_lm
+from trainer.core import algorithms as algo
+from trainer.core.experience import Experience, sequence_logprobs, sequence_logprobs_features, sequence_logprobs_topk
+from trainer.core.deepspeed_backend import load_causal_lm
 
 
 class PolicyTrainer(WeightSender, TrainerRank):
@@ -25,7 +25,7 @@ class PolicyTrainer(WeightSender, TrainerRank):
         return model
 
     def sync_tensors(self):
-        return self.strategy.full_state_dict(self.engine)
+        return self.backend.full_state_dict(self.engine)
 
     @torch.no_grad()
     def compute_logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
@@ -93,8 +93,8 @@ class PolicyTrainer(WeightSender, TrainerRank):
                     total = total + kl_coef * kl
                     sums["kl_loss"] += kl.item()
                     counts["kl_loss"] += 1
-                self.strategy.backward(total, self.engine)
-                grad_norm = self.strategy.step(self.engine)
+                self.backend.backward(total, self.engine)
+                grad_norm = self.backend.step(self.engine)
                 for key, value in (("policy_loss", loss), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
                                    ("entropy", mean_entropy)):
                     sums[key] += value.item()

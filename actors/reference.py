@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.experience import sequence_logprobs
-from trainer.strategy import load_causal_lm, resolve_dtype
+from trainer.core.experience import sequence_logprobs
+from trainer.core.deepspeed_backend import load_causal_lm, resolve_dtype
 
 
 class ReferenceActor:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from configs.schema import TrainerConfig
-from trainer.experience import sequence_scores
-from trainer.reward_fn import FnScores, load_reward_fn, score_samples
-from trainer.strategy import load_scalar_head_model, resolve_dtype
+from trainer.core.experience import sequence_scores
+from trainer.core.reward_fn import FnScores, load_reward_fn, score_samples
+from trainer.core.deepspeed_backend import load_scalar_head_model, resolve_dtype
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Any
 import ray
 import torch
 
-from trainer.experience import Experience
-from trainer.strategy import DeepspeedStrategy, resolve_dtype
+from trainer.core.experience import Experience
+from trainer.core.deepspeed_backend import DeepSpeedBackend, resolve_dtype
 
 
 # ------------------------------------------------------------------------------------------ rank base
@@ -47,7 +47,7 @@ class TrainerRank:
         self.grad_accum = int(self.cfg.get("grad_accum", 1))
         self.ppo_epochs = int(self.cfg.get("ppo_epochs", 1))
         self.dtype = resolve_dtype(self.device, self.cfg.get("dtype"))
-        self.strategy = DeepspeedStrategy(str(self.device), seed=self.seed)
+        self.backend = DeepSpeedBackend(str(self.device), seed=self.seed)
         self.engine = None
         self.updates_done = 0  # resumes with the checkpoint; seeds minibatch shuffling when no iteration is given
 
@@ -58,8 +58,8 @@ class TrainerRank:
     def init(self) -> bool:
         """Load the model (fails fast on a bad path), join the group, build the DeepSpeed engine."""
         model = self.build_model()
-        self.strategy.setup_distributed(self.rank, self.world_size, self.master_addr, self.master_port)
-        self.engine = self.strategy.prepare(
+        self.backend.setup_distributed(self.rank, self.world_size, self.master_addr, self.master_port)
+        self.engine = self.backend.prepare(
             model,
             lr=float(self.cfg["lr"]),
             weight_decay=float(self.cfg.get("weight_decay", 0.0)),
@@ -96,7 +96,7 @@ class TrainerRank:
     def _finish_update(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
         self.updates_done += 1
         local = {k: sums[k] / max(counts[k], 1) for k in sums}
-        return self.strategy.all_reduce_mean(local)
+        return self.backend.all_reduce_mean(local)
 
     def _forward_batched(self, fn, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int):
         """fn(seqs, mask) -> [b, R] (or a tuple of [b, R, ...]) over micro batches; [B, R] on CPU, floats as
@@ -108,10 +108,10 @@ class TrainerRank:
         order = attention_mask.sum(1).argsort()  # similar lengths share a chunk: less padding to compute
         sequences, attention_mask = sequences[order].to(self.device), attention_mask[order].to(self.device)
         chunks = [slice(i, i + self.micro_batch_size) for i in range(0, batch, self.micro_batch_size)]
-        if self.strategy.zero_stage == 3 and self.world_size > 1:
+        if self.backend.zero_stage == 3 and self.world_size > 1:
             import torch.distributed as dist
 
-            n = torch.tensor([len(chunks)], dtype=torch.long, device=self.strategy.comm_device())
+            n = torch.tensor([len(chunks)], dtype=torch.long, device=self.backend.comm_device())
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             chunks += [None] * (int(n.item()) - len(chunks))
         dummy = torch.zeros(1, sequences.shape[1], dtype=torch.long, device=self.device)
@@ -130,11 +130,11 @@ class TrainerRank:
     # -- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> bool:
         """DeepSpeed checkpoint (weights, optimizer, counters); every rank must call."""
-        self.strategy.save(self.engine, ckpt_dir, client_state={"updates_done": self.updates_done})
+        self.backend.save(self.engine, ckpt_dir, client_state={"updates_done": self.updates_done})
         return True
 
     def load_checkpoint(self, ckpt_dir: str) -> bool:
-        client_state = self.strategy.load(self.engine, ckpt_dir)
+        client_state = self.backend.load(self.engine, ckpt_dir)
         self.updates_done = int(client_state.get("updates_done", 0))
         return True
 
@@ -143,12 +143,12 @@ class TrainerRank:
         tokenizer_path = self.cfg.get("tokenizer_path")
         if tokenizer_path is None and (Path(self.model_path) / "tokenizer_config.json").is_file():
             tokenizer_path = self.model_path  # the tiny world keeps its tokenizer next to the actor
-        self.strategy.save_hf(self.engine, tokenizer_path, out_dir)
+        self.backend.save_hf(self.engine, tokenizer_path, out_dir)
         return True
 
     def get_state_dict(self, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
         """HF-named full state dict on CPU, on rank 0 (or every rank); all ranks must call under ZeRO-3."""
-        state = {name: t.detach().to("cpu", copy=True) for name, t in self.strategy.full_state_dict(self.engine)}
+        state = {name: t.detach().to("cpu", copy=True) for name, t in self.backend.full_state_dict(self.engine)}
         return state if (self.rank == 0 or all_ranks) else None
 
 

@@ -59,7 +59,7 @@ def equal_sizes(actor_config, draft_config) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from drafting.head import DraftHead
+    from drafting.model.head import DraftHead
 
     def counts(head_inter: int, model_inter: int) -> tuple[int, int]:
         a, d = copy.deepcopy(actor_config), copy.deepcopy(draft_config)
@@ -96,8 +96,8 @@ def prepare_drafts(kinds: list[str], sizing: dict, steps: int) -> dict[str, str]
     import torch
     from transformers import AutoConfig
 
-    from drafting.head import DraftHead
-    from trainer.strategy import load_causal_lm
+    from drafting.model.head import DraftHead
+    from trainer.core.deepspeed_backend import load_causal_lm
     from trainer.tiny import bootstrap, task
     from trainer.tiny import models as tm
 
@@ -147,7 +147,7 @@ def prepare_drafts(kinds: list[str], sizing: dict, steps: int) -> dict[str, str]
 
 def run_once(draft: str, online: bool, sizes: dict, out_dir: Path, extra: list[str]) -> list[dict]:
     from configs.schema import load_config
-    from trainer.run import run
+    from trainer.loop.run import run
 
     overrides = [f"model.draft={draft}", f"trainer.actor_lr={DRIFT_LR}", f"generation.strategy={STRATEGY}",
                  "trainer.algorithm=grpo",

@@ -19,8 +19,8 @@ import torch
 def run(actor: str, drafts: list[str], prompts: list[list[int]], strategies: list[str], temperature: float,
         max_new_tokens: int, seed: int, slots: int) -> dict:
     from drafting import SamplingParams, SpeculativeEngine
-    from drafting.calibration import drafting_friendly
-    from drafting.head import draft_kind
+    from drafting.policy.calibration import drafting_friendly
+    from drafting.model.head import draft_kind
 
     max_len = max(map(len, prompts)) + max_new_tokens + 1
     out = {}
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
 
-    from trainer.data import load_prompts
+    from trainer.loop.data import load_prompts
 
     n, new, strategies = a.num_prompts, a.max_new_tokens, a.strategies.split(",")
     if a.quick:

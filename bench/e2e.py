@@ -176,7 +176,7 @@ def workload_overrides(workload: str, prompt_file: Path, prompts: int, instances
 def recording_rollouts():
     """Every rollout's token ids per iteration, as the driver hands them to training: Driver.generate wrapped
     for the run (read, never changed; a few microseconds inside the timed phase)."""
-    from trainer.driver import Driver
+    from trainer.loop.driver import Driver
 
     original, seen = Driver.generate, []
 
@@ -226,9 +226,9 @@ class Actors:
         import ray
 
         from configs.schema import adapts_draft
-        from trainer.checkpoint import CheckpointManager
-        from trainer.preflight import resolve_paths
-        from trainer.run import build_actors
+        from trainer.loop.checkpoint import CheckpointManager
+        from trainer.loop.preflight import resolve_paths
+        from trainer.loop.run import build_actors
 
         if not adapts_draft(cfg):
             raise ValueError("bench.e2e builds its actors from a configuration whose draft adapts online")
@@ -257,8 +257,8 @@ class Actors:
 
 
 def run_one(actors: Actors, cfg) -> tuple[list[dict], list]:
-    from trainer.preflight import preflight
-    from trainer.run import train
+    from trainer.loop.preflight import preflight
+    from trainer.loop.run import train
 
     checked = preflight(cfg, log=lambda *a, **k: None)
     with recording_rollouts() as tokens:
@@ -325,9 +325,9 @@ def ensure_calibration() -> None:
     import torch
 
     from configs.schema import load_config
-    from drafting.engine import SpeculativeEngine
-    from drafting.profile import resolve_calibration
-    from trainer.preflight import resolve_paths
+    from drafting.runtime.engine import SpeculativeEngine
+    from drafting.calibrate.first_use import resolve_calibration
+    from trainer.loop.preflight import resolve_paths
 
     cfg = load_config(None, [])
     paths, g = resolve_paths(cfg), cfg.generation
@@ -348,7 +348,7 @@ def start_ray(tries: int = 3) -> None:
     start leaves its GCS and helpers running, and ray.shutdown() does not know them: they are ended here."""
     import psutil
 
-    from trainer.ray_setup import init_ray
+    from trainer.loop.ray_setup import init_ray
 
     me = psutil.Process()
     for attempt in range(tries):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
-from drafting.model import EagerOps, compiled_ops
+from drafting.model.decoder import EagerOps, compiled_ops
 
 PEAK_BW, PEAK_FLOPS = 4.8e12, 790e12  # H200: HBM3e bandwidth, dense bf16 matrix rate (measured here: KINDS.md)
 STRATEGIES = ["none", "chain:4", "tree:3,2,6", "adaptive"]
@@ -289,7 +289,7 @@ def section_env(b: Bench) -> None:
 
 def section_attention(b: Bench) -> None:
     """The candidate attention kernels alone, at the 8B's heads, reading K/V in place from a cache."""
-    from drafting.attention import Attention
+    from drafting.model.attention import Attention
 
     Hq, Hkv, D = (32, 8, 128) if not b.smoke else (4, 2, 64)
     dt = torch.bfloat16 if not b.smoke else torch.float32
@@ -462,7 +462,7 @@ def forward_rows(b: Bench, runs: dict, draft_roof=None) -> list:
     """Each speculative stage's time (graph replay, CUDA events) over the roofline of its forward: the draft's
     catch-up (with the first level's children), each further level, the verify. A stage also does the tree's
     bookkeeping, so this bounds the forward's own cost from above."""
-    from drafting.strategy import parse_strategy
+    from drafting.policy.strategy import parse_strategy
 
     w = b.world
     droof, troof = draft_roof or w.draft_roof, w.target_roof
@@ -511,7 +511,7 @@ def section_syncs(b: Bench) -> None:
 
 def section_calibration(b: Bench) -> None:
     """Profile the 8B/1B pair with CUDA events (a quick grid), so `adaptive` can run; kept in the output."""
-    from drafting.profile import profile_engine, summary
+    from drafting.calibrate.profile import profile_engine, summary
 
     eng = b.world.engine
     eng.set_strategy("none")
@@ -677,7 +677,7 @@ def tiny_dir() -> Path:
 
 def friendly_calibration(actor, draft, dev, dt):
     """For exactness checks: `adaptive` drafts (deep and wide) whatever the hardware says."""
-    from drafting.calibration import drafting_friendly
+    from drafting.policy.calibration import drafting_friendly
 
     key = SpeculativeEngine(actor, draft, strategy="none", max_slots=1, max_len=16, device=dev,
                             dtype=dt).calibration_key()
@@ -686,7 +686,7 @@ def friendly_calibration(actor, draft, dev, dt):
 
 def tiny_calibration(actor, draft, dev, dt):
     """A quick profile of the tiny pair on this device (adaptive decides from it)."""
-    from drafting.profile import profile_engine
+    from drafting.calibrate.profile import profile_engine
 
     eng = SpeculativeEngine(actor, draft, strategy="none", max_slots=64, max_len=160, device=dev, dtype=dt)
     return profile_engine(eng, quick=True, repeats=2, live_grid=[1, 8, 64], ctx_grid=[16, 96], verbose=False)
@@ -736,7 +736,7 @@ def section_head(b: Bench) -> None:
     accepts and costs per step on the tiny world."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drafting.head import DraftHead
+    from drafting.model.head import DraftHead
     from trainer.tiny.bootstrap import world_at
 
     world = world_at(tiny_dir())

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drafting.calibration import Calibration
-from drafting.profile import ProfileRun, resolve_budget
+from drafting.policy.calibration import Calibration
+from drafting.calibrate.first_use import resolve_budget
+from drafting.calibrate.profile import ProfileRun
 
 
 def reference_error(cal: Calibration, ref: Calibration) -> float:
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         if args.quick:
             args.max_slots, args.budgets = 16, "20,0"
     torch.set_num_threads(args.threads)
-    from drafting.engine import SpeculativeEngine
+    from drafting.runtime.engine import SpeculativeEngine
 
     engine = SpeculativeEngine(args.target, args.draft, strategy="none", max_slots=args.max_slots,
                                max_len=args.max_len, device=args.device, dtype=getattr(torch, args.dtype))

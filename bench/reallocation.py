@@ -92,7 +92,7 @@ def instance_steps(fleet) -> list[tuple[int, float]]:
 
 def run_tiny(args) -> dict:
     from configs.schema import GenerationConfig
-    from trainer.rollout import RolloutFleet
+    from trainer.loop.rollout import RolloutFleet
 
     n_prompts = args.prompts or (32 if args.quick else 64)
     slots = args.slots or (16 if args.quick else 32)
@@ -245,7 +245,7 @@ def run_tiny_migrations(fleet, prompts: list[list[int]], max_new: int, repeats: 
 
 def run_large_kv(args) -> dict:
     from configs.schema import GenerationConfig
-    from trainer.rollout import RolloutFleet
+    from trainer.loop.rollout import RolloutFleet
 
     repeats = args.large_repeats or (3 if args.quick else 6)
     prompt_len, max_new, busy_new = 260, 24, 64
@@ -379,7 +379,7 @@ def main(argv=None) -> dict:
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.shuffles < 3:
         ap.error("--shuffles: at least 3")
-    from trainer.ray_setup import init_ray
+    from trainer.loop.ray_setup import init_ray
 
     t0 = time.time()
     init_ray()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
-from drafting.steplog import summarize
+from drafting.runtime.steplog import summarize
 
 FIXED = ["chain:2", "chain:4", "tree:3,2,6", "tree:4,2,10", "tree:6,3,24"]
 QUICK_FIXED = ["chain:2", "tree:3,2,6"]
@@ -195,7 +195,7 @@ def noise_cost(vocabs, steps: int, seed: int) -> dict:
     """Milliseconds per step spent generating position-keyed noise (two-level, as the engine does, and
     single-level for comparison) against the step's time, at several vocabulary sizes: random models with the
     tiny world's shapes, 16 live samples, tree:3,2,6, temperature 1."""
-    import drafting.noise as noise
+    import drafting.spec.noise as noise
 
     real_gumbel = noise.gumbel
     spent = [0.0]
@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
                  "acceptance_rate = accepted / verified draft tokens; oracle = the phase's best fixed strategy"}}
     t0 = time.perf_counter()
     if "phases" not in skip:
-        from drafting.profile import resolve_calibration
+        from drafting.calibrate.first_use import resolve_calibration
 
         probe = SpeculativeEngine(world[2], world[3], strategy="none", max_slots=64, max_len=160)
         cal = resolve_calibration(probe, args.calibration)

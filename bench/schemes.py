@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from drafting.noise import uniform
-from drafting.sampling import sample_from
+from drafting.spec.noise import uniform
+from drafting.spec.sampling import sample_from
 
 
 class InverseCdfScheme:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drafting.strategy import DraftStrategy
+from drafting.policy.strategy import DraftStrategy
 
 DEPTH, TOPK, WIDTH = 8, 2, 4  # AdaptiveStrategy's defaults: max_depth 8, topk 2, widths up to 4
 
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     from bench.reallocation import requests_for, tiny_batch
     from bench.rollout import load_world, phase_prompts
     from drafting import GenRequest, SamplingParams, SpeculativeEngine
-    from drafting.engine import derive_seed
+    from drafting.runtime.engine import derive_seed
 
     world = load_world()
     w, tok, actor, draft, eos = world

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drafting.calibration import Calibration, load_calibration
-from drafting.strategy import DraftStrategy, StepView, parse_strategy
-from drafting.tree import DraftTree, top_per_sample
+from drafting.policy.calibration import Calibration, load_calibration
+from drafting.policy.strategy import DraftStrategy, StepView, parse_strategy
+from drafting.spec.tree import DraftTree, top_per_sample
 from migration.planner import InstanceLoad, SampleLoad, plan, resolve_threshold
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +132,8 @@ def cpu_calibration_path() -> Path:
     """The tiny pair's CPU calibration at one thread (by its key: the cache also holds other pairs')."""
     from transformers import AutoConfig
 
-    from drafting.calibration import calibration_key, key_name
-    from drafting.profile import cache_dir
+    from drafting.policy.calibration import calibration_key, key_name
+    from drafting.policy.calibration import cache_dir
     from trainer.tiny.bootstrap import ensure_tiny_world
 
     w = ensure_tiny_world(quiet=True)
@@ -240,7 +240,7 @@ def make_strategy(config: str, model: StepModel, static: str) -> DraftStrategy:
         return parse_strategy("none")
     if config == "static":
         return parse_strategy(static)
-    from drafting.adaptive import AdaptiveStrategy
+    from drafting.policy.adaptive import AdaptiveStrategy
 
     return AdaptiveStrategy(model.cal, mode=model.adaptive_mode)
 
@@ -429,7 +429,7 @@ def simulate(samples: list[Sample], instances: int, model: StepModel, trees: Tre
              max_slots: int, assignment: str = "round_robin", static: str = "chain:2",
              balancer: Balancer | None = None, warm: list[Sample] | None = None, group_size: int = 4) -> dict:
     """One rollout of `samples` over `instances`; returns makespan, tokens/s, migrations, bytes moved, phases."""
-    from trainer.rollout import assign
+    from trainer.loop.rollout import assign
 
     rec = trees.workloads[workload]
     proto = make_strategy(config, model, static)

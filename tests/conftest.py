@@ -47,7 +47,7 @@ def quick_calibration(target, draft):
     import torch
 
     from drafting import SpeculativeEngine
-    from drafting.profile import profile_engine
+    from drafting.calibrate.profile import profile_engine
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -62,7 +62,7 @@ def drafting_friendly_calibration(target, draft):
     """A calibration under which drafting pays at any batch size, keyed for this pair on one thread (the engine
     tests run on one), so `adaptive` drafts and its accept and reject paths both get exercised."""
     from drafting import SpeculativeEngine
-    from drafting.calibration import drafting_friendly
+    from drafting.policy.calibration import drafting_friendly
 
     return drafting_friendly({**SpeculativeEngine(target, draft, strategy="none", max_slots=1, max_len=8)
                               .calibration_key(), "threads": 1})
@@ -95,7 +95,7 @@ def ray_head(tmp_path_factory):
     import ray
 
     from migration.collective import free_port
-    from trainer.ray_setup import init_ray
+    from trainer.loop.ray_setup import init_ray
 
     port, dash, agent = free_port(), free_port(), free_port()  # no default port: another head may hold it
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from drafting.adaptive import AdaptiveStrategy
-from drafting.calibration import Calibration, CalibrationError, load_calibration
-from drafting.predictor import AcceptancePredictor, calibration_table
-from drafting.strategy import StepView
-from drafting.tree import DraftTree, close_under_ancestors
+from drafting.policy.adaptive import AdaptiveStrategy
+from drafting.policy.calibration import Calibration, CalibrationError, load_calibration
+from drafting.policy.predictor import AcceptancePredictor, calibration_table
+from drafting.policy.strategy import StepView
+from drafting.spec.tree import DraftTree, close_under_ancestors
 
 KEY = {"models": "abc", "dtype": "float32", "device": "cpu", "threads": 1, "version": 1}
 
@@ -149,14 +149,14 @@ def test_predictor_fits_online_and_is_calibrated():
 # ---- first-use profiling: a grid that fits a budget, its progress, a fallback until it lands --------------------
 def grid_cost(shape, B, ctx):
     """A synthetic per-step cost: 2 ms a step, 1 ms a target token (more at long contexts), 0.3 ms a draft token."""
-    from drafting.profile import step_tokens
+    from drafting.calibrate.profile import step_tokens
 
     t, d = step_tokens(shape, B)
     return 0.002 + 0.001 * t * (1 + ctx / 1000) + 0.0003 * d
 
 
 def test_profile_grid_is_the_richest_that_fits_the_budget():
-    from drafting.profile import CONFIGS, PLAIN, choose_grid, ladder
+    from drafting.calibrate.profile import CONFIGS, PLAIN, choose_grid, ladder
 
     full, full_s, fits = choose_grid(None, grid_cost, 64, 160)
     assert fits and full.live == [1, 2, 4, 8, 16, 32, 48, 64] and full.ctx == [16, 80, 136]
@@ -178,7 +178,7 @@ def test_profile_grid_is_the_richest_that_fits_the_budget():
 
 
 def test_profile_cost_model_scales_first_timings_by_flops():
-    from drafting.profile import PLAIN, CostModel, flops_per_token
+    from drafting.calibrate.profile import PLAIN, CostModel, flops_per_token
 
     cfg = {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
            "head_dim": 2, "intermediate_size": 8, "vocab_size": 10}
@@ -193,7 +193,7 @@ def test_profile_cost_model_scales_first_timings_by_flops():
 
 
 def test_profile_progress_line():
-    from drafting.profile import progress_line
+    from drafting.calibrate.profile import progress_line
 
     assert progress_line(0.42, 50.4, 68.2, 120, "live 16, ctx 80") == (
         "calibration: profiling  42% (live 16, ctx 80), 50 s so far, about 68 s left (budget 120 s)")
@@ -230,7 +230,7 @@ def test_first_use_decodes_with_the_fallback_until_the_profile_lands(tiny_world,
     import time
 
     from actors.generation import GenerationInstance
-    from drafting.calibration import key_name
+    from drafting.policy.calibration import key_name
 
     monkeypatch.setenv("RLHFSPEC_CALIBRATION_DIR", str(tmp_path))
     prompts = [[5, 3, 9, 4], [7, 7, 1], [2, 8, 6, 1, 3]]

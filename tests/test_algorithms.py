@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from trainer import algorithms as algo
-from trainer.experience import Experience, make_sequences, sequence_logprobs
+from trainer.core import algorithms as algo
+from trainer.core.experience import Experience, make_sequences, sequence_logprobs
 
 LN2 = math.log(2.0)
 
@@ -193,7 +193,7 @@ def test_sequence_logprobs_equal_unpadded_per_sequence():
 
 
 def test_trim_padding_drops_columns_padded_in_every_row():
-    from trainer.experience import make_sequences, trim_padding
+    from trainer.core.experience import make_sequences, trim_padding
 
     seqs, attn, action = make_sequences([[5, 6], [7]], [[8], [9, 10]], pad_id=0)
     wide_seqs = torch.nn.functional.pad(seqs, (2, 3))  # two more all-pad prompt columns, three response ones
@@ -204,7 +204,7 @@ def test_trim_padding_drops_columns_padded_in_every_row():
 
 
 def test_minibatches_grouped_by_length_cover_every_row_once():
-    from trainer.experience import Experience, make_sequences
+    from trainer.core.experience import Experience, make_sequences
 
     lengths = [5, 1, 9, 3, 7, 2, 8, 4]
     seqs, attn, action = make_sequences([[1]] * 8, [[2] * n for n in lengths], pad_id=0)

@@ -17,7 +17,7 @@ import pytest
 import launch
 from configs.schema import CONFIG_DIR
 from conftest import ROOT
-from trainer.data import PromptSampler
+from trainer.loop.data import PromptSampler
 
 EXAMPLE = str(CONFIG_DIR / "tiny_verl.yaml")
 QUICK = ["trainer.iterations=1", "trainer.prompts_per_iteration=4", "trainer.samples_per_prompt=2",
@@ -142,7 +142,7 @@ def test_verl_example_iteration_then_an_error_inside_the_reward_actor(ray_cluste
     the experience batch's rewards are reward_fn_weight x those scores, extra keys are metrics, evaluation uses
     the same function. Then the function raises inside the reward actor (final evaluation): exit status 2 and
     one line, no traceback."""
-    from trainer.tracking import read_wandb_history
+    from trainer.loop.tracking import read_wandb_history
 
     out = subprocess.run([sys.executable, "launch.py", "--config", EXAMPLE, *QUICK, "tracking.wandb=true",
                           "model.draft=null", "generation.strategy=none",  # rewards only: no draft trainer
@@ -172,7 +172,7 @@ def test_reward_function_only_preflight_never_touches_the_tiny_world(tiny_world,
     """model.reward null (or left at tiny but unused: rm_weight 0) and model.draft null with every other path
     given: the preflight passes on an empty cache and builds nothing there (the run proper: the SIGTERM test)."""
     from configs.schema import load_config
-    from trainer.preflight import preflight
+    from trainer.loop.preflight import preflight
 
     cache = tmp_path / "tiny"
     monkeypatch.setenv("RLHFSPEC_CACHE", str(cache))
@@ -190,8 +190,8 @@ def test_preflight_checks_prompts_before_torch_where_it_can(tiny_world, inputs, 
     """Prompts too long for data.max_prompt_len: with tokenizer.json, the light check finds it (before torch or
     transformers load); without, it leaves the check to transformers' tokenizer (False, nothing raised)."""
     from configs.schema import load_config
-    from trainer.data import DataError
-    from trainer.preflight import check_prompts_light, resolve_paths
+    from trainer.loop.data import DataError
+    from trainer.loop.preflight import check_prompts_light, resolve_paths
 
     cfg = load_config(EXAMPLE, [f"data.train.path={inputs['train']}", "data.eval.path=null"])
     assert check_prompts_light(cfg, resolve_paths(cfg))
@@ -206,7 +206,7 @@ def test_preflight_checks_prompts_before_torch_where_it_can(tiny_world, inputs, 
 
 def test_a_stop_signal_names_the_iteration_and_phase():
     """The handler reads what was running off the interrupted stack: the driver loop's iteration and phase."""
-    from trainer import stop
+    from trainer.loop import stop
 
     def fit():  # the Driver's names, as the handler finds them
         for iteration in range(2, 4):  # noqa: B007 - read off the frame

@@ -68,7 +68,7 @@ def test_missing_config_file(tmp_path):
 def test_draft_vocab_mismatch_is_named(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from trainer.preflight import RunPaths, check_models
+    from trainer.loop.preflight import RunPaths, check_models
 
     def save(cls, vocab, name, **kw):
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -126,7 +126,7 @@ def test_real_small_example_is_valid():
 
 
 def test_too_many_instances_for_the_cluster():
-    from trainer.preflight import check_resources
+    from trainer.loop.preflight import check_resources
 
     cfg = load_config(None, ["generation.num_instances=40", "generation.cpus_per_instance=1"])
     with pytest.raises(ConfigError, match=r"generation.num_instances=40 .* needs 40.8 CPU but the Ray cluster has 8"):
@@ -149,7 +149,7 @@ def test_kv_cache_must_fit_the_instance_memory():
     fit."""
     from transformers import LlamaConfig
 
-    from trainer.preflight import check_memory, kv_bytes_per_position, weight_bytes
+    from trainer.loop.preflight import check_memory, kv_bytes_per_position, weight_bytes
 
     # the shapes of Llama-3.1-8B and Llama-3.2-1B (configs only)
     actor = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from trainer.data import DataError, PromptSampler, load_prompts, render_prompt, tokenize_prompt
+from trainer.loop.data import DataError, PromptSampler, load_prompts, render_prompt, tokenize_prompt
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_light_tokenizer_gives_transformers_text_and_ids(tiny_world, tmp_path):
 
     from transformers import AutoTokenizer
 
-    from trainer.light_tokenizer import light_tokenizer
+    from trainer.loop.light_tokenizer import light_tokenizer
     from trainer.tiny.make_verl_data import verl_rows
     from trainer.tiny.task import read_prompts_jsonl
 
@@ -230,7 +230,7 @@ def test_light_tokenizer_leaves_what_it_cannot_reproduce_to_transformers(tiny_wo
     no light tokenizer. A template that raises: NotExact (transformers raises its own error)."""
     import shutil
 
-    from trainer.light_tokenizer import NotExact, light_tokenizer
+    from trainer.loop.light_tokenizer import NotExact, light_tokenizer
 
     def variant(name, edit):
         path = tmp_path / name

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from configs.schema import ConfigError, DraftConfig, load_config
-from trainer.distill import DraftLearner, acceptance_probability, draft_loss
-from trainer.experience import Experience, make_sequences, sequence_logprobs, sequence_logprobs_topk
+from trainer.draft.distill import DraftLearner, acceptance_probability, draft_loss
+from trainer.core.experience import Experience, make_sequences, sequence_logprobs, sequence_logprobs_topk
 
 
 def test_kl_topk_by_hand():
@@ -128,7 +128,7 @@ def test_distill_draft_command_fits_a_draft_cut_from_the_actor(tiny_world, tmp_p
     from transformers import AutoModelForCausalLM
 
     from drafting import SpeculativeEngine
-    from trainer.distill_draft import main
+    from trainer.draft.cli import main
 
     out = tmp_path / "draft"
     report = main(["--actor", "tiny", "--prompts", "tiny", "--out", str(out), "--layers", "1", "--num-prompts", "80",
@@ -147,8 +147,8 @@ def test_the_teacher_from_the_sampled_features_is_the_teacher_pass(tiny_world, o
     as a second forward over the samples gives."""
     from transformers import AutoTokenizer
 
-    from trainer.distill_draft import feature_teacher_batch, teacher_batch
-    from trainer.distill_head import load_actor, sample_with_features
+    from trainer.draft.teacher import feature_teacher_batch, teacher_batch
+    from trainer.draft.distill_head import load_actor, sample_with_features
     from trainer.tiny.task import read_prompts_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_world.actor_path)
@@ -173,7 +173,7 @@ def test_draft_weights_ride_the_weight_group_with_a_version(ray_cluster, tiny_wo
     from actors.trainer_group import create_trainer_group
     from configs.schema import GenerationConfig
     from drafting import GenRequest, SamplingParams, SpeculativeEngine
-    from trainer.rollout import RolloutFleet
+    from trainer.loop.rollout import RolloutFleet
 
     gen = GenerationConfig(num_instances=1, max_slots=16, strategy="tree:3,2,6")
     fleet = RolloutFleet(gen, tiny_world.actor_path, tiny_world.draft_path)
@@ -241,7 +241,7 @@ class _StepCosts:
 
 
 def test_verdict_by_hand():
-    from drafting.verdict import committed_per_step, judge
+    from drafting.policy.verdict import committed_per_step, judge
 
     assert committed_per_step(0.5, 2) == pytest.approx(1.75)
     # acceptance 0.8: a chain of d costs 10 + 2d ms for 1 + 0.8 + ... + 0.8^d tokens; d = 4 is best:
@@ -275,7 +275,7 @@ def test_verdict_by_hand():
 
 
 def test_sampled_softmax_is_the_full_loss_when_the_sample_covers_the_vocabulary():
-    from trainer.distill import sample_candidates
+    from trainer.draft.distill import sample_candidates
 
     g = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(4, 24, generator=g) * 2, torch.randn(4, 24, generator=g) * 2
@@ -315,7 +315,7 @@ def test_learner_with_sampled_softmax_learns_and_stops_when_asked(one_thread):
 
 def test_draft_trainer_stops_with_the_updates_and_carries_the_rest(tiny_world, one_thread):
     from actors.draft_trainer import DraftTrainer
-    from trainer.strategy import load_causal_lm
+    from trainer.core.deepspeed_backend import load_causal_lm
 
     actor = load_causal_lm(tiny_world.actor_path, "actor").eval()
     seqs, attn, action = _rollout(16)
@@ -341,8 +341,8 @@ def test_a_hopeless_distilled_draft_skips_the_first_use_profile(tiny_world, tmp_
     import json
     import shutil
 
-    from trainer.preflight import resolve_paths
-    from trainer.run import skip_hopeless_profile
+    from trainer.loop.preflight import resolve_paths
+    from trainer.loop.run import skip_hopeless_profile
 
     draft = tmp_path / "draft"
     shutil.copytree(tiny_world.draft_path, draft)
@@ -361,7 +361,7 @@ def test_a_hopeless_distilled_draft_skips_the_first_use_profile(tiny_world, tmp_
 
 
 def test_verdict_without_a_calibration_bounds_the_gain_on_any_hardware():
-    from drafting.verdict import forward_cost, judge, upper_bound
+    from drafting.policy.verdict import forward_cost, judge, upper_bound
 
     # a draft costing a quarter of the target per token: at 0.5 one drafted token is best, 1.5 / 1.25
     assert upper_bound(0.5, 0.25) == pytest.approx(1.2)

@@ -9,8 +9,8 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine, parse_strategy
-from drafting.kv_store import KVCache
-from drafting.model import LeanDecoder
+from drafting.runtime.kv_cache import KVCache
+from drafting.model.decoder import LeanDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

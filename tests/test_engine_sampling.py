@@ -12,8 +12,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from drafting import SamplingParams, SpeculativeEngine
-from drafting.noise import gumbel, position_keys
-from drafting.sampling import mix64, process_logits, sample_from
+from drafting.spec.noise import gumbel, position_keys
+from drafting.spec.sampling import mix64, process_logits, sample_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
-from drafting.engine import SpeculativeEngine as Engine
+from drafting.runtime.engine import SpeculativeEngine as Engine
 from tests.test_engine import PROMPTS, hf_greedy, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

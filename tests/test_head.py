@@ -11,11 +11,11 @@ import test_engine_sampling as sampling_tests
 import torch
 
 from drafting import SamplingParams, SpeculativeEngine
-from drafting.head import (DraftHead, HeadDecoder, HeadLearner, draft_kind, head_batch, head_scores, is_head_dir,
-                           load_head)
-from drafting.kv_store import KVCache
-from drafting.model import LeanDecoder
-from trainer.experience import make_sequences
+from drafting.model.head import DraftHead, HeadDecoder, draft_kind, is_head_dir, load_head
+from trainer.draft.head_learner import HeadLearner, head_batch, head_scores
+from drafting.runtime.kv_cache import KVCache
+from drafting.model.decoder import LeanDecoder
+from trainer.core.experience import make_sequences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

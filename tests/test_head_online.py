@@ -7,9 +7,9 @@ import torch
 
 from configs.schema import DraftConfig
 from drafting import SamplingParams, SpeculativeEngine
-from drafting.head import DraftHead, load_head
-from trainer.experience import Experience, make_sequences, sequence_logprobs, sequence_logprobs_features
-from trainer.head_online import head_batch_of
+from drafting.model.head import DraftHead, load_head
+from trainer.core.experience import Experience, make_sequences, sequence_logprobs, sequence_logprobs_features
+from trainer.draft.head_online import head_batch_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[1, 4, 5, 10 + i % 8, 11, 7 + i % 3][: 3 + i % 4] for i in range(24)]
@@ -19,7 +19,7 @@ PROMPTS = [[1, 4, 5, 10 + i % 8, 11, 7 + i % 3][: 3 + i % 4] for i in range(24)]
 def world(tiny_world, tmp_path_factory):
     """The tiny actor, a head made from it (its last layer, `DraftHead.from_actor`), and an engine over the pair
     that keeps the actor's features on its outputs."""
-    from trainer.strategy import load_causal_lm
+    from trainer.core.deepspeed_backend import load_causal_lm
 
     actor = load_causal_lm(tiny_world.actor_path, "actor").eval()
     head_dir = DraftHead.from_actor(actor, seed=0).save(tmp_path_factory.mktemp("head") / "head")
@@ -118,7 +118,7 @@ def test_head_weights_reach_an_engine_by_name_and_the_actor_embedding_is_kept(wo
 
 def test_preflight_takes_draft_online_with_a_head(world):
     from configs.schema import ConfigError, load_config
-    from trainer.preflight import preflight
+    from trainer.loop.preflight import preflight
 
     lines = []
     cfg = load_config(None, [f"model.draft={world[1]}", "draft.online=true", "generation.strategy=tree:3,2,6"])

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from configs.schema import BalancerConfig, GenerationConfig
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
 from migration.planner import InstanceLoad, SampleLoad, plan, rank_running, resolve_threshold
-from trainer.rollout import assign
+from trainer.loop.rollout import assign
 
 STRATEGY, MAX_LEN = "tree:3,2,6", 160
 
@@ -149,7 +149,7 @@ def reference(model_dirs, reqs):
 
 
 def make_fleet(model_dirs, balancer: BalancerConfig, assignment="chunk"):
-    from trainer.rollout import RolloutFleet
+    from trainer.loop.rollout import RolloutFleet
 
     gen = GenerationConfig(num_instances=2, strategy=STRATEGY, max_slots=4, max_len=MAX_LEN, cpus_per_instance=1,
                            assignment=assignment)

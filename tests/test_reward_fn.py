@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 
-from trainer.data import Prompt
-from trainer.reward_fn import RewardFnError, dry_run, load_reward_fn, score_samples
+from trainer.loop.data import Prompt
+from trainer.core.reward_fn import RewardFnError, dry_run, load_reward_fn, score_samples
 from trainer.tiny.reward import compute_score
 
 

@@ -15,7 +15,7 @@ SMALL = ["trainer.prompts_per_iteration=8", "trainer.samples_per_prompt=2", "tra
 
 
 def run_config(tmp_path, *overrides):
-    from trainer.run import run
+    from trainer.loop.run import run
 
     cfg = load_config(None, SMALL + [f"trainer.output_dir={tmp_path}", *overrides])
     return cfg, run(cfg)
@@ -24,7 +24,7 @@ def run_config(tmp_path, *overrides):
 def test_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainer.tracking import read_wandb_history
+    from trainer.loop.tracking import read_wandb_history
 
     cfg, history = run_config(tmp_path, "trainer.algorithm=ppo", "trainer.iterations=3", "trainer.world_size=2",
                               "generation.num_instances=2", "trainer.save_every=3", "trainer.rm_weight=0.5",

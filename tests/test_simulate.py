@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from bench import simulate as sim
-from drafting.calibration import Calibration
+from drafting.policy.calibration import Calibration
 
 
 def constant_model(plain_ms: float = 10.0) -> sim.StepModel:

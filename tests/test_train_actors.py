@@ -11,10 +11,10 @@ from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.trainer_group import create_trainer_group
 from configs.schema import TrainerConfig
-from trainer import algorithms as algo
-from trainer.data import Prompt
-from trainer.experience import Experience, make_sequences, sequence_logprobs
-from trainer.strategy import load_scalar_head_model
+from trainer.core import algorithms as algo
+from trainer.loop.data import Prompt
+from trainer.core.experience import Experience, make_sequences, sequence_logprobs
+from trainer.core.deepspeed_backend import load_scalar_head_model
 
 PER_RANK = {"num_cpus": 0.5, "num_gpus": 0}
 

@@ -12,8 +12,8 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from drafting.attention import visible as visibility_mask  # noqa: E402
-from drafting.triton_attention import auto_splits, tree_attention, tree_attention_reference  # noqa: E402
+from drafting.model.attention import visible as visibility_mask  # noqa: E402
+from drafting.model.triton_attention import auto_splits, tree_attention, tree_attention_reference  # noqa: E402
 
 ON_GPU = os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")

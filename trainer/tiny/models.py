@@ -254,7 +254,7 @@ def distill_draft(draft, actor, train: list[Seq], *, lr: float, token_budget: in
 def distill_head(head, actor, train: list[Seq], *, lr: float, token_budget: int, max_steps: int, seed: int) -> dict:
     """`distill_draft` for an EAGLE-style head (drafting/head.py): the same batches and budget, the head's own loss
     (KL to the actor at the response positions plus feature regression) on the actor's features."""
-    from drafting.head import HeadLearner, head_batch
+    from trainer.draft.head_learner import HeadLearner, head_batch
 
     rng = random.Random(seed)
     learner = HeadLearner(head, lr=lr, batch_size=1 << 30)  # one optimizer step per length bucket

@@ -8,13 +8,15 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from drafting.attention import Attention
-from drafting.kv_store import KVCache
+from drafting.model.attention import Attention
+
+if TYPE_CHECKING:  # the cache is passed in: the runtime owns it
+    from drafting.runtime.kv_cache import KVCache
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

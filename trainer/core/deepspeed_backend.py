@@ -1,4 +1,4 @@
-"""DeepSpeed set-up in one place (OpenRLHF's DeepspeedStrategy): process group, engine, ZeRO, save/load.
+"""DeepSpeed set-up in one place (what OpenRLHF calls its DeepspeedStrategy): process group, engine, ZeRO, save/load.
 
 Model code never touches DeepSpeed. The same calls run CPU+gloo and CUDA+NCCL (bf16/fp16 when configured).
 Also the one place that loads the HF models the training roles use, failing fast on a bad path.
@@ -104,7 +104,7 @@ def load_scalar_head_model(path: str, role: str, init_from: str = "reward", dtyp
 
 
 # ------------------------------------------------------------------------------------------- strategy
-class DeepspeedStrategy:
+class DeepSpeedBackend:
     """Owns the process group and the DeepSpeed engines of one training role on one rank."""
 
     def __init__(self, device: str = "cpu", seed: int = 0) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafting.tree import DraftTree, top_per_sample
+from drafting.spec.tree import DraftTree, top_per_sample
 
 
 @dataclass

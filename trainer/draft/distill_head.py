@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 
-from drafting.head import DraftHead, HeadBatch, HeadLearner, head_scores
+from drafting.model.head import DraftHead
+from trainer.draft.head_learner import HeadBatch, HeadLearner, head_scores
 
 
 def sample_with_features(actor_path: str, prompts: list[list[int]], temperature: float, max_new_tokens: int,
                          seed: int, max_len: int, **kw) -> list:
     """The actor's samples (plain decoding) with its features [len - 1, H] each, in prompt order
     (`trainer.distill_draft.sample_outputs`: a deadline and min_samples as there)."""
-    from trainer.distill_draft import sample_outputs
+    from trainer.draft.teacher import sample_outputs
 
     return sample_outputs(actor_path, prompts, temperature, max_new_tokens, seed, max_len, features=True, **kw)
 
@@ -102,6 +103,6 @@ def fit(args, actor, tokenizer, prompts: list[list[int]], held: int, start: floa
 
 
 def load_actor(path: str):
-    from trainer.strategy import load_causal_lm
+    from trainer.core.deepspeed_backend import load_causal_lm
 
     return load_causal_lm(path, "actor").eval()

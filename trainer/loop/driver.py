@@ -13,12 +13,12 @@ from tqdm import tqdm
 
 from configs.schema import Config
 from drafting import GenRequest, SamplingParams
-from trainer import algorithms as algo
-from trainer.checkpoint import CheckpointManager
-from trainer.data import Prompt, PromptSampler
-from trainer.experience import Experience, make_sequences
-from trainer.rollout import RolloutFleet
-from trainer.tracking import Tracking
+from trainer.core import algorithms as algo
+from trainer.loop.checkpoint import CheckpointManager
+from trainer.loop.data import Prompt, PromptSampler
+from trainer.core.experience import Experience, make_sequences
+from trainer.loop.rollout import RolloutFleet
+from trainer.loop.tracking import Tracking
 
 
 @dataclass
@@ -281,7 +281,7 @@ class Driver:
         """Whether drafting can pay at the acceptance measured this iteration (the draft trainer's, on the rollout
         before it trained on it; else the rollout's accepted per drafted token), as `draft/verdict_*` metrics; the
         console line comes at the first verdict and whenever it turns."""
-        from drafting.verdict import judge
+        from drafting.policy.verdict import judge
 
         acceptance = metrics.get("draft/acceptance")
         if acceptance is None and metrics.get("rollout/acceptance_rate"):
@@ -305,9 +305,9 @@ class Driver:
         if self._found_calibration is None and self.cfg.generation.gpus_per_instance == 0:
             from transformers import AutoConfig
 
-            from drafting.head import draft_config
-            from drafting.verdict import find_calibration, forward_cost
-            from trainer.preflight import resolve_paths
+            from drafting.model.head import draft_config
+            from drafting.policy.verdict import find_calibration, forward_cost
+            from trainer.loop.preflight import resolve_paths
 
             paths = resolve_paths(self.cfg)
             if self._cost_ratio is None:

@@ -21,17 +21,17 @@ from typing import Hashable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from drafting.accept import walk
-from drafting.attention import resolve_backend
-from drafting.graphs import GraphRunner, batch_bucket, pow2_bucket
-from drafting.head import DraftHead, HeadDecoder, is_head_dir
-from drafting.kv_store import KVCache
-from drafting.model import LeanDecoder, compiled_ops
-from drafting.noise import GumbelScheme, block_size, position_keys
+from drafting.spec.accept import walk
+from drafting.model.attention import resolve_backend
+from drafting.runtime.graphs import GraphRunner, batch_bucket, pow2_bucket
+from drafting.model.head import DraftHead, HeadDecoder, is_head_dir
+from drafting.runtime.kv_cache import KVCache
+from drafting.model.decoder import LeanDecoder, compiled_ops
+from drafting.spec.noise import GumbelScheme, block_size, position_keys
 from drafting.records import EngineStats, GenOutput, GenRequest, KVRange, SampleState, SamplingParams
-from drafting.sampling import as_int64, derive_seed, process_logits
-from drafting.strategy import DraftStrategy, StepShape, StepView, parse_strategy
-from drafting.tree import TreeDrafter, close_under_ancestors, top_per_sample, verify_tree
+from drafting.spec.sampling import as_int64, derive_seed, process_logits
+from drafting.policy.strategy import DraftStrategy, StepShape, StepView, parse_strategy
+from drafting.spec.tree import TreeDrafter, close_under_ancestors, top_per_sample, verify_tree
 
 MAX_DEPTH = 64  # RoPE table headroom beyond max_len for draft/verify node positions
 MIN_SCRATCH = 64  # cache columns past max_len for a step's tree nodes (and catch-up widths a graph covers)
@@ -196,7 +196,7 @@ class SpeculativeEngine:
     def set_strategy(self, strategy: str | DraftStrategy) -> None:
         """Switch the draft strategy between steps (live samples carry on)."""
         if isinstance(strategy, str) and strategy.strip().lower() == "adaptive":
-            from drafting.adaptive import AdaptiveStrategy
+            from drafting.policy.adaptive import AdaptiveStrategy
 
             if self.draft is None:
                 raise ValueError("strategy 'adaptive' needs a draft model (draft=None)")
@@ -236,7 +236,7 @@ class SpeculativeEngine:
 
     # ---- calibration ---------------------------------------------------------------------------------------
     def calibration_key(self) -> dict:
-        from drafting.calibration import calibration_key
+        from drafting.policy.calibration import calibration_key
 
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         return calibration_key(self.target.config, self.draft.config if self.draft else None, str(self.dtype),
@@ -248,7 +248,7 @@ class SpeculativeEngine:
             if self.calibration_spec is None:
                 raise ValueError("strategy 'adaptive' needs a calibration: a file from `python -m drafting.profile`"
                                  " or calibration='auto'")
-            from drafting.profile import resolve_calibration
+            from drafting.calibrate.first_use import resolve_calibration
 
             self.calibration = resolve_calibration(self, self.calibration_spec)
         return self.calibration

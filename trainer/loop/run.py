@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, replace
 
 from configs.schema import Config, adapts_draft, critic_init
-from trainer.preflight import (RunPaths, check_memory, check_models, check_resources, instance_memory,
+from trainer.loop.preflight import (RunPaths, check_memory, check_models, check_resources, instance_memory,
                                memory_needs_ray, preflight)
 
 
@@ -38,7 +38,7 @@ def build_actors(cfg: Config, paths: RunPaths) -> RLActors:
     from actors.reference import ReferenceActor
     from actors.reward import RewardActor
     from actors.trainer_group import create_trainer_group
-    from trainer.rollout import RolloutFleet
+    from trainer.loop.rollout import RolloutFleet
 
     t, m = cfg.trainer, cfg.model
     device = "cuda" if t.gpus_per_actor > 0 else "cpu"
@@ -73,8 +73,8 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
     record (DRAFT/distill.json) says drafting cannot pay on any hardware, adaptive could only ever decode plain:
     the run decodes plain from the start (generation.strategy none, so no draft trainer either), with one line.
     True when it did."""
-    from drafting.profile import profile_needed
-    from drafting.verdict import distilled_acceptance, forward_cost, upper_bound
+    from drafting.calibrate.first_use import profile_needed
+    from drafting.policy.verdict import distilled_acceptance, forward_cost, upper_bound
 
     g = cfg.generation
     if paths.draft is None or not profile_needed(g.strategy, g.calibration):
@@ -84,7 +84,7 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
         return False
     from transformers import AutoConfig
 
-    from drafting.head import draft_config
+    from drafting.model.head import draft_config
 
     actor = AutoConfig.from_pretrained(paths.actor)
     bound = upper_bound(acceptance, forward_cost(draft_config(paths.draft, actor)) / forward_cost(actor))
@@ -100,10 +100,10 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
 
 def run(cfg: Config) -> list[dict]:
     """Run the configured RLHF job end to end; returns per-iteration metrics."""
-    from trainer import stop
+    from trainer.loop import stop
 
     checked = preflight(cfg)  # a bad input stops here, before Ray starts (or is even imported)
-    from trainer.ray_setup import init_ray
+    from trainer.loop.ray_setup import init_ray
 
     paths = checked.paths
     skip_hopeless_profile(cfg, paths)
@@ -125,11 +125,11 @@ def run(cfg: Config) -> list[dict]:
 def train(cfg: Config, actors: RLActors, checked) -> list[dict]:
     """The driver loop on built actors (`run` builds them; bench.e2e restarts one set for many runs), from the
     preflight's prompts and tokenizer."""
-    from trainer import algorithms as algo
-    from trainer.checkpoint import CheckpointManager
-    from trainer.data import PromptSampler
-    from trainer.driver import Driver
-    from trainer.tracking import Tracking
+    from trainer.core import algorithms as algo
+    from trainer.loop.checkpoint import CheckpointManager
+    from trainer.loop.data import PromptSampler
+    from trainer.loop.driver import Driver
+    from trainer.loop.tracking import Tracking
 
     checkpoints = CheckpointManager(cfg.trainer.output_dir, cfg.trainer.save_every, actors.policy, actors.critic,
                                     actors.draft)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from configs.schema import DRAFT_LOSSES as LOSSES
 from configs.schema import DraftConfig
-from trainer.experience import Experience, position_ids_from_mask, response_logits, trim_padding
+from trainer.core.experience import Experience, position_ids_from_mask, response_logits, trim_padding
 
 
 def draft_loss(student_logits: torch.Tensor, kind: str, tokens: torch.Tensor | None = None,

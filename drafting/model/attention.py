@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from drafting.model.mask import visible
+
 BACKENDS = ("auto", "sdpa", "triton")
 _CUDA_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -33,25 +35,12 @@ def resolve_backend(name: str, device: torch.device, head_dim: int) -> str:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("attention backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
     try:
-        from drafting.triton_attention import HEAD_DIMS
+        from drafting.model.triton_attention import HEAD_DIMS
     except ImportError as e:
         if name == "triton":
             raise ValueError(f"attention backend 'triton': {e}") from None
         return "sdpa"
     return "triton" if head_dim in HEAD_DIMS else "sdpa"
-
-
-def visible(prefix: torch.Tensor, tail: torch.Tensor | None, T: int, kv_len: int) -> torch.Tensor:
-    """[B, T, kv_len] bool: the columns each query sees (see the module docstring)."""
-    j = torch.arange(kv_len, device=prefix.device)
-    mask = (j[None, :] < prefix[:, None])[:, None, :].expand(-1, T, -1)  # [B, T, S]
-    if tail is None or tail.shape[-1] == 0:
-        return mask
-    Tt = tail.shape[-1]
-    rel = j[None, :] - prefix[:, None]  # [B, S]
-    inside = (rel >= 0) & (rel < Tt)
-    bits = tail.gather(2, rel.clamp(0, Tt - 1)[:, None, :].expand(-1, T, -1))  # [B, T, S]
-    return mask | (bits & inside[:, None, :])
 
 
 class Attention:
@@ -73,7 +62,7 @@ class Attention:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, T, D]; k_cache, v_cache [rows, Hkv, P, D] (this forward's rows of one layer) -> [B, Hq, T, D]."""
         if self.backend == "triton":
-            from drafting.triton_attention import tree_attention
+            from drafting.model.triton_attention import tree_attention
 
             return tree_attention(q, k_cache, v_cache, self.prefix, self.tail, self.kv_len)
         keys, vals = k_cache[:, :, :self.kv_len], v_cache[:, :, :self.kv_len]

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from drafting.sampling import _GOLDEN, mix64
+from drafting.spec.sampling import _GOLDEN, mix64
 
 SINGLE_LEVEL_MAX = 4096  # up to this vocabulary size, one noise value per token is cheap enough
 _BLOCK_STREAM, _TOKEN_STREAM = 0x51ED27, 0x7A11E5

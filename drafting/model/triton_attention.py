@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from drafting.attention import visible
+from drafting.model.mask import visible
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)

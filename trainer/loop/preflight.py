@@ -36,14 +36,14 @@ def preflight(cfg: Config, log=print) -> Checked:
     function's dry run, the K/V memory (unless a GPU has to be asked). A bad input stops here in seconds."""
     paths = resolve_paths(cfg)
     if paths.reward_fn:  # a missing file or function is found before anything heavy loads
-        from trainer.reward_fn import load_reward_fn
+        from trainer.core.reward_fn import load_reward_fn
 
         load_reward_fn(paths.reward_fn)
     actor_config, draft_config = check_models(cfg, paths)
     check_prompts_light(cfg, paths)  # the prompt files' data errors, before torch loads
     check_engine_models(paths, actor_config, draft_config)
     if paths.draft is not None:
-        from drafting.head import draft_kind
+        from drafting.model.head import draft_kind
 
         kind = ("an EAGLE-style draft head (one layer over the actor's features)" if draft_kind(paths.draft) == "head"
                 else f"a draft model ({draft_config.num_hidden_layers} layers)")
@@ -58,7 +58,7 @@ def preflight(cfg: Config, log=print) -> Checked:
     prompts = _load(cfg, cfg.data.train, paths.train_prompts, tokenizer, "data.train")
     eval_prompts = _load(cfg, cfg.data.eval, paths.eval_prompts, tokenizer, "data.eval") if paths.eval_prompts else []
     if paths.reward_fn:  # the user's function on the first batch's rows, before any actor starts
-        from trainer.reward_fn import dry_run
+        from trainer.core.reward_fn import dry_run
 
         n = cfg.trainer.prompts_per_iteration
         log(dry_run(paths.reward_fn, prompts[:n] + eval_prompts[:n]), flush=True)
@@ -69,7 +69,7 @@ def check_prompts_light(cfg: Config, paths: RunPaths) -> bool:
     """Load the prompt files with the light tokenizer (no transformers, no torch): a bad key, type or length stops
     the run in a second or two. False: not checked here (a tokenizer or input only transformers reproduces exactly);
     the full load after the engine checks finds the same errors then."""
-    from trainer.light_tokenizer import NotExact, light_tokenizer
+    from trainer.loop.light_tokenizer import NotExact, light_tokenizer
 
     tokenizer = light_tokenizer(paths.actor)
     if tokenizer is None:
@@ -84,7 +84,7 @@ def check_prompts_light(cfg: Config, paths: RunPaths) -> bool:
 
 
 def _load(cfg: Config, spec: PromptFileConfig, path: str, tokenizer, what: str) -> list:
-    from trainer.data import load_prompts
+    from trainer.loop.data import load_prompts
 
     label_key = spec.label_key if cfg.trainer.reward_fn else None  # the ground truth only matters to a function
     return load_prompts(path, tokenizer, cfg.data.max_prompt_len, spec.prompt_key, label_key,
@@ -113,7 +113,7 @@ def resolve_paths(cfg: Config) -> RunPaths:
         paths = {k: str(tiny[k]) if v == TINY else v for k, v in paths.items()}
     reward_fn = None
     if cfg.trainer.reward_fn:
-        from trainer.reward_fn import split_spec
+        from trainer.core.reward_fn import split_spec
 
         file, name = split_spec(cfg.trainer.reward_fn)
         reward_fn = f"{file.resolve()}:{name}"
@@ -164,7 +164,7 @@ def _model_config(path: str, key: str) -> ModelShape:
 
 def _check_generation_model(config, path: str, key: str) -> None:
     """The lean engine decodes a few Llama-shaped families only: refuse others here, before any actor starts."""
-    from drafting.model import SUPPORTED
+    from drafting.model.decoder import SUPPORTED
 
     if config.model_type not in SUPPORTED:
         raise ConfigError(f"{key}: model type {config.model_type!r} ({path}) is not supported by the generation "
@@ -181,7 +181,7 @@ def check_models(cfg: Config, paths: RunPaths):
     # a head directory holds drafting.head.CONFIG_FILE; asked without importing drafting (torch) for a model's
     is_head = paths.draft is not None and (Path(paths.draft) / "head.json").is_file()
     if is_head:  # an EAGLE-style head of this actor
-        from drafting.head import head_config
+        from drafting.model.head import head_config
 
         try:
             draft = head_config(paths.draft, actor)
@@ -219,7 +219,7 @@ def check_models(cfg: Config, paths: RunPaths):
 def check_engine_models(paths: RunPaths, actor, draft) -> None:
     """The generation engine takes the actor and a draft model (a head is its own kind). Imports the engine (torch):
     after the cheap checks."""
-    from drafting.head import is_head_dir
+    from drafting.model.head import is_head_dir
 
     _check_generation_model(actor, paths.actor, "model.actor")
     if draft is not None and not is_head_dir(paths.draft):
@@ -282,7 +282,7 @@ def _size(n: int) -> str:
 def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
     """The engine preallocates K/V for max_slots x (max_len + scratch + 1) positions (scratch: room for a step's
     tree nodes), target and draft: with both models' weights it must fit in USABLE of the instance's memory."""
-    from drafting.engine import scratch_columns
+    from drafting.runtime.engine import scratch_columns
 
     g = cfg.generation
     extra = scratch_columns(g.strategy) + 1

@@ -25,10 +25,10 @@ import time
 import numpy as np
 import torch
 
-from drafting.calibration import Calibration
-from drafting.predictor import AcceptancePredictor, DevicePredictor
-from drafting.strategy import DraftStrategy, StepShape, StepView
-from drafting.tree import DraftTree
+from drafting.policy.calibration import Calibration
+from drafting.policy.predictor import AcceptancePredictor, DevicePredictor
+from drafting.policy.strategy import DraftStrategy, StepShape, StepView
+from drafting.spec.tree import DraftTree
 
 CURVE = 24  # nodes per sample the plain-or-draft estimate looks at
 PROBE_AFTER = 16  # plain steps in a row after which one drafting step refreshes what drafting would gain

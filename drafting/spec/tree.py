@@ -12,12 +12,15 @@ in a CUDA graph. The drafted nodes' K/V go into the draft cache right after each
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from drafting.kv_store import KVCache
-from drafting.model import LeanDecoder
-from drafting.noise import GumbelScheme, coupled_candidates, position_keys
+from drafting.model.decoder import LeanDecoder
+from drafting.spec.noise import GumbelScheme, coupled_candidates, position_keys
+
+if TYPE_CHECKING:  # the cache is passed in: the runtime owns it
+    from drafting.runtime.kv_cache import KVCache
 
 
 @dataclass

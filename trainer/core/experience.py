@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from trainer.algorithms import entropy_from_logits
+from trainer.core.algorithms import entropy_from_logits
 
 TOKEN_FIELDS = ("old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns")
 

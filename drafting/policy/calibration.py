@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,3 +283,8 @@ def load_calibration(path: str | Path, expect_key: dict | None = None) -> Calibr
                       raw.get("step_cv_error", float("nan")), raw.get("roofline", {}), raw.get("meta", {}),
                       str(path))
     return cal.fit(choose=False)
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("RLHFSPEC_CALIBRATION_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rlhfspec" / "calibration"

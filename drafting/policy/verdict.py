@@ -124,12 +124,12 @@ def find_calibration(actor_path: str, draft_path: str, dtype: str = "float32", d
 
     from transformers import AutoConfig
 
-    from drafting.calibration import CalibrationError, calibration_key, key_name, load_calibration
-    from drafting.profile import cache_dir
+    from drafting.policy.calibration import CalibrationError, calibration_key, key_name, load_calibration
+    from drafting.policy.calibration import cache_dir
 
     if not spec:
         return None
-    from drafting.head import draft_config
+    from drafting.model.head import draft_config
 
     actor = AutoConfig.from_pretrained(actor_path)
     key = calibration_key(actor, draft_config(draft_path, actor), dtype, device, threads)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafting.tree import VerifyTree
+from drafting.spec.tree import VerifyTree
 
 
 @dataclass

@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 
 from configs.schema import DraftConfig
-from drafting.head import HeadBatch, HeadLearner, actor_shell, load_head
-from trainer.experience import Experience
+from drafting.model.head import actor_shell, load_head
+from trainer.draft.head_learner import HeadBatch, HeadLearner
+from trainer.core.experience import Experience
 
 
 def head_batch_of(experience: Experience) -> HeadBatch:
