@@ -24,132 +24,17 @@ import torch
 from tqdm import tqdm
 
 from configs.schema import DRAFT_LOSSES, DraftConfig
-from trainer.draft.distill import DraftLearner, acceptance_probability
-from trainer.core.experience import Experience, make_sequences, response_logits, sequence_logprobs_topk
 from trainer.core.deepspeed_backend import load_causal_lm
-
-
-def draft_from_actor(actor_path: str, layers: int) -> torch.nn.Module:
-    """The actor's first `layers` decoder layers with its embeddings, final norm and head: a draft that shares
-    the vocabulary and starts close to the actor's early representations."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(actor_path)
-    if not 1 <= layers < config.num_hidden_layers:
-        raise ValueError(f"--layers: {layers} must be in [1, {config.num_hidden_layers}) for this actor")
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:layers]
-    actor = load_causal_lm(actor_path, "actor")
-    keep = {k: v for k, v in actor.state_dict().items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    draft = AutoModelForCausalLM.from_config(config)
-    draft.load_state_dict(keep)
-    return draft
-
-
-@torch.no_grad()
-def sample_outputs(actor_path: str, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int,
-                   max_len: int, deadline: float = math.inf, progress: bool = True, min_samples: int = 0,
-                   features: bool = False) -> list:
-    """The actor's samples with the project's engine (plain decoding: nothing to draft with yet), its outputs in
-    prompt order; with `features`, each carries the actor's features [len - 1, H] (a head's feature buffer on).
-    Past `deadline` (perf_counter) no new prompt starts beyond the first `min_samples`, so fewer may come back."""
-    from drafting import GenRequest, SamplingParams, SpeculativeEngine
-    from drafting.spec.sampling import derive_seed
-
-    placeholder = None
-    if features:
-        from transformers import AutoConfig
-
-        from drafting.model.head import DraftHead
-
-        placeholder = DraftHead(AutoConfig.from_pretrained(actor_path))  # only switches the feature buffer on
-    engine = SpeculativeEngine(actor_path, placeholder, strategy="none", max_slots=64, max_len=max_len)
-    engine.keep_features = features
-    for i, p in enumerate(prompts):
-        engine.add(GenRequest(i, list(p), SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                                                         seed=derive_seed(seed, i))))
-    done = {}
-    with tqdm(total=len(prompts), desc="sampling", unit="sample", disable=not progress) as bar:
-        while engine.live or engine.queue:
-            late = [r.request_id for r in engine.queue if r.request_id >= min_samples]
-            if late and time.perf_counter() > deadline:  # the budget: no new prompt starts
-                for request_id in late:
-                    engine.remove(request_id)
-                bar.total = len(prompts) - len(late)
-                bar.refresh()
-            for out in engine.step():
-                done[out.request_id] = out
-                bar.update(1)
-    n = 0  # queued prompts leave in order: the samples that came back are a prefix of the prompts
-    while n in done:
-        n += 1
-    return [done[i] for i in range(n)]
-
-
-@torch.no_grad()
-def teacher_batch(actor, prompts: list[list[int]], responses: list[list[int]], pad_id: int, temperature: float,
-                  top_k: int, chunk: int = 32, desc: str = "teacher") -> Experience:
-    """Sequences and masks of the samples with the actor's top-k log-probs per response position."""
-    seqs, attn, action = make_sequences(prompts, responses, pad_id)
-    R = action.shape[1]
-    parts = [sequence_logprobs_topk(actor, seqs[i:i + chunk], attn[i:i + chunk], R, temperature, top_k)
-             for i in tqdm(range(0, len(seqs), chunk), desc=desc, unit="batch", disable=desc is None)]
-    _, top_logp, top_ids = (torch.cat(p) for p in zip(*parts))
-    return Experience(seqs, attn, action, R, topk_logprobs=top_logp, topk_ids=top_ids)
-
-
-@torch.no_grad()
-def feature_teacher_batch(actor, prompts: list[list[int]], outputs, pad_id: int, temperature: float,
-                          top_k: int, chunk: int = 8) -> Experience:
-    """teacher_batch's result from the features the engine kept while sampling (the actor's final-norm output,
-    what its LM head reads): the teacher is the LM head on them, with no second forward over the samples."""
-    responses = [o.token_ids for o in outputs]
-    seqs, attn, action = make_sequences(prompts, responses, pad_id)
-    R, k = action.shape[1], min(top_k, actor.config.vocab_size)
-    top_logp, top_ids = torch.zeros(len(outputs), R, k), torch.zeros(len(outputs), R, k, dtype=torch.long)
-    weight = actor.get_output_embeddings().weight
-    for i in range(0, len(outputs), chunk):
-        rows = [(j, o.features[len(p) - 1:len(p) - 1 + len(o.token_ids)])  # feature t predicts token t + 1
-                for j, (p, o) in enumerate(zip(prompts[i:i + chunk], outputs[i:i + chunk]), start=i)]
-        feats = torch.cat([f for _, f in rows]).to(weight.dtype)
-        logp = torch.log_softmax(torch.nn.functional.linear(feats, weight).float() / temperature, dim=-1)
-        values, ids = logp.topk(k, dim=-1)
-        at = 0
-        for j, f in rows:
-            top_logp[j, :len(f)], top_ids[j, :len(f)] = values[at:at + len(f)], ids[at:at + len(f)]
-            at += len(f)
-    return Experience(seqs, attn, action, R, topk_logprobs=top_logp, topk_ids=top_ids)
-
-
-def keeps_features(actor_path: str) -> bool:
-    """Whether the engine can keep this actor's features while it samples (a head's architectures)."""
-    from transformers import AutoConfig
-
-    from drafting.model.head import head_supports
-
-    return head_supports(AutoConfig.from_pretrained(actor_path).model_type)
-
-
-@torch.no_grad()
-def held_out_scores(actor, draft, batch: Experience, temperature: float, chunk: int = 32) -> dict[str, float]:
-    """Mean acceptance probability and draft/actor top-1 agreement over the response positions."""
-    draft.eval()
-    accept, agree, n = 0.0, 0, 0
-    for i in range(0, batch.batch_size, chunk):
-        mb = batch.select(slice(i, i + chunk))
-        p, _ = response_logits(actor, mb.sequences, mb.attention_mask, mb.num_actions, temperature)
-        q, _ = response_logits(draft, mb.sequences, mb.attention_mask, mb.num_actions, temperature)
-        mask = mb.action_mask[:, :p.shape[1]].bool()
-        accept += float(acceptance_probability(p[mask], q[mask]).sum())
-        agree += int((p[mask].argmax(-1) == q[mask].argmax(-1)).sum())
-        n += int(mask.sum())
-    return {"acceptance": accept / max(n, 1), "top1_agreement": agree / max(n, 1), "positions": n}
-
-
-from trainer.draft.teacher import (draft_from_actor, feature_teacher_batch, held_out_scores, keeps_features,
-                                   sample_outputs, teacher_batch)
+from trainer.core.experience import Experience
+from trainer.draft.distill import DraftLearner
+from trainer.draft.teacher import (
+    draft_from_actor,
+    feature_teacher_batch,
+    held_out_scores,
+    keeps_features,
+    sample_outputs,
+    teacher_batch,
+)
 
 
 # --- draft kinds: how the draft starts (E adds "head"); the sampling, teacher pass and fit are shared ---
@@ -216,15 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    end = start + 60.0 * args.budget_min
-
+def load_inputs(args) -> tuple[str, str, object, list[list[int]]]:
+    """The actor and prompt paths ('tiny': the tiny world's), the actor's tokenizer, and the prompts, each once per
+    sample it gets (the held-out ones first)."""
     from transformers import AutoTokenizer
 
-    from drafting.policy.verdict import find_calibration, forward_cost, judge
     from trainer.loop.data import load_prompts
 
     actor_path, prompt_path = args.actor, args.prompts
@@ -235,64 +116,95 @@ def main(argv: list[str] | None = None) -> dict:
         actor_path = world.actor_path if actor_path == "tiny" else actor_path
         prompt_path = world.train_prompts if prompt_path == "tiny" else prompt_path
     tokenizer = AutoTokenizer.from_pretrained(actor_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [p.token_ids for p in load_prompts(prompt_path, tokenizer, args.max_prompt_len,
                                                  prompt_key=args.prompt_key, size=args.num_prompts)]
     if len(prompts) <= args.held_out:
         raise ValueError(f"--held-out {args.held_out} leaves no training prompts out of {len(prompts)}")
+    return actor_path, prompt_path, tokenizer, [list(p) for p in prompts for _ in range(args.samples_per_prompt)]
+
+
+def print_plan(args, prompts: list[list[int]], teacher_pass: bool) -> None:
+    """How the budget will be spent, up front: a run that cannot fit shows it before it starts."""
     k = args.samples_per_prompt
-    prompts = [list(p) for p in prompts for _ in range(k)]
-    held = args.held_out * k
-    teacher_pass = args.kind != "head" and not keeps_features(actor_path)
     print(f"{len(prompts) // k} prompts x {k} samples, up to {args.max_new_tokens} new tokens, {args.threads} "
           f"threads; budget {args.budget_min:g} min: sampling until "
           f"{SAMPLING_SHARE[args.kind] * args.budget_min:.1f} min, "
           f"then {'the teacher pass and ' if teacher_pass else ''}up to {args.epochs} epochs until "
           f"{args.budget_min:g} min", flush=True)
 
-    if args.kind == "head":  # samples carry the actor's features; no teacher pass (trainer/distill_head.py)
-        from trainer.draft.distill_head import fit as fit_head
 
-        report = fit_head(args, actor_path, tokenizer, prompts, held, start, end, SAMPLING_SHARE[args.kind])
-        from transformers import AutoConfig
+def draft_verdict(args, actor_path: str, out: str, acceptance: float, prompts: list[list[int]], draft_config,
+                  actor_config):
+    """Whether drafting pays with this acceptance: on this pair's calibration if there is one, else the bound from
+    the two models' forward costs, which holds on any hardware."""
+    from drafting.policy.verdict import find_calibration, forward_cost, judge
 
-        from drafting.model.head import draft_config
+    ctx = int(sum(map(len, prompts)) / len(prompts) + args.max_new_tokens / 2)
+    cal = find_calibration(actor_path, out, spec=args.calibration)
+    ratio = forward_cost(draft_config) / forward_cost(actor_config)
+    return judge(acceptance, cal, live=args.live, ctx=ctx, cost_ratio=ratio)
 
-        actor = AutoConfig.from_pretrained(actor_path)
-        ctx = int(sum(map(len, prompts)) / len(prompts) + args.max_new_tokens / 2)
-        ratio = forward_cost(draft_config(args.out, actor)) / forward_cost(actor)
-        verdict = judge(report["history"][-1]["acceptance"], find_calibration(actor_path, args.out,
-                                                                             spec=args.calibration),
-                        live=args.live, ctx=ctx, cost_ratio=ratio)
-        report["verdict"] = verdict.metrics("")
-        (Path(args.out) / "distill.json").write_text(json.dumps(report, indent=1, default=str))
-        print(verdict.line(), flush=True)
-        return report
+
+def fit_head_draft(args, actor_path: str, tokenizer, prompts: list[list[int]], held: int, start: float,
+                   end: float) -> dict:
+    """--kind head: trainer/draft/distill_head.py samples with the actor's features, trains and saves; this adds
+    the verdict to its report."""
+    from transformers import AutoConfig
+
+    from drafting.model.head import draft_config
+    from trainer.draft.distill_head import fit as fit_head
+
+    report = fit_head(args, actor_path, tokenizer, prompts, held, start, end, SAMPLING_SHARE[args.kind])
+    actor = AutoConfig.from_pretrained(actor_path)
+    verdict = draft_verdict(args, actor_path, args.out, report["history"][-1]["acceptance"], prompts,
+                            draft_config(args.out, actor), actor)
+    report["verdict"] = verdict.metrics("")
+    (Path(args.out) / "distill.json").write_text(json.dumps(report, indent=1, default=str))
+    print(verdict.line(), flush=True)
+    return report
+
+
+def sample_actor(args, actor_path: str, prompts: list[list[int]], held: int, start: float, end: float,
+                 features: bool) -> tuple[list, float]:
+    """The actor's samples, taken until the sampling share of the budget (but enough for the held-out ones and two
+    batches), and the seconds they took."""
     max_len = max(map(len, prompts)) + args.max_new_tokens + 1
     sample_start = time.perf_counter()
     deadline, least = start + SAMPLING_SHARE[args.kind] * (end - start), held + 2 * args.batch_size
-    with_features = not teacher_pass  # the engine keeps the features: the teacher is the LM head on them
     outputs = sample_outputs(actor_path, prompts, args.temperature, args.max_new_tokens, args.seed, max_len,
-                             deadline=deadline, progress=args.progress, min_samples=least, features=with_features)
+                             deadline=deadline, progress=args.progress, min_samples=least, features=features)
     responses = [o.token_ids for o in outputs]
     sampled_s = time.perf_counter() - sample_start
     if len(responses) <= held:
         raise ValueError(f"--held-out {args.held_out}: leaves none of the {len(responses)} samples to train on")
-    prompts = prompts[:len(responses)]
     tokens = sum(map(len, responses))
     print(f"sampled {len(responses)} samples ({tokens} tokens, {tokens / sampled_s:.1f} tokens/s) in "
           f"{sampled_s:.0f} s", flush=True)
-    actor = load_causal_lm(actor_path, "actor").eval()
-    if with_features:
+    return outputs, sampled_s
+
+
+def teacher_batches(args, actor, tokenizer, prompts: list[list[int]], outputs: list, held: int,
+                    features: bool) -> tuple[Experience, Experience]:
+    """The held-out and training batches with the actor's top-k: read off the features the engine kept, or (an
+    architecture it keeps none for) from a teacher pass, a second forward over every sample."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if features:
         held_out = feature_teacher_batch(actor, prompts[:held], outputs[:held], pad_id, args.temperature,
                                          args.top_k)
         train = feature_teacher_batch(actor, prompts[held:], outputs[held:], pad_id, args.temperature, args.top_k)
     else:
+        responses = [o.token_ids for o in outputs]
         held_out = teacher_batch(actor, prompts[:held], responses[:held], pad_id, args.temperature, args.top_k,
                                  desc="teacher (held out)" if args.progress else None)
         train = teacher_batch(actor, prompts[held:], responses[held:], pad_id, args.temperature, args.top_k,
                               desc="teacher" if args.progress else None)
-    del outputs  # the features: only the teacher read them
+    return held_out, train
+
+
+def fit_draft(args, actor, actor_path: str, train: Experience, held_out: Experience, held: int,
+              end: float) -> tuple[torch.nn.Module, list[dict]]:
+    """The draft --kind starts from, distilled for --epochs or until the budget ends (the first epoch runs
+    whatever it), with its held-out scores before and after each epoch."""
     draft = KINDS[args.kind](args, actor_path)
     steps = math.ceil(train.batch_size / args.batch_size)  # one pass per epoch
     cfg = DraftConfig(online=False, loss=args.loss, top_k=args.top_k, lr=args.lr, batch_size=args.batch_size,
@@ -321,18 +233,39 @@ def main(argv: list[str] | None = None) -> dict:
         if time.perf_counter() > end:
             break
     bar.close()
+    return draft, history
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command (see the module docstring): resolve the inputs, sample from the actor, distil, save, judge; the
+    budget's clock starts before all of it."""
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    end = start + 60.0 * args.budget_min
+    actor_path, prompt_path, tokenizer, prompts = load_inputs(args)
+    held = args.held_out * args.samples_per_prompt
+    teacher_pass = args.kind != "head" and not keeps_features(actor_path)
+    print_plan(args, prompts, teacher_pass)
+    if args.kind == "head":  # samples carry the actor's features; no teacher pass (trainer/distill_head.py)
+        return fit_head_draft(args, actor_path, tokenizer, prompts, held, start, end)
+
+    with_features = not teacher_pass  # the engine keeps the features: the teacher is the LM head on them
+    outputs, sampled_s = sample_actor(args, actor_path, prompts, held, start, end, with_features)
+    prompts, samples = prompts[:len(outputs)], len(outputs)
+    actor = load_causal_lm(actor_path, "actor").eval()
+    held_out, train = teacher_batches(args, actor, tokenizer, prompts, outputs, held, with_features)
+    del outputs  # the features: only the teacher read them
+    draft, history = fit_draft(args, actor, actor_path, train, held_out, held, end)
 
     out = Path(args.out)
     draft.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    acceptance = history[-1]["acceptance"]
-    ctx = int(sum(map(len, prompts)) / len(prompts) + args.max_new_tokens / 2)
-    cal = find_calibration(actor_path, str(out), spec=args.calibration)
-    ratio = forward_cost(draft.config) / forward_cost(actor.config)  # the bound when there is no calibration
-    verdict = judge(acceptance, cal, live=args.live, ctx=ctx, cost_ratio=ratio)
+    verdict = draft_verdict(args, actor_path, str(out), history[-1]["acceptance"], prompts, draft.config,
+                            actor.config)
     report = {"actor": actor_path, "prompts": prompt_path, "kind": args.kind,
               "init": args.draft or f"actor's first {args.layers} layers", "args": vars(args), "history": history,
-              "samples": len(responses), "sample_seconds": round(sampled_s, 1),
+              "samples": samples, "sample_seconds": round(sampled_s, 1),
               "seconds": round(time.perf_counter() - start, 1), "verdict": verdict.metrics("")}
     (out / "distill.json").write_text(json.dumps(report, indent=1))
     print(f"draft saved to {out} ({report['seconds']:.0f} s)")

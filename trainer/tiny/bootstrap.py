@@ -117,32 +117,54 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 def build_world(out: Path, recipe: dict, quiet: bool = False) -> dict:
-    """Build every part of the world into `out` and write metrics.json, then stamp.json last."""
+    """Build every part of the world into `out` and write metrics.json, then stamp.json last. The parts run in a
+    fixed order, each from its own seed, so a build is the same world every time."""
     import torch  # here, not at the top: finding a built world (the preflight) imports no torch
     from tqdm.auto import tqdm
-
-    from trainer.tiny import models as tm
 
     t_start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = copy.deepcopy(recipe)
-    seed = recipe["seed"]
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     bar = lambda total, desc: tqdm(total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
     metrics: dict = {}
 
-    # Prompts and tokenizer.
+    train_rows, eval_rows, tok = _write_prompts_and_tokenizer(out, recipe)
+    actor, sft_seqs = _sft_actor(out, recipe, tok, metrics, log, bar)
+    eval_prompts = [r["prompt"] for r in eval_rows]
+    greedy, greedy_text = _judge_actor_greedy(actor, tok, eval_prompts, metrics, log)
+    draft = _distil_draft(out, recipe, tok, actor, sft_seqs, eval_prompts, greedy, metrics, log, bar)
+    _measure_cost_ratio(recipe, actor, draft, metrics, log)
+    _train_reward_model(out, recipe, tok, actor, train_rows, eval_rows, greedy_text, metrics, log, bar)
+
+    metrics["build_seconds"] = round(time.time() - t_start, 1)
+    metrics["threads"] = torch.get_num_threads()
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
+    (out / "stamp.json").write_text(json.dumps({"recipe_hash": recipe_hash(recipe), "version": recipe["version"]}))
+    return metrics
+
+
+def _write_prompts_and_tokenizer(out: Path, recipe: dict) -> tuple[list[dict], list[dict], object]:
+    """The train and eval prompt files (read back, as the run will read them) and the word-level tokenizer."""
+    from trainer.tiny import models as tm
+
+    seed = recipe["seed"]
     n_train, n_eval = recipe["prompts"]["n_train"], recipe["prompts"]["n_eval"]
     task.write_prompts_jsonl(out / "train.jsonl", n_train, seed + 1)
     task.write_prompts_jsonl(out / "eval.jsonl", n_eval, seed + 2)
     train_rows, eval_rows = task.read_prompts_jsonl(out / "train.jsonl"), task.read_prompts_jsonl(out / "eval.jsonl")
     tok = tm.build_tokenizer()
     tok.save_pretrained(out / "tokenizer")
-    vocab = tok.get_vocab()
-    inv_vocab = {i: w for w, i in vocab.items()}
-    max_new = task.MAX_LEN + 1
+    return train_rows, eval_rows, tok
 
-    # Actor: SFT from scratch to partial competence.
+
+def _sft_actor(out: Path, recipe: dict, tok, metrics: dict, log, bar):
+    """The actor, SFT'd from scratch to partial competence (room left for RL); also the SFT sequences, which the
+    draft distils on. Adds its metrics to `metrics`."""
+    from trainer.tiny import models as tm
+
+    seed, vocab = recipe["seed"], tok.get_vocab()
     sft = recipe["sft"]
     rng = random.Random(seed + 3)
     sft_seqs = [tm.encode_example(e["prompt"], e["answer"], vocab)
@@ -161,18 +183,33 @@ def build_world(out: Path, recipe: dict, quiet: bool = False) -> dict:
     metrics.update(sft_steps=st["steps"], sft_seconds=round(st["seconds"], 1), sft_dev_exact=st["held_out_exact"])
     log(f"actor SFT: {st['steps']} steps, {st['seconds']:.0f}s, dev exact {st['held_out_exact']:.3f}")
     _save(actor, tok, out / "actor")
+    return actor, sft_seqs
 
-    # Actor greedy on the eval prompts: the exact-match rate and the continuations the draft is judged on.
+
+def _judge_actor_greedy(actor, tok, eval_prompts: list[str], metrics: dict, log) -> tuple[list, list[str]]:
+    """The actor's greedy continuations of the eval prompts (as ids and text): its exact-match rate, and what the
+    draft and the reward model are judged on. Adds its metrics to `metrics`."""
+    from trainer.tiny import models as tm
+
+    vocab = tok.get_vocab()
+    inv_vocab = {i: w for w, i in vocab.items()}
     t = time.time()
-    eval_prompts = [r["prompt"] for r in eval_rows]
-    greedy = tm.generate_continuations(actor, eval_prompts, vocab, max_new)
+    greedy = tm.generate_continuations(actor, eval_prompts, vocab, task.MAX_LEN + 1)
     greedy_text = [tm.decode_ids(g, inv_vocab) for g in greedy]
     metrics["actor_exact"] = sum(task.is_exact(p, r) for p, r in zip(eval_prompts, greedy_text)) / len(eval_prompts)
     metrics["actor_mean_score"] = sum(task.score(p, r) for p, r in zip(eval_prompts, greedy_text)) / len(eval_prompts)
     metrics["eval_generate_seconds"] = round(time.time() - t, 1)
     log(f"actor greedy exact on {len(eval_prompts)} eval prompts: {metrics['actor_exact']:.3f}")
+    return greedy, greedy_text
 
-    # Draft: distilled from the actor's logits on SFT sequences.
+
+def _distil_draft(out: Path, recipe: dict, tok, actor, sft_seqs: list, eval_prompts: list[str], greedy: list,
+                  metrics: dict, log, bar):
+    """The draft, distilled from the actor's logits on the SFT sequences; its greedy agreement with the actor is
+    measured on the actor's own eval continuations. Adds its metrics to `metrics`."""
+    from trainer.tiny import models as tm
+
+    seed, vocab = recipe["seed"], tok.get_vocab()
     d, dist = recipe["draft"], recipe["distill"]
     draft_cfg = tm.llama_config(len(vocab), d["layers"], d["hidden"], d["heads"], d["kv_heads"], d["intermediate"],
                                 d["max_positions"])
@@ -186,8 +223,14 @@ def build_world(out: Path, recipe: dict, quiet: bool = False) -> dict:
                    draft_agreement=tm.greedy_agreement(draft, actor_conts))
     log(f"draft distill: {st['steps']} steps, {st['seconds']:.0f}s, greedy agreement {metrics['draft_agreement']:.3f}")
     _save(draft, tok, out / "draft")
+    return draft
 
-    # Cost ratio: one KV-cached decode step of the actor vs the draft.
+
+def _measure_cost_ratio(recipe: dict, actor, draft, metrics: dict, log) -> None:
+    """One KV-cached decode step of the actor vs the draft, per batch size: what drafting can save. Adds its
+    metrics to `metrics`."""
+    from trainer.tiny import models as tm
+
     for b in recipe["cost"]["batches"]:
         ta = tm.decode_step_seconds(actor, b, recipe["cost"]["context"])
         td = tm.decode_step_seconds(draft, b, recipe["cost"]["context"])
@@ -195,11 +238,19 @@ def build_world(out: Path, recipe: dict, quiet: bool = False) -> dict:
         metrics[f"cost_ratio_b{b}"] = round(ta / td, 2)
         log(f"decode step batch {b}: actor {ta * 1e3:.2f} ms, draft {td * 1e3:.2f} ms, ratio {ta / td:.1f}x")
 
-    # Reward model: Bradley-Terry on pairs ranked by task.score (actor samples + corrupted answers).
+
+def _train_reward_model(out: Path, recipe: dict, tok, actor, train_rows: list[dict], eval_rows: list[dict],
+                        greedy_text: list[str], metrics: dict, log, bar) -> None:
+    """The reward model: Bradley-Terry on pairs ranked by task.score (the actor's samples and corrupted answers),
+    held out on pairs from the actor's greedy eval answers. Adds its metrics to `metrics`."""
+    from trainer.tiny import models as tm
+
+    seed, vocab = recipe["seed"], tok.get_vocab()
+    inv_vocab = {i: w for w, i in vocab.items()}
     r, rt = recipe["reward"], recipe["reward_train"]
     rm_rows = train_rows[: rt["n_prompts"]]
-    sampled = tm.generate_continuations(actor, [x["prompt"] for x in rm_rows], vocab, max_new, do_sample=True,
-                                        seed=seed + 6)
+    sampled = tm.generate_continuations(actor, [x["prompt"] for x in rm_rows], vocab, task.MAX_LEN + 1,
+                                        do_sample=True, seed=seed + 6)
     train_pairs = tm.reward_pairs(rm_rows, [tm.decode_ids(s, inv_vocab) for s in sampled], random.Random(seed + 7))
     rng = random.Random(seed + 10)
     synthetic = [task.make_example(rng) for _ in range(rt["n_synthetic"])]
@@ -217,13 +268,6 @@ def build_world(out: Path, recipe: dict, quiet: bool = False) -> dict:
     log(f"reward model: {st['steps']} steps, {st['seconds']:.0f}s, "
         f"held-out pairwise acc {metrics['reward_accuracy']:.3f}")
     _save(rm, tok, out / "reward")
-
-    metrics["build_seconds"] = round(time.time() - t_start, 1)
-    metrics["threads"] = torch.get_num_threads()
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
-    (out / "stamp.json").write_text(json.dumps({"recipe_hash": recipe_hash(recipe), "version": recipe["version"]}))
-    return metrics
 
 
 def main() -> None:
