@@ -325,7 +325,7 @@ def ensure_calibration() -> None:
     import torch
 
     from configs.schema import load_config
-    from drafting.runtime.engine import SpeculativeEngine
+    from drafting import SpeculativeEngine
     from drafting.calibrate.first_use import resolve_calibration
     from trainer.loop.preflight import resolve_paths
 

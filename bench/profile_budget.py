@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         if args.quick:
             args.max_slots, args.budgets = 16, "20,0"
     torch.set_num_threads(args.threads)
-    from drafting.runtime.engine import SpeculativeEngine
+    from drafting import SpeculativeEngine
 
     engine = SpeculativeEngine(args.target, args.draft, strategy="none", max_slots=args.max_slots,
                                max_len=args.max_len, device=args.device, dtype=getattr(torch, args.dtype))

@@ -215,7 +215,7 @@ def noise_cost(vocabs, steps: int, seed: int) -> dict:
         for label in ("two_level", "single_level"):
             eng = SpeculativeEngine(actor, draft, strategy="tree:3,2,6", max_slots=16, max_len=128)
             if label == "single_level":
-                eng.block = V
+                eng.stages.block = V
             for i, p in enumerate(prompts):
                 eng.add(GenRequest(i, p, SamplingParams(temperature=1.0, max_new_tokens=64, seed=seed + i)))
             eng.step()  # admission + a first step

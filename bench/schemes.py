@@ -1,5 +1,5 @@
 """Sampling schemes compared against the engine's position-keyed Gumbel-max (`drafting.noise.GumbelScheme`),
-plugged in through the engine's scheme seam: `engine.scheme = ...; engine.drafter.scheme = ...`.
+plugged in through the engine's scheme seam: `engine.stages.scheme = ...; engine.stages.drafter.scheme = ...`.
 
 - `inverse_cdf`: position-keyed too (one uniform per position, the draft coupled on the same uniform):
   schedule-invariant, but its coupling is weaker.
@@ -71,6 +71,6 @@ def use_scheme(engine, name: str) -> None:
     """Switch an engine's sampling scheme ('gumbel' keeps the engine's own)."""
     if name == "gumbel":
         return
-    engine.scheme = SCHEMES[name]()
-    if engine.drafter is not None:
-        engine.drafter.scheme = engine.scheme
+    engine.stages.scheme = SCHEMES[name]()
+    if engine.stages.drafter is not None:
+        engine.stages.drafter.scheme = engine.stages.scheme

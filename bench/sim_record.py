@@ -22,7 +22,7 @@ import torch
 
 from drafting.policy.strategy import DraftStrategy
 
-DEPTH, TOPK, WIDTH = 8, 2, 4  # AdaptiveStrategy's defaults: max_depth 8, topk 2, widths up to 4
+DEPTH, TOPK, WIDTH = 8, 2, 4  # the adaptive policy's defaults: max_depth 8, topk 2, widths up to 4
 
 
 class TreeRecorder(DraftStrategy):
@@ -38,7 +38,7 @@ class TreeRecorder(DraftStrategy):
     def select(self, tree, view):
         e, B = self.engine, view.live
         ids = [e.live[b].request_id for b in range(B)]
-        self.trees.append((ids, e.h["n"][:B].copy(), *(t.numpy().copy() for t in
+        self.trees.append((ids, e.slots.h["n"][:B].copy(), *(t.numpy().copy() for t in
                                                        (tree.tokens, tree.parents, tree.value, tree.q, tree.margin))))
         return torch.zeros(B, tree.size, dtype=torch.bool)
 
@@ -106,7 +106,7 @@ def prefill_ratio(engine, prompts: list[list[int]], repeats: int = 5) -> dict:
         for i, p in enumerate(prompts):
             engine.add(GenRequest(("prefill", rep, i), list(p), SamplingParams(max_new_tokens=2, seed=i)))
         t0 = time.perf_counter()
-        engine._admit()  # the engine's prefill alone (a private call: this is a measurement)
+        engine.admit()  # the engine's prefill alone
         t1 = time.perf_counter()
         engine.step()  # one plain step of the whole batch (nothing left to admit)
         t2 = time.perf_counter()
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     from bench.reallocation import requests_for, tiny_batch
     from bench.rollout import load_world, phase_prompts
     from drafting import GenRequest, SamplingParams, SpeculativeEngine
-    from drafting.runtime.engine import derive_seed
+    from drafting.spec.sampling import derive_seed
 
     world = load_world()
     w, tok, actor, draft, eos = world

@@ -30,6 +30,8 @@ import torch
 
 from drafting.policy.calibration import Calibration, load_calibration
 from drafting.policy.strategy import DraftStrategy, StepView, parse_strategy
+from drafting.runtime.step import run_step
+from drafting.runtime.timing import StepTimer
 from drafting.spec.tree import DraftTree, top_per_sample
 from migration.planner import InstanceLoad, SampleLoad, plan, resolve_threshold
 
@@ -240,9 +242,9 @@ def make_strategy(config: str, model: StepModel, static: str) -> DraftStrategy:
         return parse_strategy("none")
     if config == "static":
         return parse_strategy(static)
-    from drafting.policy.adaptive import AdaptiveStrategy
+    from drafting.policy.adaptive import adaptive
 
-    return AdaptiveStrategy(model.cal, mode=model.adaptive_mode)
+    return adaptive(model.cal, mode=model.adaptive_mode)
 
 
 class Instance:
@@ -281,29 +283,21 @@ class Instance:
         return self.m.prefill_ms([max(s.prompt_len - 1, 1) for s in new], self.with_draft)
 
     def step(self) -> list[Sample]:
-        """One engine step from self.t; returns the finished samples."""
+        """One engine step from self.t, through the engine's own step loop (`drafting.runtime.step.run_step`) over
+        recorded trees and modelled times; returns the finished samples."""
         admit_ms = self.admit()
         B = len(self.live)
         ctx = max(s.prompt_len + s.done for s in self.live)
         lag = max(s.lag for s in self.live)
         view = StepView(B, ctx, lag, torch.ones(B))
-        s, log = self.s, {"live": B, "ctx": ctx, "lag": lag, "t_policy": 0.0,
-                        "t_admit": admit_ms * self.m.time_scale / 1000}
-        if s.host_decisions:
-            draft, shape = s.plan(view), None
-        else:
-            shape = s.plan_shape(view)
-            draft = shape is not None
-        if draft:
-            ms, emitted, acc = self._speculative(view, shape, log)
-        else:
-            ms, emitted, acc = self.m.cal.plain_ms(B, ctx), np.ones(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
-            log.update({"plain": True, "levels": 0, "nodes": 0})
+        stages, timer = ReplayStages(self, view), StepTimer(None)  # times come from the model, not a clock
+        timer.log.update({"live": B, "ctx": ctx, "lag": lag, "t_admit": admit_ms * self.m.time_scale / 1000})
+        run_step(stages, self.s, view, timer)
+        ms, emitted, acc, log, s = stages.ms, stages.emitted, stages.accepted, timer.log, self.s
+        draft = not log["plain"]
         dt = (admit_ms + ms) * self.m.time_scale / 1000
         log["t_total"], log["accepted"] = dt, int(acc.sum())
-        decision = getattr(s, "decision", None)
-        if decision:
-            log.update({f"plan_{k}": v for k, v in decision.items()})
+        log.update({f"plan_{k}": v for k, v in (getattr(s, "decision", None) or {}).items()})
         s.step_done(log)
         finished = []
         for smp, e in zip(self.live, emitted):
@@ -321,99 +315,110 @@ class Instance:
         self.steps += 1
         return finished
 
-    def _speculative(self, view: StepView, shape, log: dict) -> tuple[float, np.ndarray, np.ndarray]:
-        """Grow the recorded trees as the strategy asks, select, accept; the time from the step-time model."""
-        s, cal, B, ctx = self.s, self.m.cal, view.live, view.context
-        k = s.topk
-        tix = np.array([x.tree() for x in self.live])
-        ch = self.rec["children"][tix]  # [B, Nrec, Krec]
+
+class ReplayStages:
+    """The step's stage backend for a simulated instance: the draft tree grows as the policy asks, from each live
+    sample's recorded tree (which node the target accepts is recorded); every stage adds its modelled time to
+    `ms`. It is also the drafter whose buffers a device-mode policy scores (`score_nodes`)."""
+
+    def __init__(self, inst: Instance, view: StepView):
+        self.inst, self.view, self.s, self.cal = inst, view, inst.s, inst.m.cal
+        self.ms = 0.0
+        B = view.live
+        self.emitted, self.accepted = np.ones(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+
+    def plain(self, view: StepView) -> None:
+        self.ms = self.cal.plain_ms(view.live, view.context)
+
+    def root(self, view: StepView, k: int) -> None:
+        """Level 1: the root's children (recorded ranks 0..topk-1)."""
+        s, B, rec = self.s, view.live, self.inst.rec
+        self.tix = np.array([x.tree() for x in self.inst.live])
+        self.ch = rec["children"][self.tix]  # [B, Nrec, Krec]
         nmax = k + max(s.max_depth - 1, 0) * s.max_width * k
-        rec_id = np.full((B, nmax), -1, dtype=np.int64)
-        rec_id[:, :k] = np.arange(k)  # level 1: the root's children (recorded ranks 0..topk-1)
-        parents = np.full((B, nmax), -1, dtype=np.int64)
-        depth, rank = np.zeros(nmax, dtype=np.int64), np.zeros(nmax, dtype=np.int64)
-        depth[:k], rank[:k] = 1, np.arange(k)
-        score, cond = torch.zeros(B, nmax), torch.zeros(B, nmax)
-        fields = {f: np.zeros((B, nmax), dtype=np.float32) for f in ("value", "q", "margin")}
-        ok = np.zeros((B, nmax), dtype=bool)
-        rows = np.arange(B)[:, None]
-
-        def fill(lo, hi):
-            rid = rec_id[:, lo:hi]
-            have = rid >= 0
-            safe = np.where(have, rid, 0)
-            for f in fields:
-                fields[f][:, lo:hi] = np.where(have, self.rec[f][tix[:, None], safe], 0.0)
-            ok[:, lo:hi] = have & self.rec["on_path"][tix[:, None], safe]
-            score[:, lo:hi] = torch.from_numpy(fields["value"][:, lo:hi])  # the drafter's score: the value
-            cond[:, lo:hi] = torch.from_numpy(fields["q"][:, lo:hi])
-
+        self.rec_id = np.full((B, nmax), -1, dtype=np.int64)
+        self.rec_id[:, :k] = np.arange(k)
+        self.par = np.full((B, nmax), -1, dtype=np.int64)
+        self.dep, self.rnk = np.zeros(nmax, dtype=np.int64), np.zeros(nmax, dtype=np.int64)
+        self.dep[:k], self.rnk[:k] = 1, np.arange(k)
+        self.fields = {f: np.zeros((B, nmax), dtype=np.float32) for f in ("value", "q", "margin")}
+        self.ok = np.zeros((B, nmax), dtype=bool)
         # the drafter's buffers, as the device-mode strategy reads and writes them inside the stages
-        drafter = type("Drafter", (), {})()
-        for f in ("value", "q", "margin"):
-            setattr(drafter, f, torch.from_numpy(fields[f]))
-        drafter.parents, drafter.depth, drafter.rank = (torch.from_numpy(a) for a in (parents, depth, rank))
-        drafter.score, drafter.cond = score, cond
-        temp = view.temperature
+        self.value, self.q, self.margin = (torch.from_numpy(self.fields[f]) for f in ("value", "q", "margin"))
+        self.parents, self.depth, self.rank = (torch.from_numpy(a) for a in (self.par, self.dep, self.rnk))
+        self.score, self.cond = torch.zeros(B, nmax), torch.zeros(B, nmax)
+        self._fill(0, k)
+        s.score_nodes(self, B, 0, k, view.temperature)
+        self.ms = self.cal.root_ms(B, max(view.draft_lag, 1), view.context)
 
-        def view_of(size):
-            t = lambda a: torch.from_numpy(np.ascontiguousarray(a[:, :size]))  # noqa: E731
-            return DraftTree(torch.zeros(B, size, dtype=torch.long), t(parents), t(fields["value"]), t(fields["q"]),
-                             t(fields["margin"]), torch.from_numpy(depth[:size]), torch.from_numpy(rank[:size]),
-                             torch.zeros(0), torch.zeros(B, 0, dtype=torch.long), score[:, :size], cond[:, :size])
+    def _fill(self, lo: int, hi: int) -> None:
+        rid = self.rec_id[:, lo:hi]
+        have = rid >= 0
+        safe = np.where(have, rid, 0)
+        for f, a in self.fields.items():
+            a[:, lo:hi] = np.where(have, self.inst.rec[f][self.tix[:, None], safe], 0.0)
+        self.ok[:, lo:hi] = have & self.inst.rec["on_path"][self.tix[:, None], safe]
+        self.score[:, lo:hi] = torch.from_numpy(self.fields["value"][:, lo:hi])  # the drafter's score: the value
+        self.cond[:, lo:hi] = torch.from_numpy(self.fields["q"][:, lo:hi])
 
-        fill(0, k)
-        s.score_nodes(drafter, B, 0, k, temp)
-        ms = cal.root_ms(B, max(view.draft_lag, 1), ctx)
-        levels, size, newest, widths = 1, k, k, []
-        while True:
-            width = s.next_width(view, shape, levels, newest, lambda: view_of(size))  # the engine's own decision
-            if not width:
-                break
-            front = (size - newest) + score[:, size - newest:size].topk(width, dim=1).indices.numpy()  # [B, w]
-            M = width * k
-            par = np.repeat(front, k, axis=1)  # [B, M]
-            r = np.tile(np.arange(k), width)
-            fr = rec_id[rows, front]  # [B, w] recorded ids of the frontier (-1: not in the recording)
-            kr = np.arange(k)  # sibling ranks past the recording's topk were not drafted there: placeholders
-            kid = ch[rows[..., None], np.maximum(fr, 0)[..., None], np.minimum(kr, ch.shape[2] - 1)]
-            kid = np.where((fr[..., None] >= 0) & (kr < ch.shape[2]), kid, -1)
-            rec_id[:, size:size + M] = kid.reshape(B, M)
-            parents[:, size:size + M] = par
-            depth[size:size + M], rank[size:size + M] = levels + 1, r
-            fill(size, size + M)
-            s.score_nodes(drafter, B, size, size + M, temp)
-            # value is the path product (recorded); a child found under another parent keeps its own path's
-            ms += cal.level_ms(B, width, ctx)
-            widths.append(width)
-            size, newest, levels = size + M, M, levels + 1
-        tree = view_of(size)
-        if s.host_decisions:
-            chosen = s.select(tree, view).numpy().copy()
-        else:
-            chosen = top_per_sample(tree.score, min(shape.nodes, size)).numpy().copy()
-        for j in range(size - 1, -1, -1):  # close under ancestors (children come after parents)
-            p = parents[:, j]
+    def level(self, view: StepView, size: int, newest: int, levels: int, width: int, k: int) -> None:
+        """Expand the `width` best of the newest level's nodes, each into its recorded children."""
+        B, rows, ch = view.live, np.arange(view.live)[:, None], self.ch
+        front = (size - newest) + self.score[:, size - newest:size].topk(width, dim=1).indices.numpy()  # [B, w]
+        M = width * k
+        fr = self.rec_id[rows, front]  # [B, w] recorded ids of the frontier (-1: not in the recording)
+        kr = np.arange(k)  # sibling ranks past the recording's topk were not drafted there: placeholders
+        kid = ch[rows[..., None], np.maximum(fr, 0)[..., None], np.minimum(kr, ch.shape[2] - 1)]
+        kid = np.where((fr[..., None] >= 0) & (kr < ch.shape[2]), kid, -1)
+        self.rec_id[:, size:size + M] = kid.reshape(B, M)
+        self.par[:, size:size + M] = np.repeat(front, k, axis=1)
+        self.dep[size:size + M], self.rnk[size:size + M] = levels + 1, np.tile(np.arange(k), width)
+        self._fill(size, size + M)
+        # value is the path product (recorded); a child found under another parent keeps its own path's
+        self.s.score_nodes(self, B, size, size + M, view.temperature)
+        self.ms += self.cal.level_ms(B, width, view.context)
+
+    def tree(self, B: int, size: int) -> DraftTree:
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a[:, :size]))  # noqa: E731
+        f = self.fields
+        return DraftTree(torch.zeros(B, size, dtype=torch.long), t(self.par), t(f["value"]), t(f["q"]),
+                         t(f["margin"]), torch.from_numpy(self.dep[:size]), torch.from_numpy(self.rnk[:size]),
+                         torch.zeros(0), torch.zeros(B, 0, dtype=torch.long), self.score[:, :size], self.cond[:, :size])
+
+    def choose(self, view: StepView, selected: torch.Tensor, size: int) -> np.ndarray:
+        """Close the selection under ancestors (children come after their parents)."""
+        chosen = selected.numpy().copy()
+        for j in range(size - 1, -1, -1):
+            p = self.par[:, j]
             sel = chosen[:, j] & (p >= 0)
             chosen[np.nonzero(sel)[0], p[sel]] = True
-        acc = (chosen & ok[:, :size]).sum(1)
+        return chosen
+
+    def verify(self, view: StepView, chosen: np.ndarray | None, shape, size: int, levels: int
+               ) -> tuple[int, int, int]:
+        s, B, rows = self.s, view.live, np.arange(view.live)[:, None]
+        tree = self.tree(B, size)
+        if chosen is None:
+            chosen = self.choose(view, top_per_sample(tree.score, min(shape.nodes, size)), size)
+        self.accepted = acc = (chosen & self.ok[:, :size]).sum(1)
+        self.emitted = acc + 1
         counts = chosen.sum(1)
         s.summarize(tree, None, None, torch.ones(B, dtype=torch.bool), levels)
         s.fetch_async()
         T = 1 + int(counts.max())
-        ms += float(cal.verify_ms(B, [B + int(counts.sum())], [T], ctx)[0])
+        self.ms += float(self.cal.verify_ms(B, [B + int(counts.sum())], [T], view.context)[0])
         if s.host_decisions or s.wants_records():
-            parent_ok = np.where(parents[:, :size] < 0, True, ok[rows, np.maximum(parents[:, :size], 0)])
+            parent_ok = np.where(self.par[:, :size] < 0, True, self.ok[rows, np.maximum(self.par[:, :size], 0)])
             tested = chosen & parent_ok
             if tested.any():
-                feats = np.stack([fields["value"][:, :size], fields["q"][:, :size], fields["margin"][:, :size],
-                                  np.broadcast_to(depth[:size], (B, size)), np.broadcast_to(rank[:size], (B, size)),
-                                  np.ones((B, size))], -1)[tested]
+                f = self.fields
+                feats = np.stack([f["value"][:, :size], f["q"][:, :size], f["margin"][:, :size],
+                                  np.broadcast_to(self.dep[:size], (B, size)),
+                                  np.broadcast_to(self.rnk[:size], (B, size)), np.ones((B, size))], -1)[tested]
                 s.observe({"features": torch.from_numpy(feats.astype(np.float32)),
-                           "accepted": torch.from_numpy(ok[:, :size][tested]),
-                           "predicted": torch.from_numpy(cond[:, :size].numpy()[tested].copy())})
-        log.update({"plain": False, "levels": levels, "level_widths": widths, "width": T, "nodes": int(counts.sum())})
-        return ms, acc + 1, acc
+                           "accepted": torch.from_numpy(self.ok[:, :size][tested]),
+                           "predicted": torch.from_numpy(self.cond[:, :size].numpy()[tested].copy())})
+        return levels + 1, T, int(counts.sum())
 
 
 # ---- a fleet -----------------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ class Emigration:
                     continue  # finished between the stages
             for state in states:  # only once every copy exists
                 self.engine.remove(state.request_id)
-            self.engine.reserved += len(states)
+            self.engine.reserve_slots(len(states))  # their own slots, just freed: held for a resume
             return t_freeze, states
 
         self.record.t_freeze, self.frozen = self.at_boundary(freeze)
@@ -219,7 +219,7 @@ class Emigration:
         back = [s for s in self.frozen if s.request_id not in moved]
 
         def settle() -> None:
-            self.engine.reserved -= len(self.frozen)
+            self.engine.release_slots(len(self.frozen))
             for s in back:
                 self.engine.import_sample(s, prefix=[self.prefix[s.request_id]] if s.request_id in self.prefix else [])
 
@@ -249,10 +249,8 @@ class Immigration:
     def reserve(self) -> bool:
         """Hold `slots` free slots for this order, or refuse (before anything is sent) when there are fewer."""
         def take() -> bool:
-            free = self.engine.max_slots - len(self.engine.live) - self.engine.reserved
-            if free < self.slots:
+            if not self.engine.reserve_slots(self.slots):
                 return False
-            self.engine.reserved += self.slots
             self.held = self.slots
             return True
 
@@ -284,7 +282,7 @@ class Immigration:
             return self.record
 
         def land() -> float:
-            self.engine.reserved -= self.held  # released right before the imports take the slots
+            self.engine.release_slots(self.held)  # released right before the imports take the slots
             self.held = 0
             for s in states:
                 self.engine.import_sample(s, prefix=[prefix[s.request_id]] if s.request_id in prefix else [])
@@ -305,7 +303,7 @@ class Immigration:
         self.record.error = f"{type(error).__name__}: {error}"
         if self.held:
             def release() -> None:
-                self.engine.reserved -= self.held
+                self.engine.release_slots(self.held)
                 self.held = 0
 
             self.at_boundary(release)

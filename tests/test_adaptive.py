@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from drafting.policy.adaptive import AdaptiveStrategy
+from drafting.policy.adaptive import AdaptiveHost
 from drafting.policy.calibration import Calibration, CalibrationError, load_calibration
 from drafting.policy.predictor import AcceptancePredictor, calibration_table
 from drafting.policy.strategy import StepView
@@ -77,14 +77,14 @@ def view(B, ctx=64):
     return StepView(B, ctx, 1, torch.ones(B))
 
 
-def scored(s: AdaptiveStrategy, tree: DraftTree, B: int) -> DraftTree:
+def scored(s: AdaptiveHost, tree: DraftTree, B: int) -> DraftTree:
     s.plan(view(B))
     s.score(tree, view(B))
     return tree
 
 
 def test_selection_ranks_all_samples_together_and_closes_ancestors(cal):
-    s = AdaptiveStrategy(cal)
+    s = AdaptiveHost(cal)
     chain = torch.tensor([[-1, 0, 1, 2, 3, 4]])  # a chain of 6 nodes
     # sample 0 is confident, sample 1 hopeless
     cond = torch.tensor([[0.95, 0.95, 0.95, 0.95, 0.95, 0.95], [0.05, 0.05, 0.05, 0.05, 0.05, 0.05]])
@@ -101,7 +101,7 @@ def test_selection_ranks_all_samples_together_and_closes_ancestors(cal):
 def test_long_tail_verifies_more_nodes_per_sample_than_a_full_batch(cal):
     per_sample = {}
     for B in (1, 64):
-        s = AdaptiveStrategy(cal)
+        s = AdaptiveHost(cal)
         tree = scored(s, tree_of(torch.full((B, 6), 0.8), torch.tensor([[-1, 0, 1, 2, 3, 4]]).expand(B, 6).clone()), B)
         per_sample[B] = float(s.select(tree, view(B)).sum()) / B
     assert per_sample[1] == 6 and per_sample[64] < 3
@@ -109,13 +109,13 @@ def test_long_tail_verifies_more_nodes_per_sample_than_a_full_batch(cal):
 
 def test_plain_step_when_drafting_cannot_pay():
     costly = synthetic(level_ms=50.0)  # a draft level costs 50 plain tokens' worth
-    assert not AdaptiveStrategy(costly).plan(view(64))
-    assert AdaptiveStrategy(synthetic()).plan(view(1))
+    assert not AdaptiveHost(costly).plan(view(64))
+    assert AdaptiveHost(synthetic()).plan(view(1))
 
 
 def test_depth_stops_when_another_level_cannot_raise_the_rate():
     for level_ms, expect in ((0.2, True), (500.0, False)):
-        s = AdaptiveStrategy(synthetic(level_ms=level_ms))
+        s = AdaptiveHost(synthetic(level_ms=level_ms))
         tree = scored(s, tree_of(torch.tensor([[0.9, 0.9]]), torch.tensor([[-1, 0]])), 1)
         assert s.deeper(tree, view(1)) is expect
 

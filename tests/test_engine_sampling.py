@@ -76,7 +76,7 @@ def test_emitted_tokens_have_target_distribution(models, calibration, strategy, 
     """block 4 < V: two-level Gumbel-max (a block of the vocabulary by mass, then a token inside it)."""
     target, draft = models
     eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=N, max_len=16, calibration=calibration)
-    eng.block = block
+    eng.stages.block = block
     outs = eng.generate([PROMPT] * N, SP)
     # first emitted token: accepted draft or correction token, ~ p(. | prompt)
     stat, dof = chi_square(Counter(o.token_ids[0] for o in outs), hf_processed(target, PROMPT))

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
-from drafting.runtime.engine import SpeculativeEngine as Engine
+from drafting.runtime.engine import Engine
 from tests.test_engine import PROMPTS, hf_greedy, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,9 +48,9 @@ def counted_engine(monkeypatch, engine: Engine, counter: SyncCounter) -> dict:
     runner = engine.graphs
     run, fetch = runner.run, engine._fetch
 
-    def run_counted(key, stage, capturable=True):
+    def run_counted(stage, *args, capturable=True):
         before = len(counter.seen)
-        run(key, stage, capturable)
+        run(stage, *args, capturable=capturable)
         counts["stage"] += counter.seen[before:]
         del counter.seen[before:]
 
@@ -175,13 +175,13 @@ def test_every_stage_compiles_into_one_graph(models, monkeypatch, calibrate, str
     compiled = set()
     run = eng.graphs.run
 
-    def run_traced(key, stage, capturable=True):
-        if key[0] not in compiled:  # (on CPU nothing is captured: every device-path stage is traced here)
-            compiled.add(key[0])
+    def run_traced(stage, *args, capturable=True):
+        if stage.__name__ not in compiled:  # (on CPU nothing is captured: every device-path stage is traced here)
+            compiled.add(stage.__name__)
             torch._dynamo.reset()
-            torch.compile(stage, fullgraph=True, backend=static_graph)()
+            torch.compile(lambda: stage(*args), fullgraph=True, backend=static_graph)()
         else:
-            run(key, stage, capturable)
+            run(stage, *args, capturable=capturable)
 
     monkeypatch.setattr(eng.graphs, "run", run_traced)
     outs = eng.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))

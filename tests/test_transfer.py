@@ -134,7 +134,7 @@ def test_destination_failure_resumes_the_sample_at_the_source(models, groups):
     assert dst.reserved == 0 and not dst.live  # the reservation went back, nothing landed
     # stage 2 found no receiver: the send timed out (the group's 1 s), and the source waited for the verdict
     assert sent.state == SourceState.STAGE2_SENT.value and "Timed out" in sent.error
-    assert "r0" not in src.row_of and src.reserved == 1
+    assert "r0" not in src.slots and src.reserved == 1
     assert out.finish(got.request_ids).state == SourceState.RESUMED.value and src.reserved == 0
     assert run_out(src) == expected
 

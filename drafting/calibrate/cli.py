@@ -16,7 +16,7 @@ import torch
 from drafting.calibrate.first_use import _say, resolve_budget
 from drafting.calibrate.profile import ProfileRun, quality_line, summary
 from drafting.policy.calibration import cache_dir, key_name
-from drafting.runtime.engine import SpeculativeEngine
+from drafting.runtime.engine import Engine
 
 
 def main(argv=None) -> int:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     torch.set_num_threads(threads)
-    engine = SpeculativeEngine(target, draft, strategy="none", max_slots=slots, max_len=max_len,
+    engine = Engine(target, draft, strategy="none", max_slots=slots, max_len=max_len,
                                device=args.device, dtype=getattr(torch, dtype))
     print(f"calibration: profiling (budget {budget or 0:.0f} s{'' if budget else ': the full grid'})", flush=True)
     cal = ProfileRun(engine, None if args.quick else budget, args.quick, report=_say).run()

@@ -13,7 +13,14 @@ from typing import Callable
 import torch
 
 from drafting.calibrate.profile import DEFAULT_BUDGET_S, ProfileRun, quality_line
-from drafting.policy.calibration import Calibration, CalibrationError, cache_dir, key_name, load_calibration
+from drafting.policy.calibration import (
+    Calibration,
+    as_calibration,
+    cache_dir,
+    key_name,
+    load_calibration,
+)
+from drafting.runtime.engine import Engine
 
 
 def default_budget_s(device) -> float:
@@ -43,13 +50,8 @@ def resolve_calibration(engine, spec, budget_s: float | None = None) -> Calibrat
     """spec: a Calibration, a file path, or 'auto' (this pair's cached file here; profiled on first use within
     the budget (None: the device's default), with a lock so that instances starting together profile once)."""
     key = engine.calibration_key()
-    if isinstance(spec, Calibration):
-        if spec.key != key:
-            raise CalibrationError(f"calibration {spec.path or '(in memory)'} was made for {spec.key}, "
-                                   f"this engine is {key}")
-        return spec
-    if str(spec) != "auto":
-        return load_calibration(spec, key)
+    if isinstance(spec, Calibration) or str(spec) != "auto":
+        return as_calibration(spec, key)
     path = cache_dir() / f"{key_name(key)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -165,3 +167,17 @@ class FirstUse:
 
     def close(self) -> None:
         self._release()
+
+
+class SpeculativeEngine(Engine):
+    """The engine as users build it: `calibration='auto'` means this model pair's profile from the cache here, or
+    one profiled now (`resolve_calibration`), resolved when the adaptive strategy first needs it."""
+
+    def __init__(self, *args, calibration=None, **kwargs):
+        if isinstance(calibration, str) and calibration == "auto":
+            calibration = auto_calibration
+        super().__init__(*args, calibration=calibration, **kwargs)
+
+
+def auto_calibration(engine: Engine) -> Calibration:
+    return resolve_calibration(engine, "auto")

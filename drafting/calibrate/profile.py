@@ -28,6 +28,7 @@ import torch
 
 from drafting.policy.calibration import Calibration, key_name
 from drafting.records import GenRequest, SamplingParams
+from drafting.runtime.engine import Engine
 from drafting.policy.strategy import DraftStrategy, StepView
 from drafting.spec.tree import DraftTree, top_per_sample
 
@@ -251,12 +252,13 @@ def quality_line(cal: Calibration) -> str:
 @contextmanager
 def _quiet_engine(engine):
     """Profiling must not end a synthetic sample (EOS) nor leave its strategy behind."""
-    saved = engine.strategy, engine.eos
-    engine.eos = None
+    saved = engine.strategy, engine.stages.eos
+    engine.stages.eos = None
     try:
         yield
     finally:
-        engine.strategy, engine.eos = saved
+        engine.set_strategy(saved[0])
+        engine.stages.eos = saved[1]
 
 
 class ProfileRun:
@@ -303,11 +305,9 @@ class ProfileRun:
     def beside(cls, engine, **kw) -> "ProfileRun":
         """A profile on a second engine that shares `engine`'s weights (its own KV slots), so `engine` keeps
         decoding between the slices."""
-        from drafting.runtime.engine import SpeculativeEngine
-
-        twin = SpeculativeEngine(engine.target, engine.draft, strategy="none", max_slots=engine.max_slots,
-                                 max_len=engine.max_len, device=engine.device, dtype=engine.dtype,
-                                 cuda_graphs=engine.graphs.enabled)
+        twin = Engine(engine.target, engine.draft, strategy="none", max_slots=engine.max_slots,
+                     max_len=engine.max_len, device=engine.device, dtype=engine.dtype,
+                     cuda_graphs=engine.graphs.enabled)
         return cls(twin, **kw)
 
     @property
@@ -365,7 +365,7 @@ class ProfileRun:
                 prompt = torch.randint(0, e.target.shape.vocab_size, (PROMPT,), generator=self._gen).tolist()
                 e.add(GenRequest(("profile", i), prompt, SamplingParams(temperature=1.0, max_new_tokens=e.max_len,
                                                                         seed=i)))
-            e._admit()
+            e.admit()
 
     def _probe(self):
         """The CostModel's inputs, at the smallest context: each shape once on one sample, a plain step on a batch

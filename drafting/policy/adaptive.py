@@ -11,8 +11,8 @@ acceptance predictor (`drafting.predictor`):
   prefix with the best rate. A sample may get many nodes, few or none.
 Many live samples make verification expensive: few nodes win. A long tail of few samples: many nodes win.
 
-Two modes. `host` decides as above, reading the tree's scores between levels (free on a CPU, where nothing is
-asynchronous). `device` decides the whole step before it starts (`plan_shape`: plain, or levels x width x
+Two forms, two classes over the same models (`AdaptivePolicy`). `AdaptiveHost` decides as above, reading the tree's scores between levels (free on a CPU, where nothing is
+asynchronous). `AdaptiveDevice` decides the whole step before it starts (`plan_shape`: plain, or levels x width x
 nodes per sample) from what earlier steps measured: the mean predicted acceptance of each sample's j-th best
 node in trees of each width and depth (`summarize`, computed on the device in the verify stage and brought
 back with the step's one copy). Inside the step the predictor scores nodes on the device and each sample
@@ -54,85 +54,53 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
 
 
-class AdaptiveStrategy(DraftStrategy):
+def adaptive(calibration: Calibration, mode: str = "host", **kw) -> "AdaptivePolicy":
+    """The adaptive policy in its host form (per-level decisions from the tree's scores) or device form (the step's
+    shape decided before it starts: no host reads inside a step)."""
+    if mode not in ("host", "device"):
+        raise ValueError(f"adaptive mode {mode!r}: want 'host' or 'device'")
+    return (AdaptiveHost if mode == "host" else AdaptiveDevice)(calibration, **kw)
+
+
+class AdaptivePolicy(DraftStrategy):
+    """What both forms share: the step-time model (the calibration, as a quadratic in tokens and width per
+    step), the acceptance predictor, the online corrections of both, and learning from each step."""
+
     kind = "adaptive"
 
     def __init__(self, calibration: Calibration, predictor: AcceptancePredictor | None = None, topk: int = 2,
-                 widths: tuple[int, ...] = (1, 2, 4), max_depth: int = 8, mode: str = "host"):
+                 widths: tuple[int, ...] = (1, 2, 4), max_depth: int = 8):
         super().__init__("adaptive", max_depth, topk, 0, max(widths))
-        if mode not in ("host", "device"):
-            raise ValueError(f"adaptive mode {mode!r}: want 'host' or 'device'")
-        self.mode = mode
         self.cal = calibration
         self.predictor = predictor or AcceptancePredictor()
         self.widths = tuple(sorted(widths))
         self.decision: dict = {}  # what the last step planned, for the engine's step log
         j = np.arange(CURVE)
         self._curve = PRIOR_ACCEPT ** (j + 1.0)  # EMA over steps: expected acceptance of a sample's j-th best node
-        self._levels = j + 1.0  # EMA: levels drafted to reach a sample's best j + 1 nodes
-        self._width_used = 1
-        self._plain_run = self._steps = 0
-        self._bar, self._per_token = None, 0.0  # this step's: tokens a node must bring, verify ms per token
-        # this step: live samples, context, predicted draft time so far, the verify-time quadratic, the tree's
-        # path acceptance / own acceptance / depth / sibling rank as numpy (small arrays: numpy is cheaper)
-        self._B = self._ctx = 0
-        self._spent_ms = 0.0
-        self._vq, self._vq_memo = np.zeros(6), {}
-        self._policy_ms, self._score_s = 0.0, 0.0  # this policy's own time per drafted level (EMA), last scoring
-        self._policy_spent = 0.0  # the part of _spent_ms that is this policy's own time
+        self._plain_run = 0
+        self._B = self._ctx = 0  # this step's live samples and context
+        self._vq, self._vq_memo = np.zeros(6), {}  # this step's verify-time quadratic
         # online corrections, realised / predicted (EMA over steps, per power-of-two bucket of live samples): the
         # profile's times drift with the machine and the workload (on the tiny world, steps at 64 live samples
         # ran 10-40% over the profile, steps at a few live samples matched it), and the nodes a selection picks
         # are those the predictor likes most, so at a full batch it likes them too much (the winner's curse)
         self.corrections = {k: np.ones(CORRECTION_BUCKETS) for k in ("plain_ms", "draft_ms", "accepted")}
         self.correction = {k: 1.0 for k in self.corrections}  # this step's bucket
-        self._score = self._cond = np.zeros((0, 0))
-        self._depth = self._rank = np.zeros(0, dtype=np.int64)
-
-        # device mode: mean predicted acceptance of a sample's j-th best node in a tree of width w and depth <= d
-        # (EMA over steps; optimistic prior where untried), and what the last step used
-        W, D = len(self.widths), max_depth
-        self._shape_curve = np.zeros((W, D, CURVE))
-        for wi, w in enumerate(self.widths):
-            for d in range(D):
-                pool = topk + d * w * topk
-                self._shape_curve[wi, d, :pool] = self._curve[:pool]
-        self._shape_used: tuple[int, int, int] | None = None  # (width index, levels, nodes)
-        self._drafting_steps = 0
-        self._dev = None  # device buffers (predictor parameters, tree statistics), made on first use
 
     @property
     def max_width(self) -> int:
         return max(self.widths)
 
-    @property
-    def host_decisions(self) -> bool:
-        return self.mode == "host"
-
-    # -- plan ------------------------------------------------------------------------------------------------
-    def plan(self, view: StepView) -> bool:
-        """Draft if the best predicted drafting rate beats plain decoding. The draft's catch-up on tokens it
-        missed during plain steps is left out of the comparison: it is paid whenever drafting resumes."""
-        B, ctx = self._B, self._ctx = view.live, view.context
-        self._score = self._cond = np.zeros((B, 0))  # a new tree
-        self._bar, self._per_token = None, 0.0
-        self._policy_spent = 0.0
-        self._spent_ms = self.cal.root_ms(B, max(view.draft_lag, 1), ctx)  # the draft's catch-up forward
+    def _models(self, B: int, ctx: int) -> dict:
+        """This step's verify quadratic and corrections (the same few (live, context) pairs recur step after
+        step: their quadratics are memoised)."""
         key = (B, ctx // 16)
-        if key not in self._vq_memo:  # the same few (live, context) pairs recur step after step
+        if key not in self._vq_memo:
             self._vq_memo = {} if len(self._vq_memo) > 4096 else self._vq_memo
             self._vq_memo[key] = self._verify_quadratic(B, ctx // 16 * 16 + 8)
         self._vq = self._vq_memo[key]
-        corr = self.correction = {k: float(v[bucket(B)]) for k, v in self.corrections.items()}
-        plain_rate = B / (self.cal.plain_ms(B, ctx) * corr["plain_ms"])
-        c = np.arange(1, CURVE + 1)
-        ms = (self.cal.root_ms(B, 2, ctx) + np.maximum(self._levels - 1, 0) * self.cal.level_ms(B, self._width_used, ctx)
-              + self._verify_ms(B * (1 + c), 1 + c)) * corr["draft_ms"]
-        spec_rate = float(((B + B * corr["accepted"] * np.cumsum(self._curve)) / ms).max())
-        draft = spec_rate > plain_rate or self._plain_run >= PROBE_AFTER
-        self._plain_run = 0 if draft else self._plain_run + 1
-        self.decision = {"plain_rate": plain_rate, "spec_rate": spec_rate}
-        return draft
+        self.correction = {k: float(v[bucket(B)]) for k, v in self.corrections.items()}
+        return self.correction
 
     def _verify_quadratic(self, B: int, ctx: int) -> np.ndarray:
         """The verify model at this step's live samples and context, as a quadratic in (tokens per sample, padded
@@ -145,7 +113,76 @@ class AdaptiveStrategy(DraftStrategy):
         c = self._vq
         return np.maximum(c[0] + c[1] * n + c[2] * t + c[3] * n * n + c[4] * n * t + c[5] * t * t, 1e-3)
 
-    # -- scoring and depth -----------------------------------------------------------------------------------
+    # -- learning --------------------------------------------------------------------------------------------
+    def step_done(self, log: dict) -> None:
+        """Update the corrections from what the step really took and accepted (its admission of new requests
+        and this policy's own time excluded: the models do not predict them)."""
+        real_ms = 1000.0 * (log["t_total"] - log.get("t_policy", 0.0) - log.get("t_admit", 0.0))
+        ratios = {}
+        if log.get("plain"):
+            ratios["plain_ms"] = real_ms / self.cal.plain_ms(log["live"], log["ctx"])
+        elif "plan_predicted_ms" in log:
+            ratios["draft_ms"] = real_ms / max(log["plan_predicted_ms"], 1e-6)
+            if log["plan_predicted_accepted"] > 0.5:
+                ratios["accepted"] = log["accepted"] / log["plan_predicted_accepted"]
+        b = bucket(log["live"])
+        for k, r in ratios.items():
+            self.corrections[k][b] = 0.9 * self.corrections[k][b] + 0.1 * min(max(r, 0.5), 2.0)
+
+    def observe(self, record: dict) -> bool:
+        """The tested nodes' records into the predictor; True when it refitted."""
+        predicted = record.get("predicted")
+        return self.predictor.observe(record["features"].cpu().numpy(), record["accepted"].cpu().numpy(),
+                                      None if predicted is None else predicted.cpu().numpy())
+
+    def reset(self) -> None:
+        """The draft changed: forget its acceptance records; the predictor refits on new ones."""
+        self.predictor.reset()
+
+
+class AdaptiveHost(AdaptivePolicy):
+    """Decides as the tree grows, reading its scores between levels: plan, then `deeper` after each level, then
+    `select` over all samples' nodes. Free on a CPU, where nothing is asynchronous."""
+
+    host_decisions = True
+    mode = "host"
+
+    def __init__(self, calibration: Calibration, **kw):
+        super().__init__(calibration, **kw)
+        j = np.arange(CURVE)
+        self._levels = j + 1.0  # EMA: levels drafted to reach a sample's best j + 1 nodes
+        self._width_used = 1
+        self._steps = 0
+        self._bar, self._per_token = None, 0.0  # this step's: tokens a node must bring, verify ms per token
+        self._spent_ms = 0.0  # this step's predicted draft time so far
+        self._policy_ms, self._score_s = 0.0, 0.0  # this policy's own time per drafted level (EMA), last scoring
+        self._policy_spent = 0.0  # the part of _spent_ms that is this policy's own time
+        # the tree's path acceptance / own acceptance / depth / sibling rank as numpy (small arrays: cheaper)
+        self._score = self._cond = np.zeros((0, 0))
+        self._depth = self._rank = np.zeros(0, dtype=np.int64)
+
+    def wants_records(self) -> bool:
+        return True
+
+    def plan(self, view: StepView) -> bool:
+        """Draft if the best predicted drafting rate beats plain decoding. The draft's catch-up on tokens it
+        missed during plain steps is left out of the comparison: it is paid whenever drafting resumes."""
+        B, ctx = self._B, self._ctx = view.live, view.context
+        self._score = self._cond = np.zeros((B, 0))  # a new tree
+        self._bar, self._per_token = None, 0.0
+        self._policy_spent = 0.0
+        self._spent_ms = self.cal.root_ms(B, max(view.draft_lag, 1), ctx)  # the draft's catch-up forward
+        corr = self._models(B, ctx)
+        plain_rate = B / (self.cal.plain_ms(B, ctx) * corr["plain_ms"])
+        c = np.arange(1, CURVE + 1)
+        ms = (self.cal.root_ms(B, 2, ctx) + np.maximum(self._levels - 1, 0) * self.cal.level_ms(B, self._width_used, ctx)
+              + self._verify_ms(B * (1 + c), 1 + c)) * corr["draft_ms"]
+        spec_rate = float(((B + B * corr["accepted"] * np.cumsum(self._curve)) / ms).max())
+        draft = spec_rate > plain_rate or self._plain_run >= PROBE_AFTER
+        self._plain_run = 0 if draft else self._plain_run + 1
+        self.decision = {"plain_rate": plain_rate, "spec_rate": spec_rate}
+        return draft
+
     def score(self, tree: DraftTree, view: StepView) -> None:
         """Predicted acceptance of the nodes drafted since the last call; path acceptance = parent's x own."""
         t0 = time.perf_counter()
@@ -223,7 +260,6 @@ class AdaptiveStrategy(DraftStrategy):
         self._policy_ms = 0.9 * self._policy_ms + 0.1 * 1000 * (time.perf_counter() - t0 + self._score_s)
         return best_w > 0
 
-    # -- selection -------------------------------------------------------------------------------------------
     def select(self, tree: DraftTree, view: StepView) -> torch.Tensor:
         B, N = self._score.shape
         best = self._best_prefix(self._score)
@@ -271,23 +307,38 @@ class AdaptiveStrategy(DraftStrategy):
         self._levels[:n] = (1 - a) * self._levels[:n] + a * levels
         self._width_used = self.width
 
-    # -- device mode: the step's shape from earlier steps, nodes scored and chosen on the device ------------
+
+class AdaptiveDevice(AdaptivePolicy):
+    """Decides the whole step before it starts (`plan_shape`) from what earlier steps measured; inside the step
+    the predictor scores nodes on the device (`score_nodes`) and each sample verifies its best nodes, and the
+    verify stage summarises what the tree offered (`summarize`), brought back with the step's one copy."""
+
+    mode = "device"
+
+    def __init__(self, calibration: Calibration, **kw):
+        super().__init__(calibration, **kw)
+        # mean predicted acceptance of a sample's j-th best node in a tree of width w and depth <= d (EMA over
+        # steps; optimistic prior where untried), and what the last step used
+        W, D, k = len(self.widths), self.max_depth, self.topk
+        self._shape_curve = np.zeros((W, D, CURVE))
+        for wi, w in enumerate(self.widths):
+            for d in range(D):
+                pool = k + d * w * k
+                self._shape_curve[wi, d, :pool] = self._curve[:pool]
+        self._shape_used: tuple[int, int, int] | None = None  # (width index, levels, nodes)
+        self._drafting_steps = 0
+        self._dev = None  # device buffers (predictor parameters, tree statistics), made on first use
+
     def plan_shape(self, view: StepView) -> StepShape | None:
         """Plain, or the (width, levels, nodes per sample) with the best predicted rate: expected committed tokens
         (each sample's best `nodes` nodes, by what trees of that width and depth offered lately) over the
         modelled time of the catch-up, the levels and the verify."""
         t0 = time.perf_counter()
         self._device(view.temperature.device)  # the buffers the stages use exist before the first stage
-        B, ctx = view.live, view.context
-        self._B, self._ctx = B, ctx
-        corr = self.correction = {k: float(v[bucket(B)]) for k, v in self.corrections.items()}
+        B, ctx = self._B, self._ctx = view.live, view.context
+        corr = self._models(B, ctx)
         plain_rate = B / (self.cal.plain_ms(B, ctx) * corr["plain_ms"])
         c = np.arange(1, CURVE + 1)
-        key = (B, ctx // 16)
-        if key not in self._vq_memo:
-            self._vq_memo = {} if len(self._vq_memo) > 4096 else self._vq_memo
-            self._vq_memo[key] = self._verify_quadratic(B, ctx // 16 * 16 + 8)
-        self._vq = self._vq_memo[key]
         verify = self._verify_ms(B * (1 + c), 1 + c)  # [C]
         root = self.cal.root_ms(B, max(view.draft_lag, 1), ctx)
         level = np.array([self.cal.level_ms(B, w, ctx) for w in self.widths])  # [W]
@@ -325,8 +376,6 @@ class AdaptiveStrategy(DraftStrategy):
 
     def score_nodes(self, drafter, B: int, lo: int, hi: int, temperature: torch.Tensor) -> None:
         """Predicted acceptance of nodes [lo, hi) given their parent (cond), and of their whole path (score)."""
-        if self.mode == "host":
-            return  # `score` does it on the host, between levels
         dev = self._dev
         sl = (slice(0, B), slice(lo, hi))
         M = hi - lo
@@ -342,8 +391,6 @@ class AdaptiveStrategy(DraftStrategy):
     def summarize(self, tree: DraftTree, vt, acc, live: torch.Tensor, levels: int) -> None:
         """Mean over live samples of the j-th best node's predicted path acceptance among nodes of depth <= d,
         for every d up to this tree's depth: what trees of this shape offer, for the next steps' planning."""
-        if self.mode == "host":
-            return
         stats = self._dev["stats"]
         caps = tree.depth[None, :] <= torch.arange(1, levels + 1, device=stats.device)[:, None]  # [D, N]
         ok = caps[None] & (tree.score[:, None, :] > float("-inf"))  # node slots past the tree are -inf
@@ -358,8 +405,6 @@ class AdaptiveStrategy(DraftStrategy):
             self._dev["stats_host"].copy_(self._dev["stats"], non_blocking=True)
 
     def wants_records(self) -> bool:
-        if self.mode == "host":
-            return True
         return self._drafting_steps % RECORD_EVERY == 0
 
     def _learn_shape(self) -> None:
@@ -371,32 +416,14 @@ class AdaptiveStrategy(DraftStrategy):
             pool = min(CURVE, self.topk + d * self.widths[wi] * self.topk)
             self._shape_curve[wi, d, :pool] = (1 - a) * self._shape_curve[wi, d, :pool] + a * stats[d, :pool]
 
-    # -- learning --------------------------------------------------------------------------------------------
     def step_done(self, log: dict) -> None:
-        """Update the corrections from what the step really took and accepted (its admission of new requests
-        and this policy's own time excluded: the models do not predict them)."""
-        real_ms = 1000.0 * (log["t_total"] - log.get("t_policy", 0.0) - log.get("t_admit", 0.0))
-        if self.mode == "device" and not log.get("plain") and self._shape_used is not None:
+        if not log.get("plain") and self._shape_used is not None:
             self._drafting_steps += 1
             self._learn_shape()
-        ratios = {}
-        if log.get("plain"):
-            ratios["plain_ms"] = real_ms / self.cal.plain_ms(log["live"], log["ctx"])
-        elif "plan_predicted_ms" in log:
-            ratios["draft_ms"] = real_ms / max(log["plan_predicted_ms"], 1e-6)
-            if log["plan_predicted_accepted"] > 0.5:
-                ratios["accepted"] = log["accepted"] / log["plan_predicted_accepted"]
-        b = bucket(log["live"])
-        for k, r in ratios.items():
-            self.corrections[k][b] = 0.9 * self.corrections[k][b] + 0.1 * min(max(r, 0.5), 2.0)
+        super().step_done(log)
 
-    def observe(self, record: dict) -> None:
-        predicted = record.get("predicted")
-        refit = self.predictor.observe(record["features"].cpu().numpy(), record["accepted"].cpu().numpy(),
-                                       None if predicted is None else predicted.cpu().numpy())
-        if refit and self._dev is not None:
+    def observe(self, record: dict) -> bool:
+        refit = super().observe(record)
+        if refit and self._dev is not None:  # the stages score with the device's copy of the predictor
             self._dev["predictor"].load(self.predictor)
-
-    def reset(self) -> None:
-        """The draft changed: forget its acceptance records; the predictor refits on new ones."""
-        self.predictor.reset()
+        return refit

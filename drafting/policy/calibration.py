@@ -288,3 +288,13 @@ def load_calibration(path: str | Path, expect_key: dict | None = None) -> Calibr
 def cache_dir() -> Path:
     env = os.environ.get("RLHFSPEC_CALIBRATION_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rlhfspec" / "calibration"
+
+
+def as_calibration(spec, key: dict) -> Calibration:
+    """A `Calibration` (checked against this engine's key) or a file path (loaded and checked)."""
+    if isinstance(spec, Calibration):
+        if spec.key != key:
+            raise CalibrationError(f"calibration {spec.path or '(in memory)'} was made for {spec.key}, "
+                                   f"this engine is {key}")
+        return spec
+    return load_calibration(spec, key)

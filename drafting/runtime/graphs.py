@@ -1,13 +1,15 @@
 """CUDA-graph runner for the engine's step stages (SGLang's and vLLM's graph runners, in small).
 
-A stage is a function with no arguments and no result that reads and writes the engine's preallocated
-buffers; its shape (live rows rounded up to a bucket, tokens per row, tree size) is fixed by its key. The
-first call of a key runs eagerly (the warm-up: lazy initialisation, Triton and torch.compile builds happen
+A stage is a function with no result that reads and writes preallocated buffers (`drafting.spec.stages`); its
+arguments (rows rounded up to a bucket, tokens per row, tree size, sampling flags, ...) fix its shapes, and the
+graph's key is built from them (`StageKey`): a key cannot leave out a shape argument. The first call of a key
+runs eagerly (the warm-up: lazy initialisation, Triton and torch.compile builds happen
 there), the second captures it into a graph in one shared memory pool, and every call after that replays it:
 one launch instead of thousands. On CPU, or with graphs off, every call is the eager call."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
@@ -30,11 +32,19 @@ def pow2_bucket(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
+@dataclass(frozen=True)
+class StageKey:
+    """A captured graph's identity: the stage and every argument it was called with (all hashable)."""
+
+    stage: str
+    args: tuple
+
+
 class GraphRunner:
     def __init__(self, device: torch.device, enabled: bool, max_graphs: int = 512):
         self.enabled = enabled and device.type == "cuda"
         self.device = device
-        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[StageKey, torch.cuda.CUDAGraph] = {}
         self.seen: set = set()
         self.max_graphs = max_graphs
         self.capture_s = 0.0  # time spent capturing
@@ -44,19 +54,21 @@ class GraphRunner:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(device)
 
-    def run(self, key: Hashable, stage: Callable[[], None], capturable: bool = True) -> None:
+    def run(self, stage: Callable[..., None], *args: Hashable, capturable: bool = True) -> None:
+        """stage(*args), replayed from its graph when one is captured for these arguments."""
         if not (self.enabled and capturable):
             self.eager += 1
-            stage()
+            stage(*args)
             return
+        key = StageKey(stage.__name__, args)
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen or len(self.graphs) >= self.max_graphs:
                 self.seen.add(key)
                 self.eager += 1
-                stage()  # the first call is the warm-up, and does this step's work
+                stage(*args)  # the first call is the warm-up, and does this step's work
                 return
-            graph = self._capture(stage)
+            graph = self._capture(lambda: stage(*args))
             self.graphs[key] = graph
         graph.replay()
         self.replays += 1

@@ -12,15 +12,10 @@ in a CUDA graph. The drafted nodes' K/V go into the draft cache right after each
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from drafting.model.decoder import LeanDecoder
 from drafting.spec.noise import GumbelScheme, coupled_candidates, position_keys
-
-if TYPE_CHECKING:  # the cache is passed in: the runtime owns it
-    from drafting.runtime.kv_cache import KVCache
 
 
 @dataclass
@@ -66,20 +61,22 @@ class VerifyTree:
 class TreeDrafter:
     """Grows draft trees with the draft model into preallocated per-slot node buffers."""
 
-    def __init__(self, draft: LeanDecoder, slots: int, max_nodes: int, scheme=None, features: int = 0):
-        """features > 0: the draft is a head (`drafting.head`); feat [slots, 1 + N, H] keeps the feature it
-        predicted at the root (index 0) and at each expanded node (1 + node index), which children read."""
-        self.draft = draft
+    def __init__(self, source, slots: int, max_nodes: int, scheme=None):
+        """source: what proposes the nodes (`drafting.spec.sources`). A source with state (`features` > 0, a
+        head) keeps it in feat [slots, 1 + N, H]: at the root (index 0) and at each expanded node (1 + node
+        index), which children read."""
+        self.source = source
         self.scheme = scheme or GumbelScheme()
         self.max_nodes = N = max_nodes
-        dev = draft.device
+        dev, features = source.decoder.device, source.features
         z = lambda *shape, dt=torch.float32: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
         self.tokens, self.parents = z(slots, N, dt=torch.long), z(slots, N, dt=torch.long)
         self.value, self.q, self.margin, self.score, self.cond = (z(slots, N) for _ in range(5))
         self.depth, self.rank = z(N, dt=torch.long), z(N, dt=torch.long)
         self.anc = z(slots, N, N, dt=torch.bool)
         self.frontier = z(slots, N, dt=torch.long)
-        self.feat = z(slots, 1 + N, features, dt=draft.dtype) if features else None
+        self.source_id = z(slots, N, dt=torch.long)  # which source proposed each node
+        self.feat = z(slots, 1 + N, features, dt=source.decoder.dtype) if features else None
 
     def view(self, B: int, size: int, width: int = 0) -> DraftTree:
         """The first `size` nodes of rows 0..B-1 (views: writes go to the buffers)."""
@@ -111,9 +108,10 @@ class TreeDrafter:
         self.depth[:k] = 1
         self.rank[:k] = torch.arange(k, device=dev)
         self.anc[:B, :k] = torch.eye(k, N, dtype=torch.bool, device=dev)  # full rows: no stale ancestor bits
+        self.source_id[:B, :k] = self.source.id
         return self.view(B, k)
 
-    def grow(self, B: int, size: int, newest: int, level: int, width: int, k: int, cache: KVCache,
+    def grow(self, B: int, size: int, newest: int, level: int, width: int, k: int,
              n: torch.Tensor, seed: torch.Tensor, greedy: torch.Tensor, process, block: int, sampled: bool,
              kv_len: int) -> DraftTree:
         """Level `level` + 1: a draft forward over the `width` best nodes of the newest level (the last `newest`
@@ -130,14 +128,13 @@ class TreeDrafter:
         bidx = torch.arange(B, device=dev)[:, None]
         tail = self.anc[bidx, frontier, :size]  # [B, w, size]: ancestors and itself
         positions = (n - 1 + level)[:, None].expand(B, width)
-        feats = None
-        if self.feat is not None:  # a head reads the feature it predicted at each frontier node's parent
-            feats = self.feat[bidx, self.parents[:B].gather(1, frontier) + 1]  # [B, w, H]
-        logits = self.draft.forward(self.tokens[:B].gather(1, frontier), positions, cache, slice(0, B),
-                                    write_pos=n[:, None] + frontier, prefix=n, tail=tail,
-                                    kv_len=kv_len, feats=feats, return_hidden=feats is not None)  # [B, w, V]
-        if feats is not None:
-            logits, self.feat[bidx, frontier + 1] = logits
+        parent_state = None
+        if self.feat is not None:  # the state the source left at each frontier node's parent
+            parent_state = self.feat[bidx, self.parents[:B].gather(1, frontier) + 1]  # [B, w, H]
+        logits, state = self.source.expand(B, self.tokens[:B].gather(1, frontier), positions, n[:, None] + frontier,
+                                           n, tail, kv_len, parent_state)  # [B, w, V]
+        if state is not None:
+            self.feat[bidx, frontier + 1] = state
 
         probs = process(logits)  # [B * w, V]
         rep = lambda x: x.repeat_interleave(width, output_size=B * width)  # noqa: E731
@@ -153,6 +150,7 @@ class TreeDrafter:
         self.rank[new] = torch.arange(k, device=dev).repeat(width)
         self.anc[:B, new] = self.anc[:B].gather(1, par[..., None].expand(B, M, N))
         self.anc[:B, new, new] |= torch.eye(M, dtype=torch.bool, device=dev)
+        self.source_id[:B, new] = self.source.id
         return self.view(B, size + M, width)
 
 

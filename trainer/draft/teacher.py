@@ -2,18 +2,13 @@
 over them (or the features the engine kept), the layer-cut draft it starts from, and held-out acceptance."""
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from configs.schema import DRAFT_LOSSES, DraftConfig
-from trainer.draft.distill import DraftLearner, acceptance_probability
+from trainer.draft.distill import acceptance_probability
 from trainer.core.experience import Experience, make_sequences, response_logits, sequence_logprobs_topk
 from trainer.core.deepspeed_backend import load_causal_lm
 

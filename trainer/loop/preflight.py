@@ -282,7 +282,7 @@ def _size(n: int) -> str:
 def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
     """The engine preallocates K/V for max_slots x (max_len + scratch + 1) positions (scratch: room for a step's
     tree nodes), target and draft: with both models' weights it must fit in USABLE of the instance's memory."""
-    from drafting.runtime.engine import scratch_columns
+    from drafting.runtime.device_stages import scratch_columns
 
     g = cfg.generation
     extra = scratch_columns(g.strategy) + 1

@@ -1,0 +1,84 @@
+"""A live sample out of an engine and into another, between steps: its K/V (target, draft, a head's features) as
+`KVRange`s and its state as a `SampleState`. The unit migration moves (`migration/transfer.py`), in two stages: the
+committed prefix while the sample decodes, then the delta and the state."""
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+import torch
+
+from drafting.records import GenRequest, KVRange, SampleState, SamplingParams
+from drafting.runtime.slots import Slots
+
+
+@torch.inference_mode()
+def export_kv(slots: Slots, caches, request_id: Hashable, start: int, end: int) -> KVRange:
+    """Copy of a live sample's committed K/V for positions [start, end) (clipped to what is committed)."""
+    row = slots.row(request_id)
+    tcache, dcache = caches
+    tl, dl = int(slots.h["n"][row]) - 1, int(slots.h["dlen"][row])
+    if not 0 <= start <= end:
+        raise ValueError(f"export_kv {request_id!r}: bad range [{start}, {end})")
+    tk, tv = tcache.read(row, start, max(start, min(end, tl)))
+    th = tcache.read_features(row, start, max(start, min(end, tl)))  # a draft head's features
+    dk = dv = None
+    if dcache is not None:
+        dk, dv = dcache.read(row, start, max(start, min(end, dl)))
+    return KVRange(start, tk, tv, dk, dv, th)
+
+
+@torch.inference_mode()
+def export_sample(slots: Slots, caches, request_id: Hashable, kv_start: int = 0) -> SampleState:
+    """Snapshot of a live sample between steps (K/V from kv_start on); the sample stays until removed."""
+    row, h = slots.row(request_id), slots.h
+    req = slots.live[row]
+    n, plen = int(h["n"][row]), int(h["plen"][row])
+    kv = export_kv(slots, caches, request_id, kv_start, n)
+    toks = slots.h_tokens[row, :n].tolist()
+    return SampleState(
+        request_id=req.request_id, prompt_token_ids=toks[:plen], token_ids=toks[plen:],
+        sampling=SamplingParams(**vars(req.sampling)), seed=int(slots.stages.rows["seed"][row]),
+        steps=int(h["steps"][row]), drafted=int(h["drafted"][row]), accepted=int(h["accepted"][row]),
+        logprobs=slots.h_logp[row, plen:n].tolist() if req.sampling.logprobs else None,
+        target_len=n - 1, draft_len=int(h["dlen"][row]), kv_start=kv_start,
+        target_k=kv.target_k, target_v=kv.target_v, draft_k=kv.draft_k, draft_v=kv.draft_v, target_h=kv.target_h)
+
+
+@torch.inference_mode()
+def import_sample(slots: Slots, caches, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
+    """Continue an exported sample here; `prefix` ranges (stage 1 copies) plus the state's own K/V must cover the
+    target's committed positions. Draft K/V not covered is recomputed by the draft."""
+    rid = state.request_id
+    if rid in slots:
+        raise ValueError(f"import_sample: request {rid!r} is already in this engine")
+    if len(slots.live) >= slots.max_slots:
+        raise RuntimeError(f"import_sample {rid!r}: no free slot (max_slots={slots.max_slots})")
+    n = len(state.prompt_token_ids) + len(state.token_ids)
+    if n > slots.max_len - 1:
+        raise ValueError(f"import_sample {rid!r}: {n} tokens do not fit max_len={slots.max_len}")
+    if state.target_len != n - 1:
+        raise ValueError(f"import_sample {rid!r}: target_len {state.target_len} != tokens - 1 = {n - 1}")
+    tcache, dcache = caches
+    ranges = list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k, state.draft_v,
+                                     state.target_h)]
+    covered, d_cov = 0, 0
+    row = len(slots.live)
+    for kr in sorted(ranges, key=lambda x: x.start):
+        if kr.start > covered:
+            raise ValueError(f"import_sample {rid!r}: target KV gap at positions [{covered}, {kr.start})")
+        tcache.load(row, kr.start, kr.target_k, kr.target_v)
+        if tcache.feat is not None:
+            if kr.target_h is None:
+                raise ValueError(f"import_sample {rid!r}: this engine's draft head needs the target's features, "
+                                 f"and the sample came without (from an engine with a draft model?)")
+            tcache.load_features(row, kr.start, kr.target_h)
+        covered = max(covered, kr.start + kr.target_k.shape[2])
+        if dcache is not None and kr.draft_k is not None and kr.start <= d_cov:
+            dcache.load(row, kr.start, kr.draft_k, kr.draft_v)
+            d_cov = max(d_cov, kr.start + kr.draft_k.shape[2])
+    if covered < state.target_len:
+        raise ValueError(f"import_sample {rid!r}: target KV covers [0, {covered}), need [0, {state.target_len})")
+    sp = SamplingParams(**vars(state.sampling))
+    slots.place([GenRequest(rid, list(state.prompt_token_ids), sp)],
+                [(state.prompt_token_ids, state.token_ids, sp, state.seed, (state.steps, state.drafted, state.accepted),
+                  state.logprobs, min(d_cov, state.draft_len, n - 1))])

@@ -1,0 +1,197 @@
+"""Which sample holds which row, in terms of samples and tokens held: the live samples (rows 0..B-1, kept dense),
+the FIFO queue, slots reserved for incoming migrations, and the host mirrors of per-row lengths and tokens that
+the step decides its shapes from without reading the device.
+
+The API speaks of samples (`admissible`, `place`, `release`, `reserve`, `unreserve`, `tokens_held`) so that the
+storage behind a row (today a dense K/V row of `max_len` columns per model) can change without its callers."""
+from __future__ import annotations
+
+import collections
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+
+from drafting.policy.strategy import StepView
+from drafting.records import GenOutput, GenRequest, SamplingParams
+from drafting.spec.stages import OUT_EXTRA, Flags, Stages
+
+HOST_COUNTS = ("n", "dlen", "plen", "max_new", "steps", "drafted", "accepted")
+
+
+class Slots:
+    """`max_slots` rows over the stages' device state and the target/draft caches."""
+
+    def __init__(self, stages: Stages, caches: Sequence, max_slots: int, max_len: int):
+        self.stages, self.caches = stages, caches  # caches: (target, draft or None); rows move together
+        self.max_slots, self.max_len = max_slots, max_len
+        S, L = max_slots, max_len + 1
+        self.h = {k: np.zeros(S, dtype=np.int64) for k in HOST_COUNTS}
+        self.h_tokens = np.zeros((S, L), dtype=np.int64)
+        self.h_logp = np.zeros((S, L), dtype=np.float32)
+        self.live: list[GenRequest] = []  # request of each live row
+        self.row_of: dict[Hashable, int] = {}
+        self.queue: collections.deque[GenRequest] = collections.deque()
+        self.queued_ids: set = set()
+        self.reserved = 0  # slots held for incoming migrations: admission of queued requests leaves them free
+        self._n_sampled = self._n_top_k = self._n_top_p = 0
+
+    # ---- samples ---------------------------------------------------------------------------------------------
+    def __contains__(self, request_id: Hashable) -> bool:
+        return request_id in self.row_of or request_id in self.queued_ids
+
+    def row(self, request_id: Hashable) -> int:
+        if request_id not in self.row_of:
+            raise KeyError(f"request {request_id!r} is not live in this engine")
+        return self.row_of[request_id]
+
+    def enqueue(self, request: GenRequest) -> None:
+        self.queue.append(request)
+        self.queued_ids.add(request.request_id)
+
+    def dequeue(self, request_id: Hashable) -> None:
+        self.queue.remove(next(r for r in self.queue if r.request_id == request_id))
+        self.queued_ids.discard(request_id)
+
+    def free(self) -> int:
+        """Slots a new sample may take now."""
+        return self.max_slots - len(self.live) - self.reserved
+
+    def reserve(self, n: int) -> bool:
+        """Hold n slots for samples arriving by migration (queued requests cannot take them); False if fewer
+        are free."""
+        if n > self.free():
+            return False
+        self.reserved += n
+        return True
+
+    def unreserve(self, n: int) -> None:
+        if not 0 <= n <= self.reserved:
+            raise ValueError(f"unreserve {n}: only {self.reserved} slots are reserved")
+        self.reserved -= n
+
+    def tokens_held(self) -> int:
+        """Committed tokens of the live samples (what their K/V hold)."""
+        return int(self.h["n"][:len(self.live)].sum())
+
+    def admissible(self) -> list[GenRequest]:
+        """Queued requests that fit the free slots now, FIFO, taken off the queue."""
+        new = []
+        while self.queue and len(new) < self.free():
+            new.append(self.queue.popleft())
+            self.queued_ids.discard(new[-1].request_id)
+        return new
+
+    def view(self) -> StepView:
+        B, h = len(self.live), self.h
+        return StepView(B, int(h["n"][:B].max()), int((h["n"][:B] - h["dlen"][:B]).max()),
+                        self.stages.rows["temp"][:B])
+
+    def flags(self) -> Flags:
+        return Flags(self._n_sampled > 0, self._n_top_k > 0, self._n_top_p > 0)
+
+    def loads(self) -> list[tuple[Hashable, int, int, int]]:
+        """(request id, committed target KV positions, tokens generated, max_new_tokens) of each live sample."""
+        h = self.h
+        return [(q.request_id, int(h["n"][b]) - 1, int(h["n"][b] - h["plen"][b]), int(h["max_new"][b]))
+                for b, q in enumerate(self.live)]
+
+    def commit(self, out: np.ndarray, lp: np.ndarray, W: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What a step emitted (its one read: tokens [B, W] then the OUT_EXTRA counts, log-probs [B, W]) into the
+        host mirrors. Returns (accepted, emitted, finish code) per row."""
+        B, h = len(out), self.h
+        drafted, accepted, emitted, finish = (out[:, W + i] for i in range(OUT_EXTRA))
+        rows, j = np.arange(B), np.arange(W)
+        pos = np.where(j[None, :] < emitted[:, None], h["n"][:B, None] + j, self.max_len)
+        self.h_tokens[rows[:, None], pos] = out[:, :W]
+        self.h_logp[rows[:, None], pos] = lp
+        h["n"][:B] += emitted
+        h["steps"][:B] += 1
+        h["drafted"][:B] += drafted
+        h["accepted"][:B] += accepted
+        return accepted, emitted, finish
+
+    def output(self, row: int, reason: str, features: torch.Tensor | None = None) -> GenOutput:
+        """A finished sample's output (features: the target cache's, whose row's committed part it carries)."""
+        req, h = self.live[row], self.h
+        n, plen = int(h["n"][row]), int(h["plen"][row])
+        toks = self.h_tokens[row, :n].tolist()
+        stats = {k: int(h[k][row]) for k in ("steps", "drafted", "accepted")}
+        lp = self.h_logp[row, plen:n].tolist() if req.sampling.logprobs else None
+        feats = features[0, row, 0, :n - 1].clone() if features is not None else None
+        return GenOutput(req.request_id, toks[:plen], toks[plen:], reason, stats, lp, feats)
+
+    # ---- rows ----------------------------------------------------------------------------------------------
+    def place(self, requests: Sequence[GenRequest], samples: list[tuple]) -> int:
+        """The next free rows take these samples: (prompt, response, sampling, seed, (steps, drafted,
+        accepted), logprobs, draft length). One copy per field, not per row. Returns the first row."""
+        row0 = len(self.live)
+        self._set_rows(row0, samples)
+        for req in requests:
+            self.row_of[req.request_id] = len(self.live)
+            self.live.append(req)
+        return row0
+
+    def _set_rows(self, row0: int, samples: list[tuple]) -> None:
+        r, h, k = self.stages.rows, self.h, len(samples)
+        seqs = [list(p) + list(resp) for p, resp, *_ in samples]
+        L = max(len(q) for q in seqs)
+        tok = np.zeros((k, L), dtype=np.int64)
+        for i, q in enumerate(seqs):
+            tok[i, :len(q)] = q
+        rows = slice(row0, row0 + k)
+        r["tokens"][rows, :L] = self.stages.to_device(tok)
+        self.h_tokens[rows, :L] = tok
+        self.h_logp[rows] = 0.0
+        greedy = [sp.temperature == 0 for _, _, sp, *_ in samples]
+        vals = {"n": [len(q) for q in seqs], "dlen": [d for *_, d in samples],
+                "plen": [len(p) for p, *_ in samples], "max_new": [sp.max_new_tokens for _, _, sp, *_ in samples],
+                "temp": [sp.temperature for _, _, sp, *_ in samples],
+                "top_k": [0 if g else sp.top_k for g, (_, _, sp, *_) in zip(greedy, samples)],
+                "top_p": [1.0 if g else sp.top_p for g, (_, _, sp, *_) in zip(greedy, samples)],
+                "greedy": greedy, "seed": [seed for _, _, _, seed, *_ in samples]}
+        for name, v in vals.items():
+            r[name][rows] = self.stages.to_device(torch.tensor(v, dtype=r[name].dtype))
+            if name in h:
+                h[name][rows] = v
+        for i, (p, resp, sp, _, counts, logprobs, _) in enumerate(samples):
+            h["steps"][row0 + i], h["drafted"][row0 + i], h["accepted"][row0 + i] = counts
+            if logprobs:
+                self.h_logp[row0 + i, len(p):len(p) + len(resp)] = logprobs
+            self._count_params(sp, +1)
+
+    def release(self, row: int) -> None:
+        """Free a row by moving the last live row into it, keeping live rows dense in 0..B-1."""
+        last = len(self.live) - 1
+        req = self.live[row]
+        self._count_params(req.sampling, -1)
+        del self.row_of[req.request_id]
+        if row != last:
+            h = self.h
+            for t in self.stages.rows.values():
+                t[row] = t[last]
+            for a in (*h.values(), self.h_tokens, self.h_logp):
+                a[row] = a[last]
+            tcache, dcache = self.caches
+            tcache.move_row(last, row, int(h["n"][row]))
+            if dcache is not None:
+                dcache.move_row(last, row, int(h["dlen"][row]))
+            self.live[row] = self.live[last]
+            self.row_of[self.live[row].request_id] = row
+        self.stages.make_inert(last)
+        self.live.pop()
+
+    def rewind(self, n: Sequence[int], dlen: Sequence[int]) -> None:
+        """Set the first len(n) live rows' committed and draft lengths (profiling reruns a step at one context)."""
+        B = len(n)
+        n, dlen = np.asarray(n, dtype=np.int64), np.asarray(dlen, dtype=np.int64)
+        self.h["n"][:B], self.h["dlen"][:B] = n, dlen
+        self.stages.rows["n"][:B] = self.stages.to_device(n)
+        self.stages.rows["dlen"][:B] = self.stages.to_device(dlen)
+
+    def _count_params(self, sp: SamplingParams, sign: int) -> None:
+        """Live samples that sample, and that need top-k / top-p: the stages skip what no live row needs."""
+        greedy = sp.temperature == 0
+        self._n_sampled += sign * int(not greedy)
+        self._n_top_k += sign * int(not greedy and sp.top_k > 0)
+        self._n_top_p += sign * int(not greedy and sp.top_p < 1.0)

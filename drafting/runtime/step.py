@@ -1,0 +1,52 @@
+"""One decoding step, top to bottom, over a stage backend: the engine's (`DeviceStages`: the spec stages on this
+device, as CUDA graphs where they can be) or `bench.simulate`'s (recorded trees, modelled times). One loop, so a
+change to the step is made once.
+
+A backend has: `plain(view)`, `root(view, k)`, `level(view, size, newest, levels, width, k)`, `tree(B, size)` (the
+drafted tree, for a policy that reads it), `choose(view, selected, size)` (close a host selection under
+ancestors; returns what `verify` needs) and `verify(view, chosen, shape, size, levels) -> (emit width, verify width,
+nodes)`."""
+from __future__ import annotations
+
+from drafting.policy.strategy import DraftStrategy, StepView
+from drafting.runtime.timing import StepTimer
+
+
+def plan(policy: DraftStrategy, view: StepView):
+    """The step's shape: None for a plain step; with host decisions True (levels are decided as they come)."""
+    if policy.host_decisions:
+        return True if policy.plan(view) else None
+    return policy.plan_shape(view)
+
+
+def run_step(stages, policy: DraftStrategy, view: StepView, timer: StepTimer) -> int:
+    """Plan; draft the tree level by level while the policy wants more; choose the nodes; verify them in one target
+    forward. Returns how many tokens a row may have emitted (the width of the step's output)."""
+    with timer.host("policy"):
+        shape = plan(policy, view)
+    if shape is None:
+        with timer.stage("plain"):
+            stages.plain(view)
+        timer.log.update({"plain": True, "levels": 0, "nodes": 0})
+        return 1
+    k = policy.topk
+    timer.log["t_levels"] = []
+    with timer.stage("root"):
+        stages.root(view, k)  # the draft's catch-up, then the tree's first level
+    levels, size, newest, widths = 1, k, k, []
+    while True:
+        with timer.host("policy"):
+            width = policy.next_width(view, shape, levels, newest, lambda: stages.tree(view.live, size))
+        if not width:
+            break
+        with timer.stage("level"):
+            stages.level(view, size, newest, levels, width, k)
+        widths.append(width)
+        size, newest, levels = size + width * k, width * k, levels + 1
+    with timer.host("policy"):
+        chosen = (stages.choose(view, policy.select(stages.tree(view.live, size), view), size)
+                  if policy.host_decisions else None)
+    with timer.stage("verify"):
+        emit, width, nodes = stages.verify(view, chosen, shape, size, levels)
+    timer.log.update({"plain": False, "levels": levels, "level_widths": widths, "width": width, "nodes": nodes})
+    return emit

@@ -1,0 +1,70 @@
+"""Draft sources: what proposes the tokens of a step's draft tree. The stages ask a source two things, and never
+what kind it is:
+- `catch_up`: take in the committed tokens it has not seen (row b: tokens[b, :width[b]] at positions start[b]..)
+  and give the next token's logits after each row's last one, with its state there (what the root's children read);
+- `expand`: one forward over the frontier nodes of a tree level (each with its tree-attention mask), giving their
+  children's logits and the nodes' own state.
+Each node of the tree records the source that proposed it (`TreeDrafter.source`).
+
+Two sources: `ModelDraft`, a small draft model with its own K/V cache, and `HeadDraft`, an EAGLE-style head that
+also reads the target's features (kept by the target's forwards in its cache) and its own predicted features one
+level down. A source that proposes from token matches, with no forward pass, plugs in the same way."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # passed in: the models and their caches belong to the runtime
+    from drafting.model.decoder import LeanDecoder
+    from drafting.runtime.kv_cache import KVCache
+
+
+class ModelDraft:
+    """A small draft model over its own K/V cache: no state beside its K/V."""
+
+    name, id, features = "model", 1, 0
+
+    def __init__(self, decoder: LeanDecoder, cache: KVCache):
+        self.decoder, self.cache = decoder, cache
+
+    def catch_up(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
+                 start: torch.Tensor, tail: torch.Tensor, kv_len: int, at: torch.Tensor | None,
+                 want_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits at `at` [B, 1, V] or None, state there or None) after writing the tokens' K/V."""
+        logits = self.decoder.forward(tokens, positions, self.cache, rows, write_pos=write_pos, prefix=start,
+                                      tail=tail, kv_len=kv_len, logits_at=at, want_logits=want_logits)
+        return logits, None
+
+    def expand(self, B: int, tokens: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
+               prefix: torch.Tensor, tail: torch.Tensor, kv_len: int, parent_state: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Children's logits [B, w, V] of the frontier nodes `tokens` [B, w], and the nodes' state (None)."""
+        return self.decoder.forward(tokens, positions, self.cache, slice(0, B), write_pos=write_pos, prefix=prefix,
+                                    tail=tail, kv_len=kv_len), None
+
+
+class HeadDraft(ModelDraft):
+    """An EAGLE-style head: each token reads the target's feature at the position before it (from the target
+    cache's feature buffer); inside the tree a node reads the feature the head predicted for its parent."""
+
+    name, id = "head", 2
+
+    def __init__(self, decoder: LeanDecoder, cache: KVCache, target_cache: KVCache):
+        super().__init__(decoder, cache)
+        self.target_cache = target_cache
+        self.features = decoder.shape.hidden
+
+    def catch_up(self, rows, tokens, positions, write_pos, start, tail, kv_len, at, want_logits):
+        B, W = tokens.shape
+        feat = self.target_cache.feat
+        prev = feat[0, rows, 0].gather(1, (positions - 1).clamp(min=0)[..., None].expand(B, W, feat.shape[-1]))
+        prev = prev * (positions > 0)[..., None]  # [B, W, H]
+        out = self.decoder.forward(tokens, positions, self.cache, rows, write_pos=write_pos, prefix=start, tail=tail,
+                                   kv_len=kv_len, logits_at=at, want_logits=want_logits, feats=prev,
+                                   return_hidden=want_logits)
+        return (out[0], out[1][:, 0]) if want_logits else (None, None)  # the feature at the root: [B, H]
+
+    def expand(self, B, tokens, positions, write_pos, prefix, tail, kv_len, parent_state):
+        return self.decoder.forward(tokens, positions, self.cache, slice(0, B), write_pos=write_pos, prefix=prefix,
+                                    tail=tail, kv_len=kv_len, feats=parent_state, return_hidden=True)
