@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import fcntl
 import hashlib
@@ -270,8 +271,13 @@ def _train_reward_model(out: Path, recipe: dict, tok, actor, train_rows: list[di
     _save(rm, tok, out / "reward")
 
 
-def main() -> None:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else default_cache_dir()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Build (or find cached) the tiny world: tokenizer, actor, draft, "
+                                             "reward model and prompts, trained here from a fixed recipe.")
+    ap.add_argument("root", nargs="?", default=None, help="the world's folder (default: $RLHFSPEC_CACHE, else "
+                                                          "~/.cache/rlhfspec/tiny)")
+    args = ap.parse_args(argv)
+    root = Path(args.root) if args.root else default_cache_dir()
     cached = not needs_rebuild(root)
     w = ensure_tiny_world(root)
     m = w.metrics
