@@ -13,13 +13,7 @@ from typing import Callable
 import torch
 
 from drafting.calibrate.profile import DEFAULT_BUDGET_S, ProfileRun, quality_line
-from drafting.policy.calibration import (
-    Calibration,
-    as_calibration,
-    cache_dir,
-    key_name,
-    load_calibration,
-)
+from drafting.policy.calibration import Calibration, as_calibration, cache_dir, key_name, load_calibration
 from drafting.runtime.engine import Engine
 
 

@@ -27,14 +27,8 @@ from configs.schema import DRAFT_LOSSES, DraftConfig
 from trainer.core.deepspeed_backend import load_causal_lm
 from trainer.core.experience import Experience
 from trainer.draft.distill import DraftLearner
-from trainer.draft.teacher import (
-    draft_from_actor,
-    feature_teacher_batch,
-    held_out_scores,
-    keeps_features,
-    sample_outputs,
-    teacher_batch,
-)
+from trainer.draft.teacher import (draft_from_actor, feature_teacher_batch, held_out_scores, keeps_features,
+                                   sample_outputs, teacher_batch)
 
 
 # --- draft kinds: how the draft starts (E adds "head"); the sampling, teacher pass and fit are shared ---

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from configs.schema import Config, adapts_draft, critic_init
 from trainer.loop.preflight import (RunPaths, check_memory, check_models, check_resources, instance_memory,
-                               memory_needs_ray, preflight)
+                                    memory_needs_ray, preflight)
 
 
 @dataclass
