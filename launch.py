@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         stopped = stop.last()  # the actors are down (run's finally); Ray goes too, then one line
         print(stopped.line(_shut_down_ray(cfg)), file=sys.stderr, flush=True)
         return stopped.exit_status
+    except _deaths() as e:  # an actor died with no restart left: one line, then status 3
+        from trainer.loop.recovery import RestartsExhausted, ray_reason
+
+        what = (f"{e.actor} died ({e.reason}) and trainer.max_restarts={e.limit} are spent"
+                if isinstance(e, RestartsExhausted) else f"an actor died ({ray_reason(e)}) where no restart covers it")
+        print(f"{what}; {_resume_hint(args, _shut_down_ray(cfg))}", file=sys.stderr, flush=True)
+        return 3
     except (ConfigError, DataError, RewardFnError) as e:
         # raised in an actor, it arrives wrapped in Ray's RayTaskError (still of this type): show the cause alone
         kind = {ConfigError: "config", DataError: "data", RewardFnError: "reward"}
@@ -68,6 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     if history:
         print(summarize(history))
     return 0
+
+
+def _deaths() -> tuple:
+    """The errors of a dead actor, once a run has imported Ray (a bad input stops before it is imported)."""
+    if "ray" not in sys.modules:
+        return ()
+    from ray.exceptions import RayActorError
+
+    from trainer.loop.recovery import RestartsExhausted
+
+    return RestartsExhausted, RayActorError
+
+
+def _resume_hint(args, checkpoint: str | None) -> str:
+    """The command that goes on from the last checkpoint (or starts again when there is none)."""
+    overrides = [o for o in args.overrides if not o.startswith("trainer.resume=")]
+    command = " ".join(["python launch.py", "--config", args.config, *overrides])
+    if checkpoint is None:
+        return f"no checkpoint yet; start again: {command}"
+    return f"last checkpoint {checkpoint}; resume: {command} trainer.resume=true"
 
 
 def _shut_down_ray(cfg) -> str | None:

@@ -213,8 +213,10 @@ class GenerationInstance:
             return out
 
     # --- weight sync: trainer rank 0 broadcasts, every instance receives -------------------------
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        self._weight_group = CollectiveGroup(host, port, rank, world_size, "weights", backend)
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float = 300.0) -> bool:
+        """timeout_s: the op timeout; a sender that dies mid-push releases this instance within it."""
+        self._weight_group = CollectiveGroup(host, port, rank, world_size, "weights", backend, timeout_s)
         return True
 
     def receive_weights(self, specs: list[tuple[str, tuple, str]], version: int = 0,

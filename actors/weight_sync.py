@@ -40,8 +40,10 @@ class WeightSender:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        self._weight_group = CollectiveGroup(host, port, rank, world_size, "weights", backend)
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float = 300.0) -> bool:
+        """timeout_s: the group's op timeout, so a peer that dies mid-broadcast fails the others in bounded time."""
+        self._weight_group = CollectiveGroup(host, port, rank, world_size, "weights", backend, timeout_s)
         return True
 
     def weight_specs(self) -> list[tuple[str, tuple, str]]:

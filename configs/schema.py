@@ -122,6 +122,12 @@ class TrainerConfig:
     reward_fn_weight: float = 1.0  # reward = reward_fn_weight * function score + rm_weight * reward model score
     rm_weight: float = 1.0
     save_every: int = 5  # iterations between checkpoints; 0 = never
+    keep_checkpoints: int = 0  # the newest K complete checkpoints stay on disk, older ones are deleted; 0 = all
+    # restarts per run after an actor dies (stateless roles in place; the trainer group and the draft trainer
+    # from the last checkpoint, or the run's start; a dead generation instance is replaced); 0 = stop at a death
+    max_restarts: int = 3
+    call_timeout_s: float = 1800.0  # the longest wait on one actor call (an update, experience, a save): then stuck
+    sync_timeout_s: float = 120.0  # a weight push's collective ops fail after this long (a dead sender's peers)
     eval_every: int = 4  # iterations between greedy evaluations (also before the first and after the last)
     resume: bool = False
     output_dir: str = "runs/tiny"
@@ -284,10 +290,14 @@ def validate(cfg: Config) -> None:
                     "generation.cpus_per_instance", "trainer.actor_lr", "trainer.critic_lr",
                     "trainer.kl_coef", "trainer.save_every", "trainer.gpus_per_actor",
                     "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip", "trainer.eval_every",
-                    "trainer.critic_warmup", "draft.lr", "draft.vocab_sample"]
+                    "trainer.critic_warmup", "trainer.keep_checkpoints", "trainer.max_restarts", "draft.lr",
+                    "draft.vocab_sample"]
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must not be negative, got {flat[key]}")
+    for key in ("trainer.call_timeout_s", "trainer.sync_timeout_s"):
+        if not flat[key] > 0:
+            raise ConfigError(f"{key}: must be positive, got {flat[key]}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
     if not _STRATEGY.match(g.strategy):

@@ -2,47 +2,87 @@
 in Hugging Face format, the draft trainer's weights and optimizer (online draft adaptation), and the driver's
 own state (data cursor, RNG, reward statistics, W&B run id).
 
-A checkpoint counts only once `latest` names it, so a crash mid-save never leaves a half checkpoint
-to resume from.
+A checkpoint cannot lie: it is written aside (`.iter_NNNNN.partial`), its manifest of file sizes last, and only
+then renamed into place; resume takes the newest checkpoint whose files match its manifest and names any it
+skipped. `latest` still names the newest one written, for people and scripts.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
+
+from trainer.loop.deadline import wait
+
+MANIFEST = "manifest.json"
+NAME = re.compile(r"^iter_(\d{5,})$")
+
+
+def write_manifest(path: Path) -> None:
+    """Every file's size, written last. Sizes, not hashes: a crash leaves missing or short files, which sizes
+    catch, and hashing an 8B model's optimizer states would add minutes to every save."""
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=0))
+    os.replace(tmp, path / MANIFEST)
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path` (None: complete)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (its save never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest.json ({e})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, the manifest says {size}"
+    return None
 
 
 class CheckpointManager:
-    def __init__(self, root: str, every: int, policy, critic, draft=None):
-        self.root, self.every = Path(root) / "checkpoints", every
+    def __init__(self, root: str, every: int, policy, critic, draft=None, keep: int = 0,
+                 timeout_s: float | None = None, log=print):
+        """keep: the newest `keep` checkpoints stay on disk (0: all); timeout_s: the deadline of a save or load."""
+        self.root, self.every, self.keep, self.timeout_s, self.log = Path(root) / "checkpoints", every, keep, timeout_s, log
+        self.attach(policy, critic, draft)
+
+    def attach(self, policy, critic, draft=None) -> None:
+        """The trainers to save and load (new ones after a restart)."""
         self.policy, self.critic, self.draft = policy, critic, draft
 
     def due(self, iteration: int) -> bool:
         return self.every > 0 and (iteration + 1) % self.every == 0
 
     def save(self, iteration: int, sampler, reward_moments, run_id: str | None) -> Path:
-        path = self.root / f"iter_{iteration + 1:05d}"
-        path.mkdir(parents=True, exist_ok=True)
-        ray.get(self.trainer_calls("save_checkpoint", path)
-                + [self.policy.actors[0].save_hf.remote(str(path / "actor_hf"))])
-        state = {
-            "completed_iterations": iteration + 1,
-            "data": sampler.state(),
-            "reward_moments": reward_moments.state_dict(),
-            "wandb_run_id": run_id,
-            "rng": {"python": list(random.getstate()[1]), "numpy": _numpy_state(),
-                    "torch": torch.get_rng_state().tolist()},
-        }
+        final = self.root / f"iter_{iteration + 1:05d}"
+        path = self.root / f".{final.name}.partial"
+        shutil.rmtree(path, ignore_errors=True)  # a save that died half way
+        path.mkdir(parents=True)
+        wait(self.trainer_calls("save_checkpoint", path) + [self.policy.actors[0].save_hf.remote(str(path / "actor_hf"))],
+             self.timeout_s, f"checkpoint save of {final.name}")
+        state = driver_state(iteration + 1, sampler, reward_moments, run_id)
         (path / "driver.json").write_text(json.dumps(state))
+        write_manifest(path)
+        if final.exists():  # the same iteration saved before a rewind: the redone one is the same state
+            shutil.rmtree(final)
+        os.replace(path, final)
         tmp = self.root / "latest.tmp"
-        tmp.write_text(path.name)
+        tmp.write_text(final.name)
         os.replace(tmp, self.root / "latest")
-        return path
+        self.prune()
+        return final
 
     def trainer_calls(self, method: str, path: Path) -> list:
         """`method` (save_checkpoint or load_checkpoint) on every trainer, each in its own folder of `path`: Ray
@@ -54,25 +94,67 @@ class CheckpointManager:
             jobs.append(getattr(self.draft, method).remote(str(path / "draft")))
         return jobs
 
-    def latest(self) -> Path | None:
-        marker = self.root / "latest"
-        return self.root / marker.read_text().strip() if marker.is_file() else None
+    def saved(self) -> list[Path]:
+        """Every checkpoint folder renamed into place, newest first (complete or not)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
 
-    def restore(self, sampler, reward_moments) -> dict:
-        """Load the newest checkpoint into the trainers and the driver; returns its driver state."""
-        path = self.latest()
+    def latest(self, report: bool = False) -> Path | None:
+        """The newest complete checkpoint; with `report`, one line for each damaged one skipped on the way."""
+        for path in self.saved():
+            problem = damage(path)
+            if problem is None:
+                return path
+            if report:
+                self.log(f"checkpoint {path} skipped: damaged, {problem}", flush=True)
+        return None
+
+    def prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints; older folders go, complete or not."""
+        if self.keep <= 0:
+            return
+        complete = [p for p in self.saved() if damage(p) is None]
+        if len(complete) <= self.keep:
+            return
+        oldest_kept = int(NAME.match(complete[self.keep - 1].name).group(1))
+        for path in self.saved():
+            if int(NAME.match(path.name).group(1)) < oldest_kept:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def restore(self, sampler, reward_moments, path: Path | None = None) -> dict:
+        """Load a checkpoint (the newest complete one by default) into the trainers and the driver; returns its
+        driver state."""
+        path = path or self.latest(report=True)
         if path is None:
-            raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.root}")
+            raise FileNotFoundError(f"trainer.resume=true but no complete checkpoint under {self.root}")
         state = json.loads((path / "driver.json").read_text())
-        ray.get(self.trainer_calls("load_checkpoint", path))
-        sampler.load_state(state["data"])
-        reward_moments.load_state_dict(state["reward_moments"])
-        rng = state["rng"]
-        random.setstate((3, tuple(rng["python"]), None))
-        keys, pos, has_gauss, gauss = rng["numpy"]
-        np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        return state
+        wait(self.trainer_calls("load_checkpoint", path), self.timeout_s, f"checkpoint load of {path.name}")
+        load_driver_state(state, sampler, reward_moments)
+        return {**state, "path": str(path)}
+
+
+def driver_state(completed: int, sampler, reward_moments, run_id: str | None) -> dict:
+    """What the driver itself needs to go on from here: the data cursor, reward statistics, RNGs."""
+    return {
+        "completed_iterations": completed,
+        "data": sampler.state(),
+        "reward_moments": reward_moments.state_dict(),
+        "wandb_run_id": run_id,
+        "rng": {"python": list(random.getstate()[1]), "numpy": _numpy_state(),
+                "torch": torch.get_rng_state().tolist()},
+    }
+
+
+def load_driver_state(state: dict, sampler, reward_moments) -> None:
+    sampler.load_state(state["data"])
+    reward_moments.load_state_dict(state["reward_moments"])
+    rng = state["rng"]
+    random.setstate((3, tuple(rng["python"]), None))
+    keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
 
 
 def _numpy_state() -> list:

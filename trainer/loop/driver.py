@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
-import ray
 import torch
 from tqdm import tqdm
 
@@ -16,6 +15,7 @@ from drafting import GenRequest, SamplingParams
 from trainer.core import algorithms as algo
 from trainer.loop.checkpoint import CheckpointManager
 from trainer.loop.data import Prompt, PromptSampler
+from trainer.loop.deadline import wait
 from trainer.core.experience import Experience, make_sequences
 from trainer.loop.rollout import RolloutFleet
 from trainer.loop.tracking import Tracking
@@ -54,9 +54,13 @@ class Driver:
         self.policy, self.critic = actors.policy, actors.critic
         self.draft = actors.draft  # DraftTrainer handle, or None when the draft does not adapt online
         # "head": the draft trainer reads the old policy's features; "model": its top-k (draft.loss=kl_topk)
-        self.draft_kind = ray.get(self.draft.kind.remote()) if self.draft is not None else None
+        self.timeout_s = cfg.trainer.call_timeout_s  # the deadline of every wait on an actor
+        self.draft_kind = wait(self.draft.kind.remote(), self.timeout_s, "draft trainer") if self.draft else None
         self.weight_version = 0  # the last weight push: iterations whose updates it includes
-        self.reference, self.reward = actors.reference, actors.reward
+        self.reference, self.reward = actors.reference, actors.reward  # Restartable: made again if they die
+        self.restarts = getattr(actors, "restarts", None)
+        self.history: list[dict] = []  # the iterations done so far (a rewind keeps those before its checkpoint)
+        self.iteration: int | None = None  # the one in progress
         self.tracking, self.checkpoints = tracking, checkpoints
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.reward_moments = reward_moments
@@ -68,12 +72,12 @@ class Driver:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self, start_iteration: int = 0) -> list[dict]:
-        history = []
+        history = self.history
         bar = tqdm(range(start_iteration, self.cfg.trainer.iterations), desc="RLHF", unit="iter",
                    disable=not self.cfg.tracking.progress, initial=start_iteration,
                    total=self.cfg.trainer.iterations)
         for iteration in bar:
-            times = {}
+            self.iteration, times = iteration, {}
             # scored with the weights this iteration's rollout uses: row i = the policy after i updates
             evaluation = self.evaluate() if self._eval_due(iteration) else {}
             with timed(times, "iteration"):
@@ -90,10 +94,13 @@ class Driver:
             metrics = {"iteration": iteration, **gen_metrics, **exp_metrics, **train_metrics,
                        **{f"time/{k}": v for k, v in times.items()}, **evaluation}
             metrics.update(self.draft_verdict(metrics))
+            if self.restarts is not None and self.restarts.used:
+                metrics["recovery/restarts"] = self.restarts.used
             self.tracking.log(metrics, step=iteration)
             history.append(metrics)
             if self.checkpoints.due(iteration):
                 self.checkpoints.save(iteration, self.sampler, self.reward_moments, self.tracking.run_id)
+        self.iteration = self.cfg.trainer.iterations
         if self.eval_prompts and history:
             final = {"iteration": self.cfg.trainer.iterations, **self.evaluate()}
             self.tracking.log(final, step=self.cfg.trainer.iterations)
@@ -120,7 +127,7 @@ class Driver:
         n, prompts = len(self.eval_prompts), self.eval_prompts * 2
         seqs, attn, _ = make_sequences([p.token_ids for p in prompts], [o.token_ids for o in outputs], self.pad_id)
         texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
-        scored = ray.get(self.reward.score.remote(seqs, attn, prompts, texts))  # one batch: one error at most
+        scored = self.reward.call("score", seqs, attn, prompts, texts).get()  # one batch: one error at most
         metrics = {"eval/length_mean": float(np.mean([len(o.token_ids) for o in outputs[:n]]))}
         for prefix, rows in (("eval/", slice(0, n)), ("eval/sampled_", slice(n, 2 * n))):
             metrics[prefix + "reward"] = scored.total[rows].float().mean().item()
@@ -186,8 +193,8 @@ class Driver:
         num_actions = action_mask.shape[1]
         responses_text = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
 
-        ref_ref = self.reference.logprobs.remote(seqs, attn, num_actions, temperature)
-        score_ref = self.reward.score.remote(seqs, attn, [r.prompt for r in rollouts], responses_text)
+        ref_call = self.reference.call("logprobs", seqs, attn, num_actions, temperature)
+        score_call = self.reward.call("score", seqs, attn, [r.prompt for r in rollouts], responses_text)
         # the draft trainer's data comes from the same forward as the old log-probs: a head's features, or a draft
         # model's top-k teacher
         features = self.draft_kind == "head"
@@ -199,16 +206,17 @@ class Driver:
         else:
             old_refs = self.policy.call_split("compute_logprobs", seqs, attn, num_actions)
         value_refs = self.critic.call_split("values", seqs, attn, num_actions) if self.critic else None
-        ref_logp = ray.get(ref_ref)
+        ref_logp = ref_call.get()
         topk_logp = topk_ids = feats = None
+        old = wait(old_refs, self.timeout_s, "policy log-probs")
         if features:
-            old_logp, feats = (torch.cat(parts) for parts in zip(*ray.get(old_refs)))
+            old_logp, feats = (torch.cat(parts) for parts in zip(*old))
         elif teacher_k:
-            old_logp, topk_logp, topk_ids = (torch.cat(parts) for parts in zip(*ray.get(old_refs)))
+            old_logp, topk_logp, topk_ids = (torch.cat(parts) for parts in zip(*old))
         else:
-            old_logp = torch.cat(ray.get(old_refs))
-        values = torch.cat(ray.get(value_refs)) if value_refs else None
-        scored = ray.get(score_ref)  # the reward actor's: RM and reward function combined, and the function's own
+            old_logp = torch.cat(old)
+        values = torch.cat(wait(value_refs, self.timeout_s, "critic values")) if value_refs else None
+        scored = score_call.get()  # the reward actor's: RM and reward function combined, and the function's own
         scores = scored.total.float()
         raw_scores = scores.clone()
 
@@ -260,11 +268,11 @@ class Driver:
             draft_ref = self.draft.train.remote(draft_batch, iteration, window, self._update_s)
         metrics = {}
         if policy_refs:
-            policy_metrics = ray.get(policy_refs)[0]  # already all-reduced across ranks
+            policy_metrics = wait(policy_refs, self.timeout_s, "policy update")[0]  # already all-reduced across ranks
             metrics = {f"policy/{k}": v for k, v in policy_metrics.items()}
             metrics["loss/policy"] = policy_metrics.get("policy_loss", float("nan"))
         if critic_refs:
-            critic_metrics = ray.get(critic_refs)[0]
+            critic_metrics = wait(critic_refs, self.timeout_s, "critic update")[0]
             metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
             metrics["loss/value"] = critic_metrics.get("value_loss", float("nan"))
         updated = time.perf_counter()
@@ -272,7 +280,7 @@ class Driver:
         if policy_refs or critic_refs:
             self._update_s = updated - start  # the next iteration's draft deadline
         if draft_ref is not None:
-            draft_metrics = ray.get(draft_ref)
+            draft_metrics = wait(draft_ref, self.timeout_s, "draft trainer update")
             metrics["time/draft_wait"] = time.perf_counter() - updated  # ~0: the draft stops with the updates
             metrics.update({f"draft/{k}": v for k, v in draft_metrics.items()})
         return metrics

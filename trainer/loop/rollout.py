@@ -3,7 +3,8 @@
 With the load balancer on, queued requests and running samples (with their KV) move between instances while
 they decode; the fleet's record of which instance holds each request follows every confirmed move. A request
 whose instance dies goes to a live one and restarts from its prompt; its per-request seed makes the restarted
-sample the one the dead instance would have produced.
+sample the one the dead instance would have produced. A new instance is made in the dead one's place; it joins
+the weight and K/V groups, and takes work, from the next weight push on (it decodes with pushed weights only).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from actors.load_balancer import LoadBalancerActor, OrderResult, order_line
 from actors.weight_sync import ACTOR_SRC, DRAFT_SRC
 from configs.schema import BalancerConfig, GenerationConfig
 from migration.planner import MigrationOrder
+from trainer.loop.deadline import Stuck, wait
+from trainer.loop.recovery import probe, ray_reason
 
 
 class RolloutError(RuntimeError):
@@ -52,17 +55,22 @@ def balance_totals(report: dict) -> dict:
 
 class RolloutFleet:
     def __init__(self, gen: GenerationConfig, actor_path: str, draft_path: str, dtype: str = "float32",
-                 balancer: BalancerConfig | None = None):
+                 balancer: BalancerConfig | None = None, restarts=None, sync_timeout_s: float = 120.0,
+                 call_timeout_s: float | None = None):
+        """restarts: the run's Restarts (a replaced instance spends one); sync_timeout_s: the weight group's op
+        timeout; call_timeout_s: the deadline of every wait on an instance."""
         device = "cuda" if gen.gpus_per_instance > 0 else "cpu"
         # threads for collect, the balancer's polls, and both ends of migration orders beside the step loop
         cls = GenerationInstanceActor.options(num_cpus=gen.cpus_per_instance, num_gpus=gen.gpus_per_instance,
                                               max_concurrency=8)
-        self.instances = [cls.remote(i, actor_path, draft_path, gen.strategy, gen.max_slots, gen.max_len,
-                                     device, gen.threads_per_instance, dtype, gen.calibration, gen.attention,
-                                     gen.cuda_graphs, gen.compile, gen.profile_budget_s, gen.profile_fallback)
-                          for i in range(gen.num_instances)]
-        ray.get([inst.ping.remote() for inst in self.instances])  # surface model-loading errors now
+        self._make = lambda i: cls.remote(i, actor_path, draft_path, gen.strategy, gen.max_slots, gen.max_len,  # noqa: E731
+                                          device, gen.threads_per_instance, dtype, gen.calibration, gen.attention,
+                                          gen.cuda_graphs, gen.compile, gen.profile_budget_s, gen.profile_fallback)
+        self.restarts, self.sync_timeout_s, self.timeout_s = restarts, sync_timeout_s, call_timeout_s
+        self.instances = [self._make(i) for i in range(gen.num_instances)]
+        wait([inst.ping.remote() for inst in self.instances], self.timeout_s, "generation instance start-up")
         self.alive = list(range(len(self.instances)))
+        self.joining: list[int] = []  # replacements of dead instances, alive from the next weight push
         self.backend = "nccl" if device == "cuda" else "gloo"
         self._weight_group_ready = False
         self._weight_senders = 0  # policy rank 0, plus the draft trainer when the draft adapts online
@@ -112,8 +120,8 @@ class RolloutFleet:
         self._moves_applied = 0
         if balancing:
             self._start_balancer()
-        ray.get([self.instances[i].submit.remote([requests[k] for k in positions])
-                 for i, positions in zip(self.alive, split) if positions])
+        wait([self.instances[i].submit.remote([requests[k] for k in positions])
+              for i, positions in zip(self.alive, split) if positions], self.timeout_s, "rollout submit")
         outputs = {}
         try:
             with tqdm(total=len(requests), desc="rollout", unit="sample", leave=False, disable=not progress) as bar:
@@ -121,9 +129,9 @@ class RolloutFleet:
                     polls = {i: self.instances[i].collect.remote(0.2) for i in self.alive}
                     for i, ref in polls.items():
                         try:
-                            done = ray.get(ref)
-                        except ray.exceptions.RayActorError:
-                            self._reassign(i, owner, by_id, balancing)
+                            done = wait(ref, self.timeout_s, f"generation instance {i}")
+                        except (ray.exceptions.RayActorError, Stuck) as e:
+                            self._reassign(i, owner, by_id, balancing, ray_reason(e))
                             continue
                         for out in done:
                             if out.request_id in outputs or out.request_id not in by_id:
@@ -132,15 +140,15 @@ class RolloutFleet:
                             owner.pop(out.request_id, None)
                         bar.update(len(done))
         finally:
-            self.last_balance = ray.get(self.balancer.stop.remote()) if balancing else {}
+            self.last_balance = self._stop_balancer() if balancing else {}
         return [outputs[r.request_id] for r in requests]
 
-    def _reassign(self, dead: int, owner: dict, by_id: dict, balancing: bool) -> None:
+    def _reassign(self, dead: int, owner: dict, by_id: dict, balancing: bool, reason: str = "") -> None:
         self.alive.remove(dead)
         self._weight_group_ready = False  # the old groups counted the dead instance
         self._kv_ranks = None
         if balancing:  # orders in flight with the dead instance end first; then the record has every move
-            moves = ray.get(self.balancer.settle.remote(dead))
+            moves = wait(self.balancer.settle.remote(dead), self.timeout_s, "load balancer settle")
             for rid, _, destination in moves[self._moves_applied:]:
                 if rid in owner:
                     owner[rid] = destination
@@ -148,11 +156,36 @@ class RolloutFleet:
         orphans = [rid for rid in by_id if owner.get(rid) == dead]  # request order: a reproducible schedule
         if not self.alive:
             raise RolloutError(f"every generation instance died; {len(orphans)} samples could not finish")
-        print(f"generation instance {dead} died; resubmitting its {len(orphans)} samples", flush=True)
+        self._replace(dead, reason, f"its {len(orphans)} samples resubmitted to the live instances; a new instance "
+                                    f"takes work from the next weight push on")
         for n, rid in enumerate(orphans):
             target = self.alive[n % len(self.alive)]
-            ray.get(self.instances[target].submit.remote([by_id[rid]]))
+            wait(self.instances[target].submit.remote([by_id[rid]]), self.timeout_s, "rollout resubmit")
             owner[rid] = target
+
+    def _replace(self, dead: int, reason: str, then: str) -> None:
+        """One restart line, and a new instance in the dead one's place (it joins at the next weight push)."""
+        if self.restarts is not None:
+            self.restarts.take(f"generation instance {dead}", reason, then)
+        else:
+            print(f"generation instance {dead} died ({reason}); {then}", flush=True)
+        ray.kill(self.instances[dead])  # a stuck one; a dead one is gone already
+        self.instances[dead] = self._make(dead)
+        self.joining.append(dead)
+
+    def _admit_joining(self) -> None:
+        """Replacements join before a weight push: the push forms the groups anew and gives them the weights."""
+        if not self.joining:
+            return
+        wait([self.instances[i].ping.remote() for i in self.joining], self.timeout_s, "new generation instance")
+        self.alive, self.joining = sorted(self.alive + self.joining), []
+        self._weight_group_ready = False
+        self._kv_ranks = None
+        self._saturation_read = False
+
+    def reset_weight_group(self) -> None:
+        """The next weight push forms the group anew (new senders after a restart)."""
+        self._weight_group_ready = False
 
     # --- sample reallocation ----------------------------------------------------------------------
     def _ensure_kv_group(self) -> dict[int, int]:
@@ -182,6 +215,18 @@ class RolloutFleet:
             handles = {i: self.instances[i] for i in self.alive}
             ray.get(self.balancer.start.remote(handles, self._kv_ranks or {}, False))
             ray.get(self.balancer.stop.remote())
+
+    def _stop_balancer(self) -> dict:
+        """The rollout's balancer report; a dead balancer (its orders had ended: the rollout did) is replaced."""
+        try:
+            return wait(self.balancer.stop.remote(), self.timeout_s, "load balancer")
+        except (ray.exceptions.RayActorError, Stuck) as e:
+            then = "a new balancer from the next rollout on; this rollout's orders are not reported"
+            if self.restarts is not None:
+                self.restarts.take("load balancer", ray_reason(e), then)
+            ray.kill(self.balancer)
+            self.balancer = None
+            return {}
 
     def _start_balancer(self, auto: bool = True) -> None:
         if self.last_balance.get("quarantined"):
@@ -226,29 +271,50 @@ class RolloutFleet:
             ray.kill(handle)
 
     def sync_weights_from(self, policy, version: int = 0, draft=None) -> dict:
-        """One weight push over the weight group to all live instances: trainer rank 0 broadcasts every actor
-        parameter, then the draft trainer (if given; rank 1 of the group) every draft parameter. `version`
-        labels the push; instances report it. Returns the slowest instance's seconds per part."""
+        """One weight push over the weight group to all live instances (and new ones in dead ones' places): trainer
+        rank 0 broadcasts every actor parameter, then the draft trainer (if given; rank 1 of the group) every draft
+        parameter. `version` labels the push; instances report it. Returns the slowest instance's seconds per part.
+        An instance that dies during the push is replaced and the push redone; a dead sender is the caller's."""
+        self._admit_joining()
+        try:
+            return self._push(policy, version, draft)
+        except (ray.exceptions.RayError, Stuck):
+            dead = probe({i: self.instances[i] for i in self.alive})
+            if not dead:
+                raise
+            for i, reason in dead.items():
+                self.alive.remove(i)
+                self._replace(i, reason, "a new instance in its place; the weight push is redone")
+            self._admit_joining()
+            return self._push(policy, version, draft)
+
+    def _push(self, policy, version: int, draft) -> dict:
         senders = [policy.actors[0]] + ([draft] if draft is not None else [])
+        timeout = self.timeout_s
         if not self._weight_group_ready or self._weight_senders != len(senders):
-            host, port = ray.get(senders[0].weight_group_address.remote())
+            host, port = wait(senders[0].weight_group_address.remote(), timeout, "weight group address")
             world = len(senders) + len(self.alive)
-            joins = [sender.join_weight_group.remote(host, port, rank, world, self.backend)
+            joins = [sender.join_weight_group.remote(host, port, rank, world, self.backend, self.sync_timeout_s)
                      for rank, sender in enumerate(senders)]
-            joins += [self.instances[i].join_weight_group.remote(host, port, rank, world, self.backend)
+            joins += [self.instances[i].join_weight_group.remote(host, port, rank, world, self.backend,
+                                                                 self.sync_timeout_s)
                       for rank, i in enumerate(self.alive, start=len(senders))]
-            ray.get(joins)
+            wait(joins, timeout, "weight group")
             self._weight_group_ready, self._weight_senders = True, len(senders)
             # names, shapes and dtypes never change during a run: asked once per group (under ZeRO-3 each ask
             # gathers every parameter)
-            self._specs = ray.get(policy.call_all("weight_specs"))[0]
-            self._draft_specs = ray.get(draft.weight_specs.remote()) if draft is not None else None
+            self._specs = wait(policy.call_all("weight_specs"), timeout, "weight specs")[0]
+            self._draft_specs = wait(draft.weight_specs.remote(), timeout, "draft specs") if draft is not None else None
         specs, draft_specs = self._specs, self._draft_specs
         receives = [self.instances[i].receive_weights.remote(specs, version, draft_specs, version) for i in self.alive]
         sends = policy.call_all("broadcast_weights")
         if draft is not None:  # each sender joins the other's broadcast; calls to one actor run in this order
             sends += [policy.actors[0].drop_broadcast.remote(draft_specs, DRAFT_SRC),
                       draft.drop_broadcast.remote(specs, ACTOR_SRC), draft.broadcast_weights.remote()]
-        ray.get(sends)
-        times = ray.get(receives)
+        try:
+            wait(sends, timeout, "weight push (senders)")
+            times = wait(receives, timeout, "weight push (instances)")
+        except BaseException:
+            self._weight_group_ready = False  # a member failed: the group is not trusted again
+            raise
         return {part: max(t[part] for t in times) for part in ("target_s", "draft_s")}

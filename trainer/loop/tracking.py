@@ -16,6 +16,7 @@ class Tracking:
     def __init__(self, project: str, run_name: str | None, config: dict, use_wandb: bool, mode: str,
                  log_dir: str, resume_id: str | None = None):
         self.run = None
+        self.logged: int | None = None  # the last step logged
         if use_wandb and mode != "disabled":
             import wandb
 
@@ -35,10 +36,14 @@ class Tracking:
         return self.run.dir if self.run else None
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.run:
+        """A step redone after a rewind (its metrics equal the first time's: resume is exact) goes to the console
+        only, marked: W&B refuses steps at or below its last one, and each iteration shows there once."""
+        redone = self.logged is not None and step <= self.logged
+        if self.run and not redone:
             self.run.log(metrics, step=step)
+        self.logged = step if self.logged is None else max(self.logged, step)
         shown = " ".join(f"{label}={metrics[key]:.4g}" for key, label in CONSOLE.items() if key in metrics)
-        tqdm.write(f"[iter {step}] {shown}")  # above the driver's progress bars, not through them
+        tqdm.write(f"[iter {step}] {shown}" + (" (redone)" if redone else ""))  # above the progress bars
         sys.stdout.flush()
 
     def finish(self) -> None:
