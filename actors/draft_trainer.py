@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.trainer_group import quiet_deepspeed
 from actors.weight_sync import WeightSender, receive_broadcast
 from configs.schema import DraftConfig
 from drafting.model.head import draft_kind
@@ -38,6 +39,7 @@ class DraftTrainer(WeightSender):
                  threads: int = 1, actor_path: str | None = None):
         """actor_path: the actor a head borrows its embedding, LM head and rotary from (a head only)."""
         torch.set_num_threads(threads)
+        quiet_deepspeed()  # the draft's optimizer may reach DeepSpeed's accelerator in an iteration: not its line
         self.device = torch.device(device)
         self.seed, self.cfg = seed, cfg
         self.draft_kind = draft_kind(draft_path)

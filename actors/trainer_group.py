@@ -18,6 +18,23 @@ from trainer.core.experience import Experience
 from trainer.core.deepspeed_backend import DeepSpeedBackend, resolve_dtype
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed picks its accelerator on first use and says so (a warning on a CPU machine), which lands in the
+    middle of an iteration's progress bars: pick it now, at the actor's start, without the line."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()
+    finally:
+        logger.setLevel(level)
+
+
 # ------------------------------------------------------------------------------------------ rank base
 class TrainerRank:
     """One rank of a DeepSpeed-trained role: distributed set-up, engine, update counter, checkpoints."""
@@ -40,6 +57,7 @@ class TrainerRank:
         self.model_path, self.cfg = model_path, dict(train_cfg)
         self.device = torch.device(device or self.cfg.get("device", "cpu"))
         torch.set_num_threads(int(threads or self.cfg.get("threads", 1)))
+        quiet_deepspeed()
         if "lr" not in self.cfg:
             raise ValueError(f"{self.role} train_cfg has no 'lr'")
         self.seed = int(self.cfg.get("seed", 0))
