@@ -118,8 +118,10 @@ def median_row(runs: list[dict], **fields) -> dict:
     return row
 
 
-def bench_phases(world, strategies, temperature, repeats, quick, calibration, seed, log) -> tuple[list, dict]:
-    """Every phase, its strategies interleaved over the repeats; returns rows and the adaptive engines' logs."""
+def bench_phases(world, strategies, temperature, repeats, quick, calibration, seed, log, kinds=("paged",)
+                 ) -> tuple[list, dict]:
+    """Every phase, its strategies (on each K/V cache kind) interleaved over the repeats; returns rows and the
+    adaptive engines' logs (of the first kind)."""
     w, tok, actor, draft, eos = world
     max_new = 65  # the longest answer (64 digits) + <eos>
     rows, adaptive_logs = [], {}
@@ -127,39 +129,42 @@ def bench_phases(world, strategies, temperature, repeats, quick, calibration, se
         prompts, warm = phase_prompts(phase, tok, w, quick), phase_prompts(phase, tok, w, quick, offset=64)
         max_len = max(len(p) for p in prompts + warm) + max_new + 1
         engines = {}
-        for name in strategies:
-            strategy, _, mode = name.partition(":device")  # adaptive:device = the GPU path's adaptive, here on CPU
-            engines[name] = SpeculativeEngine(actor, None if name == "none" else draft, strategy=strategy,
-                                              max_slots=slots_of(phase), max_len=max_len, eos_token_id=eos,
-                                              calibration=calibration, adaptive_mode="device" if name != strategy
-                                              else "auto")
-            run_engine(engines[name], warm, temperature, max_new, seed + 1)  # warm-up; adaptive learns here
-        runs = {name: [] for name in strategies}
+        for kind in kinds:
+            for name in strategies:
+                strategy, _, mode = name.partition(":device")  # adaptive:device = the GPU path's adaptive on CPU
+                engines[name, kind] = SpeculativeEngine(
+                    actor, None if name == "none" else draft, strategy=strategy, max_slots=slots_of(phase),
+                    max_len=max_len, eos_token_id=eos, calibration=calibration,
+                    adaptive_mode="device" if name != strategy else "auto", kv_cache=kind)
+                run_engine(engines[name, kind], warm, temperature, max_new, seed + 1)  # warm-up; adaptive learns
+        runs = {key: [] for key in engines}
         if phase == "rollout":
-            runs["hf_generate"] = []
+            runs["hf_generate", kinds[0]] = []
         for _ in range(repeats):
-            for name in runs:
+            for name, kind in runs:
                 if name == "hf_generate":
                     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-                    runs[name].append(run_hf(actor, prompts, temperature, max_new, eos, pad, seed))
+                    runs[name, kind].append(run_hf(actor, prompts, temperature, max_new, eos, pad, seed))
                 else:
-                    runs[name].append(run_engine(engines[name], prompts, temperature, max_new, seed))
-        reference = runs["none"][0]["outputs"]
-        for name, rs in runs.items():
+                    runs[name, kind].append(run_engine(engines[name, kind], prompts, temperature, max_new, seed))
+        reference = runs["none", kinds[0]][0]["outputs"]
+        for (name, kind), rs in runs.items():
             if name != "hf_generate":
                 assert all(r["outputs"] == reference for r in rs), f"{phase} {name}: tokens differ from plain decoding"
-            row = median_row(rs, phase=phase, name=name, temperature=temperature, scheme="gumbel")
+            row = median_row(rs, phase=phase, name=name, temperature=temperature, scheme="gumbel", kv_cache=kind)
             if name != "hf_generate":
                 row["selection_overhead_frac"] = statistics.median(summarize(r["log"])["selection_overhead_frac"]
                                                                    for r in rs)
             rows.append(row)
             log(row)
-        fixed = [r for r in rows if r["phase"] == phase and r["name"] in FIXED + QUICK_FIXED]
-        best = max(fixed, key=lambda r: r["tokens_per_s"])
-        rows.append({**best, "name": "oracle", "oracle_of": best["name"]})
-        if "adaptive" in engines:
-            adaptive_logs[phase] = {"log": runs["adaptive"][-1]["log"],
-                                    "predictor": engines["adaptive"].strategy.predictor.calibration()}
+        for kind in kinds:
+            fixed = [r for r in rows if r["phase"] == phase and r["name"] in FIXED + QUICK_FIXED
+                     and r["kv_cache"] == kind]
+            best = max(fixed, key=lambda r: r["tokens_per_s"])
+            rows.append({**best, "name": "oracle", "oracle_of": best["name"]})
+        if ("adaptive", kinds[0]) in engines:
+            adaptive_logs[phase] = {"log": runs["adaptive", kinds[0]][-1]["log"],
+                                    "predictor": engines["adaptive", kinds[0]].strategy.predictor.calibration()}
     return rows, adaptive_logs
 
 
@@ -338,7 +343,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--calibration", default="auto", help="calibration file for adaptive (default: auto)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: phases, schemes, flips, noise")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-cache", default="paged", help="K/V cache kinds to run, comma-separated: paged, dense "
+                                                         "(the first one's rows give the ratios)")
     args = ap.parse_args(argv)
+    kinds = [k.strip() for k in args.kv_cache.split(",") if k.strip()]
     torch.set_num_threads(1)
     repeats = args.repeats or (1 if args.quick else 3)
     skip = set(filter(None, args.skip.split(",")))
@@ -348,7 +356,8 @@ def main(argv=None) -> dict:
           f"{'acc rate':>9}")
 
     def log(r):
-        print(f"{r['phase']:<9}{r['name']:<14}{r.get('scheme', ''):<12}{r['temperature']:>5}{r['tokens_per_s']:>9.1f}"
+        name = r["name"] + ("" if r.get("kv_cache", kinds[0]) == kinds[0] else "@" + r["kv_cache"])
+        print(f"{r['phase']:<9}{name:<14}{r.get('scheme', ''):<12}{r['temperature']:>5}{r['tokens_per_s']:>9.1f}"
               f"{r['tokens_per_s_min']:>8.1f}{r['tokens_per_s_max']:>8.1f}{r['mean_accepted']:>9.2f}"
               f"{r['acceptance_rate']:>9.3f}", flush=True)
 
@@ -367,7 +376,7 @@ def main(argv=None) -> dict:
         probe = SpeculativeEngine(world[2], world[3], strategy="none", max_slots=64, max_len=160)
         cal = resolve_calibration(probe, args.calibration)
         rows, adaptive_logs = bench_phases(world, ["none"] + fixed + ["adaptive", "adaptive:device"], 1.0, repeats,
-                                           args.quick, cal, args.seed, log)
+                                           args.quick, cal, args.seed, log, kinds)
         result["rows"] += rows
         result["step_model_cv_error"] = cal.step_cv_error
         result["step_model"] = {"families": cal.families, "cv_error": cal.cv_error, "file": cal.path}
@@ -378,7 +387,9 @@ def main(argv=None) -> dict:
         result["adaptive_by_phase"] = {p: summarize(v["log"]) for p, v in adaptive_logs.items()}
         result["adaptive_rollout_summary"] = result["adaptive_by_phase"]["rollout"]
         result["selection_overhead_frac"] = result["adaptive_rollout_summary"]["selection_overhead_frac"]
-        result["ratios"] = ratios(result["rows"])
+        result["ratios"] = ratios([r for r in result["rows"] if r.get("kv_cache", kinds[0]) == kinds[0]])
+        if len(kinds) > 1:
+            result["kv_cache_ratios"] = kv_ratios(result["rows"], kinds)
         result["plots"] = plot(adaptive_logs, Path(args.out))
     if "schemes" not in skip:
         strategies = QUICK_SCHEME_STRATEGIES if args.quick else SCHEME_STRATEGIES
@@ -403,6 +414,13 @@ def main(argv=None) -> dict:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out} ({result['seconds']} s)")
     return result
+
+
+def kv_ratios(rows: list[dict], kinds: list[str]) -> dict:
+    """tokens/s of each later cache kind over the first's, per phase and configuration (interleaved in one run)."""
+    by = {(r["phase"], r["name"], r.get("kv_cache")): r["tokens_per_s"] for r in rows}
+    return {f"{phase}/{name}/{kind}_over_{kinds[0]}": v / by[phase, name, kinds[0]]
+            for (phase, name, kind), v in by.items() if kind in kinds[1:] and (phase, name, kinds[0]) in by}
 
 
 def ratios(rows: list[dict]) -> dict:

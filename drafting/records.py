@@ -1,6 +1,7 @@
 """Records that cross the engine's boundary: requests, outputs, exported samples, stats."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -89,6 +90,23 @@ class SampleState:
     draft_v: torch.Tensor | None
     target_h: torch.Tensor | None = None  # [1, 1, target_len - kv_start, H] with a draft head (drafting.head)
 
+    def _kv(self) -> tuple:
+        return tuple(t for t in (self.target_k, self.target_v, self.draft_k, self.draft_v, self.target_h)
+                     if t is not None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kv())
+
+    def to_host(self) -> "SampleState":
+        """The state with its K/V in host memory (a preempted sample's swap)."""
+        return dataclasses.replace(self, **{f: None if t is None else t.cpu() for f, t in (
+            ("target_k", self.target_k), ("target_v", self.target_v), ("draft_k", self.draft_k),
+            ("draft_v", self.draft_v), ("target_h", self.target_h))})
+
+    def without_kv(self) -> "SampleState":
+        """The state alone: resuming recomputes its K/V."""
+        return dataclasses.replace(self, target_k=None, target_v=None, draft_k=None, draft_v=None, target_h=None)
+
 
 @dataclass
 class EngineStats:
@@ -100,3 +118,12 @@ class EngineStats:
     mean_accepted: float  # accepted draft tokens per sample-step
     mean_tokens_per_step: float  # emitted tokens per sample-step (accepted + the bonus/correction token)
     step_ms: float  # mean wall time of one step()
+    preemptions: int = 0  # samples preempted when the K/V pool ran dry
+    resumed: int = 0
+    prefill_tokens: int = 0  # prompt (and recomputed) tokens prefilled
+    shared_tokens: int = 0  # prompt tokens a request group's sibling shared instead of prefilling
+    tokens_held: int = 0  # committed tokens of the live samples
+    kv_blocks: int = 0  # the paged cache's pool (0: dense)
+    kv_blocks_used: int = 0
+    kv_blocks_peak: int = 0
+    kv_block: int = 0

@@ -135,8 +135,9 @@ class CacheCopies(TorchDispatchMode):
 
 @pytest.mark.parametrize("strategy", ["none", "chain:3", "tree:3,2,6"])
 def test_no_forward_copies_committed_kv(models, strategy):
+    """The dense layout, which attention reads in place (a paged cache is gathered per forward)."""
     target, draft = models
-    eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=2, max_len=400)
+    eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=2, max_len=400, kv_cache="dense")
     prompts = [list(np.random.default_rng(0).integers(0, 96, 300)), list(range(50, 96)) * 6]
     for i, p in enumerate(prompts):
         eng.add(GenRequest(i, [int(t) for t in p], SamplingParams(temperature=0, max_new_tokens=40)))

@@ -181,18 +181,18 @@ class LeanDecoder:
                                     s.eps)  # [.., H, D] each
             # into the cache in place (not inside a compiled function: torch.compile would copy the whole cache)
             cache.write(li, write_rows, write_cols, k, v)
-            if not want_logits and li == s.layers - 1 and cache.feat is None:
+            if not want_logits and li == s.layers - 1 and not cache.has_features:
                 return None  # prefill needs only the cache: the last layer's attention and MLP are unused
             if pack is not None:  # back to [B, T] for attention, zeros in the padding
                 q = q.new_zeros(B * T, *q.shape[1:]).index_copy_(0, pack, q).view(B, T, *q.shape[1:])
-            a = attend(q.transpose(1, 2), cache.k[li, rows], cache.v[li, rows])  # [B, Hq, T, D]
+            a = attend(q.transpose(1, 2), *cache.layer(li, rows, kv_len))  # [B, Hq, T, D]
             a = a.transpose(1, 2).reshape(B, T, q_sz)  # a view when the kernel wrote tokens-major
             if pack is not None:
                 a = a.view(B * T, q_sz).index_select(0, pack)  # [N, q_sz]
             residual = F.linear(a, w["o"], w["o_b"])
             x, h = self.ops.add_norm(x, residual, w["ln2"], s.eps)
             residual = F.linear(self.ops.silu_mul(F.linear(h, w["gate_up"], w["gate_up_b"])), w["down"], w["down_b"])
-        if cache.feat is not None:  # every new token's feature (the next draft-head steps read them)
+        if cache.has_features:  # every new token's feature (the next draft-head steps read them)
             _, h = self.final(x, residual)
             cache.write_features(write_rows, write_cols, h)
             if not want_logits:

@@ -23,6 +23,7 @@ class StepView:
     context: int  # max committed length of the live samples
     draft_lag: int  # max tokens the draft cache has yet to catch up on
     temperature: torch.Tensor  # [B]
+    node_cap: int = 1 << 30  # tree nodes per sample the K/V memory has room for this step
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,16 @@ from drafting.policy.adaptive import adaptive
 from drafting.policy.calibration import Calibration, as_calibration, calibration_key
 from drafting.policy.strategy import DraftStrategy, parse_strategy
 from drafting.records import EngineStats, GenOutput, GenRequest, KVRange, SampleState, SamplingParams
-from drafting.runtime import sample_io
+from drafting.runtime import admission, sample_io
+from drafting.runtime.blocks import BlockPool
 from drafting.runtime.device_stages import DeviceStages, scratch_columns
 from drafting.runtime.graphs import GraphRunner
-from drafting.runtime.kv_cache import KVCache
-from drafting.runtime.slots import Slots
+from drafting.runtime.kv_cache import KVCache, PagedKVCache
+from drafting.runtime.memory import DenseMemory, PagedMemory
+from drafting.runtime.slots import Preempted, Slots
 from drafting.runtime.step import run_step
 from drafting.runtime.timing import StageClock, StepTimer
-from drafting.spec.sampling import as_int64, derive_seed
+from drafting.spec.sampling import derive_seed
 from drafting.spec.stages import MAX_DEPTH, OUT_EXTRA, Stages
 
 FINISH = {1: "stop", 2: "length"}
@@ -44,15 +46,19 @@ class Engine:
                  max_len: int = 256, device="cpu", dtype: torch.dtype = torch.float32,
                  eos_token_id: int | Sequence[int] | None = None, node_log_steps: int = 256,
                  calibration: CalibrationSpec = None, step_log_steps: int = 100000, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | None = None, adaptive_mode: str = "auto"):
+                 cuda_graphs: bool = True, compile: bool | None = None, adaptive_mode: str = "auto",
+                 kv_cache: str = "paged", kv_block: int = 16, kv_tokens: int | None = None,
+                 swap_bytes: int = 4 << 30):
         """calibration (needed by strategy 'adaptive'): a `Calibration`, a calibration file, or a resolver
         called with this engine ('auto', this pair's cached profile or one made on first use, is resolved by
         `drafting.SpeculativeEngine`: the runtime never runs the profiler). attention: 'auto' | 'sdpa' | 'triton'.
         cuda_graphs, compile (torch.compile'd norms, RoPE, activations; None: on CUDA): the GPU path (ignored on
         CPU, which stays eager and exact). adaptive_mode: 'host' (per-level decisions from the tree's scores),
         'device' (the step's shape from earlier steps' statistics: no reads inside a step) or 'auto' (device on
-        CUDA, host on CPU)."""
-        check_args(max_slots, max_len, adaptive_mode, calibration)
+        CUDA, host on CPU). kv_cache: 'dense' (a row of max_len per slot) or 'paged' (blocks of kv_block positions
+        from a pool of kv_tokens positions, default what the dense rows hold; preempted samples swap to host memory
+        up to swap_bytes, beyond it they are recomputed when they resume)."""
+        check_args(max_slots, max_len, adaptive_mode, calibration, kv_cache)
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_len = max_slots, max_len
         self.adaptive_mode = adaptive_mode if adaptive_mode != "auto" else (
@@ -67,11 +73,17 @@ class Engine:
         self.head = isinstance(self.draft, HeadDecoder)  # an EAGLE-style head: it reads the target's features
         self.keep_features = False  # with a head: outputs carry the target's features (a head's training data)
         self.scratch = scratch_columns(strategy)
+        columns = max_len + self.scratch + 1  # what a dense row holds, and what a paged pool holds by default
+        self.pool = None if kv_cache == "dense" else BlockPool(
+            -(-(kv_tokens or max_slots * columns) // kv_block), kv_block, max_slots, -(-columns // kv_block),
+            self.device)
         self.tcache, self.dcache = caches(self.target, self.draft, self.head, max_slots, max_len, self.scratch,
-                                          self.device, dtype)
+                                          self.device, dtype, self.pool)
         self.stages = Stages(self.target, self.draft, self.tcache, self.dcache, max_slots, max_len, self.scratch,
                              eos_tensor(self.target, eos_token_id, self.device), self.head)
-        self.slots = Slots(self.stages, (self.tcache, self.dcache), max_slots, max_len)
+        memory = DenseMemory(self.scratch) if self.pool is None else PagedMemory(self.pool, (self.tcache, self.dcache))
+        self.slots = Slots(self.stages, (self.tcache, self.dcache), max_slots, max_len, memory)
+        self.swap_bytes, self._swapped = swap_bytes, 0  # host memory preempted samples' K/V may take
         self.graphs = GraphRunner(self.device, cuda_graphs)
         self.backend = DeviceStages(self.stages, self.slots, self.graphs)
         self.clock = StageClock(self.device)
@@ -196,13 +208,28 @@ class Engine:
 
     @torch.inference_mode()
     def admit(self) -> None:
-        """Move queued requests into free slots (FIFO) and prefill them, in prompt-length order so that prefill
-        groups of similar lengths waste little on padding."""
-        new = sorted(self.slots.admissible(), key=lambda q: len(q.prompt_token_ids))
-        if new:
-            row0 = self.slots.place(new, [(q.prompt_token_ids, [], q.sampling, as_int64(q.sampling.seed), (0, 0, 0),
-                                           None, len(q.prompt_token_ids) - 1) for q in new])
-            self.stages.prefill(row0, [len(q.prompt_token_ids) - 1 for q in new])
+        """Move queued requests into free slots (FIFO): preempted samples resume, a request group's prompt is
+        prefilled once (`drafting.runtime.admission`)."""
+        if self.slots.queue:
+            done = admission.admit(self.slots, self.stages, (self.tcache, self.dcache))
+            self._swapped -= done.pop("swapped_bytes")
+            self._counts.update(done)
+            if not self.slots.live and self.slots.queue:
+                q = self.slots.queue[0]
+                raise RuntimeError(f"request {q.request_id!r} cannot start: the K/V pool "
+                                   f"({self.slots.memory.stats()}) has no room for its prompt")
+    def _preempt(self, row: int) -> None:
+        """Out of the pool until it has room: the sample's state and K/V to host memory (recomputed instead once
+        the swap space is full), back at the head of the queue."""
+        req = self.slots.live[row]
+        state = self.export_sample(req.request_id)
+        size = state.nbytes()
+        state = state.to_host() if self._swapped + size <= self.swap_bytes else state.without_kv()
+        self._swapped += state.nbytes()
+        self.remove(req.request_id)
+        self.slots.queue.appendleft(Preempted(req.request_id, req.prompt_token_ids, req.sampling, state))
+        self.slots.queued_ids.add(req.request_id)
+        self._counts["preemptions"] += 1
 
     # ---- the step ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -214,7 +241,8 @@ class Engine:
             self.admit()
         if not self.slots.live:
             return []
-        view = self.slots.view()
+        want = min(self.strategy.pool, self.scratch - 1) if self.strategy.max_depth else 0
+        view = self.slots.view(admission.make_room(self.slots, want, self._preempt))
         timer.log.update({"live": view.live, "ctx": view.context, "lag": view.draft_lag})
         width = run_step(self.backend, self.strategy, view, timer)
         out, lp = self._fetch(view.live, width, timer)  # the step's one device read
@@ -265,7 +293,7 @@ class Engine:
         timer.log["accepted"] = int(accepted.sum())
         done = np.nonzero(finish)[0]
         keep = self.keep_features and self.head  # a head's training data: the target's features of the sample
-        outs = [self.slots.output(b, FINISH[int(finish[b])], self.tcache.feat if keep else None) for b in done]
+        outs = [self.slots.output(b, FINISH[int(finish[b])], self.tcache if keep else None) for b in done]
         for b in sorted(done.tolist(), reverse=True):  # descending: the row moved into a hole is never finished
             self.slots.release(b)
         return outs
@@ -305,13 +333,15 @@ class Engine:
     def reset_stats(self) -> None:
         self._steps = self._sample_steps = self._accepted = self._tokens = 0
         self._time = 0.0
+        self._counts = collections.Counter(preemptions=0, resumed=0, prefill_tokens=0, shared_tokens=0)
 
     def stats(self) -> EngineStats:
         ss = max(self._sample_steps, 1)
         return EngineStats(live=len(self.live), queued=len(self.queue), steps=self._steps, tokens=self._tokens,
                            tokens_per_s=self._tokens / self._time if self._time > 0 else 0.0,
                            mean_accepted=self._accepted / ss, mean_tokens_per_step=self._tokens / ss,
-                           step_ms=1000.0 * self._time / max(self._steps, 1))
+                           step_ms=1000.0 * self._time / max(self._steps, 1), **self._counts,
+                           tokens_held=self.slots.tokens_held(), **self.slots.memory.stats())
 
     def acceptance_records(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [M, 6], accepted [M]) of every tested node over the last logged steps: what the acceptance
@@ -322,11 +352,13 @@ class Engine:
         return torch.cat(vals), torch.cat(acc)
 
 
-def check_args(max_slots: int, max_len: int, adaptive_mode: str, calibration) -> None:
+def check_args(max_slots: int, max_len: int, adaptive_mode: str, calibration, kv_cache: str) -> None:
     if max_slots < 1:
         raise ValueError(f"max_slots must be >= 1, got {max_slots}")
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if kv_cache not in ("dense", "paged"):
+        raise ValueError(f"kv_cache {kv_cache!r}: want 'dense' or 'paged'")
     if adaptive_mode not in ("auto", "host", "device"):
         raise ValueError(f"adaptive_mode {adaptive_mode!r}: want 'auto', 'host' or 'device'")
     if isinstance(calibration, str) and calibration == "auto":
@@ -378,12 +410,14 @@ def decoder(model, what: str, device: torch.device, dtype: torch.dtype, max_len:
 
 
 def caches(target: LeanDecoder, draft: LeanDecoder | None, head: bool, slots: int, max_len: int, scratch: int,
-           device: torch.device, dtype: torch.dtype) -> tuple[KVCache, KVCache | None]:
-    """The target's K/V cache (with the features a draft head reads) and the draft's."""
-    ts = target.shape
-    tcache = KVCache(ts.layers, slots, ts.kv_heads, max_len, ts.head_dim, device, dtype, scratch,
-                     features=ts.hidden if head else 0)
-    if draft is None:
-        return tcache, None
-    ds = draft.shape
-    return tcache, KVCache(ds.layers, slots, ds.kv_heads, max_len, ds.head_dim, device, dtype, scratch)
+           device: torch.device, dtype: torch.dtype, pool: BlockPool | None) -> tuple:
+    """The target's K/V cache (with the features a draft head reads) and the draft's: dense, or paged over the
+    pool's one block table."""
+    def cache(shape, features: int = 0):
+        if pool is None:
+            return KVCache(shape.layers, slots, shape.kv_heads, max_len, shape.head_dim, device, dtype, scratch,
+                           features=features)
+        return PagedKVCache(shape.layers, shape.kv_heads, max_len, shape.head_dim, device, dtype, scratch, features,
+                            pool.table, pool.blocks, pool.block)
+
+    return cache(target.shape, target.shape.hidden if head else 0), None if draft is None else cache(draft.shape)

@@ -58,16 +58,31 @@ def import_sample(slots: Slots, caches, state: SampleState, prefix: Sequence[KVR
         raise ValueError(f"import_sample {rid!r}: {n} tokens do not fit max_len={slots.max_len}")
     if state.target_len != n - 1:
         raise ValueError(f"import_sample {rid!r}: target_len {state.target_len} != tokens - 1 = {n - 1}")
-    tcache, dcache = caches
+    row = len(slots.live)
+    if not slots.memory.claim(row, n):  # the row's blocks before its K/V land in them
+        raise RuntimeError(f"import_sample {rid!r}: no room in the K/V pool for {n} positions")
+    try:
+        d_cov = _load(slots, caches, row, state, prefix)
+    except Exception:
+        slots.memory.release(row)
+        raise
+    sp = SamplingParams(**vars(state.sampling))
+    slots.place([GenRequest(rid, list(state.prompt_token_ids), sp)],
+                [(state.prompt_token_ids, state.token_ids, sp, state.seed, (state.steps, state.drafted, state.accepted),
+                  state.logprobs, min(d_cov, state.draft_len, n - 1))])
+
+
+def _load(slots: Slots, caches, row: int, state: SampleState, prefix: Sequence[KVRange]) -> int:
+    """The ranges' K/V into the row; returns the draft positions covered from 0."""
+    rid, (tcache, dcache) = state.request_id, caches
     ranges = list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k, state.draft_v,
                                      state.target_h)]
     covered, d_cov = 0, 0
-    row = len(slots.live)
     for kr in sorted(ranges, key=lambda x: x.start):
         if kr.start > covered:
             raise ValueError(f"import_sample {rid!r}: target KV gap at positions [{covered}, {kr.start})")
         tcache.load(row, kr.start, kr.target_k, kr.target_v)
-        if tcache.feat is not None:
+        if tcache.has_features:
             if kr.target_h is None:
                 raise ValueError(f"import_sample {rid!r}: this engine's draft head needs the target's features, "
                                  f"and the sample came without (from an engine with a draft model?)")
@@ -78,7 +93,4 @@ def import_sample(slots: Slots, caches, state: SampleState, prefix: Sequence[KVR
             d_cov = max(d_cov, kr.start + kr.draft_k.shape[2])
     if covered < state.target_len:
         raise ValueError(f"import_sample {rid!r}: target KV covers [0, {covered}), need [0, {state.target_len})")
-    sp = SamplingParams(**vars(state.sampling))
-    slots.place([GenRequest(rid, list(state.prompt_token_ids), sp)],
-                [(state.prompt_token_ids, state.token_ids, sp, state.seed, (state.steps, state.drafted, state.accepted),
-                  state.logprobs, min(d_cov, state.draft_len, n - 1))])
+    return d_cov

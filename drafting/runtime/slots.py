@@ -7,23 +7,36 @@ storage behind a row (today a dense K/V row of `max_len` columns per model) can 
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import numpy as np
 import torch
 
 from drafting.policy.strategy import StepView
-from drafting.records import GenOutput, GenRequest, SamplingParams
+from drafting.records import GenOutput, GenRequest, SampleState, SamplingParams
+from drafting.runtime.memory import DenseMemory, PagedMemory
 from drafting.spec.stages import OUT_EXTRA, Flags, Stages
 
 HOST_COUNTS = ("n", "dlen", "plen", "max_new", "steps", "drafted", "accepted")
 
 
+@dataclass
+class Preempted(GenRequest):
+    """A preempted sample queued to resume: its state, with its K/V swapped to host memory (or, over the swap
+    budget, without K/V: recomputed by a prefill of its tokens when it resumes)."""
+
+    state: SampleState | None = None
+
+
 class Slots:
     """`max_slots` rows over the stages' device state and the target/draft caches."""
 
-    def __init__(self, stages: Stages, caches: Sequence, max_slots: int, max_len: int):
+    def __init__(self, stages: Stages, caches: Sequence, max_slots: int, max_len: int,
+                 memory: DenseMemory | PagedMemory):
         self.stages, self.caches = stages, caches  # caches: (target, draft or None); rows move together
+        self.memory = memory
+        self.by_prompt: dict[tuple, set] = {}  # a live sample's prompt -> the live requests that hold it
         self.max_slots, self.max_len = max_slots, max_len
         S, L = max_slots, max_len + 1
         self.h = {k: np.zeros(S, dtype=np.int64) for k in HOST_COUNTS}
@@ -75,17 +88,38 @@ class Slots:
         return int(self.h["n"][:len(self.live)].sum())
 
     def admissible(self) -> list[GenRequest]:
-        """Queued requests that fit the free slots now, FIFO, taken off the queue."""
-        new = []
+        """Queued requests that fit now, FIFO, taken off the queue: a free slot each, and the blocks their K/V
+        need with the pool's reserve left (a sibling of a live prompt needs only its last block)."""
+        new, blocks, prompts = [], 0, set()
         while self.queue and len(new) < self.free():
+            q = self.queue[0]
+            if isinstance(q, Preempted):
+                cost = self.memory.admit_cost(len(q.state.prompt_token_ids) + len(q.state.token_ids), False)
+            else:
+                key = tuple(q.prompt_token_ids)
+                cost = self.memory.admit_cost(len(key), key in self.by_prompt or key in prompts)
+                prompts.add(key)
+            if not self.memory.affordable(blocks + cost, reserve=bool(self.live or new)):
+                break
+            blocks += cost
             new.append(self.queue.popleft())
-            self.queued_ids.discard(new[-1].request_id)
+            self.queued_ids.discard(q.request_id)
         return new
 
-    def view(self) -> StepView:
+    def holder(self, prompt: Sequence[int]) -> int | None:
+        """A live row holding this prompt's K/V, if any (and the cache can share it)."""
+        rids = self.by_prompt.get(tuple(prompt)) if self.memory.sharing else None
+        return self.row_of[next(iter(rids))] if rids else None
+
+    def victim(self) -> int:
+        """The row to preempt when the pool runs dry: the least progressed sample (the least work to redo)."""
+        B, h = len(self.live), self.h
+        return int(np.argmin(h["n"][:B] - h["plen"][:B]))
+
+    def view(self, node_cap: int) -> StepView:
         B, h = len(self.live), self.h
         return StepView(B, int(h["n"][:B].max()), int((h["n"][:B] - h["dlen"][:B]).max()),
-                        self.stages.rows["temp"][:B])
+                        self.stages.rows["temp"][:B], node_cap)
 
     def flags(self) -> Flags:
         return Flags(self._n_sampled > 0, self._n_top_k > 0, self._n_top_p > 0)
@@ -111,25 +145,36 @@ class Slots:
         h["accepted"][:B] += accepted
         return accepted, emitted, finish
 
-    def output(self, row: int, reason: str, features: torch.Tensor | None = None) -> GenOutput:
-        """A finished sample's output (features: the target cache's, whose row's committed part it carries)."""
+    def output(self, row: int, reason: str, features=None) -> GenOutput:
+        """A finished sample's output (features: the target cache, whose features of the row it carries)."""
         req, h = self.live[row], self.h
         n, plen = int(h["n"][row]), int(h["plen"][row])
         toks = self.h_tokens[row, :n].tolist()
         stats = {k: int(h[k][row]) for k in ("steps", "drafted", "accepted")}
         lp = self.h_logp[row, plen:n].tolist() if req.sampling.logprobs else None
-        feats = features[0, row, 0, :n - 1].clone() if features is not None else None
+        feats = features.read_features(row, 0, n - 1)[0, 0] if features is not None else None
         return GenOutput(req.request_id, toks[:plen], toks[plen:], reason, stats, lp, feats)
 
     # ---- rows ----------------------------------------------------------------------------------------------
-    def place(self, requests: Sequence[GenRequest], samples: list[tuple]) -> int:
+    def place(self, requests: Sequence[GenRequest], samples: list[tuple], holders: Sequence[int] | None = None
+              ) -> int:
         """The next free rows take these samples: (prompt, response, sampling, seed, (steps, drafted,
-        accepted), logprobs, draft length). One copy per field, not per row. Returns the first row."""
+        accepted), logprobs, draft length). One copy per field, not per row. Each row gets blocks for its
+        tokens, or shares its prompt's with the row `holders` names. Returns the first row."""
         row0 = len(self.live)
+        for i, (p, resp, *_) in enumerate(samples):
+            if holders is not None and holders[i] is not None:
+                self.memory.share(row0 + i, holders[i], len(p))
+            elif not self.memory.claim(row0 + i, len(p) + len(resp)):
+                for j in range(i):
+                    self.memory.release(row0 + j)
+                raise RuntimeError(f"K/V pool: no room for {len(p) + len(resp)} positions of request "
+                                   f"{requests[i].request_id!r}")
         self._set_rows(row0, samples)
         for req in requests:
             self.row_of[req.request_id] = len(self.live)
             self.live.append(req)
+            self.by_prompt.setdefault(tuple(req.prompt_token_ids), set()).add(req.request_id)
         return row0
 
     def _set_rows(self, row0: int, samples: list[tuple]) -> None:
@@ -166,7 +211,13 @@ class Slots:
         req = self.live[row]
         self._count_params(req.sampling, -1)
         del self.row_of[req.request_id]
+        key = tuple(req.prompt_token_ids)
+        self.by_prompt[key].discard(req.request_id)
+        if not self.by_prompt[key]:
+            del self.by_prompt[key]
+        self.memory.release(row)
         if row != last:
+            self.memory.move(last, row)
             h = self.h
             for t in self.stages.rows.values():
                 t[row] = t[last]

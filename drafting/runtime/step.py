@@ -20,10 +20,11 @@ def plan(policy: DraftStrategy, view: StepView):
 
 
 def run_step(stages, policy: DraftStrategy, view: StepView, timer: StepTimer) -> int:
-    """Plan; draft the tree level by level while the policy wants more; choose the nodes; verify them in one target
-    forward. Returns how many tokens a row may have emitted (the width of the step's output)."""
+    """Plan; draft the tree level by level while the policy wants more (and the rows' K/V have room: `node_cap`);
+    choose the nodes; verify them in one target forward. Returns how many tokens a row may have emitted (the width
+    of the step's output)."""
     with timer.host("policy"):
-        shape = plan(policy, view)
+        shape = plan(policy, view) if view.node_cap >= policy.topk else None  # no room for a tree: plain
     if shape is None:
         with timer.stage("plain"):
             stages.plain(view)
@@ -37,7 +38,7 @@ def run_step(stages, policy: DraftStrategy, view: StepView, timer: StepTimer) ->
     while True:
         with timer.host("policy"):
             width = policy.next_width(view, shape, levels, newest, lambda: stages.tree(view.live, size))
-        if not width:
+        if not width or size + width * k > view.node_cap:  # deeper than the K/V memory has room for
             break
         with timer.stage("level"):
             stages.level(view, size, newest, levels, width, k)

@@ -56,9 +56,7 @@ class HeadDraft(ModelDraft):
         self.features = decoder.shape.hidden
 
     def catch_up(self, rows, tokens, positions, write_pos, start, tail, kv_len, at, want_logits):
-        B, W = tokens.shape
-        feat = self.target_cache.feat
-        prev = feat[0, rows, 0].gather(1, (positions - 1).clamp(min=0)[..., None].expand(B, W, feat.shape[-1]))
+        prev = self.target_cache.features_at(rows, (positions - 1).clamp(min=0))
         prev = prev * (positions > 0)[..., None]  # [B, W, H]
         out = self.decoder.forward(tokens, positions, self.cache, rows, write_pos=write_pos, prefix=start, tail=tail,
                                    kv_len=kv_len, logits_at=at, want_logits=want_logits, feats=prev,

@@ -1,0 +1,91 @@
+"""What a row's K/V costs, in the cache's own terms: `DenseMemory` (a slot is a whole row of max_len columns, so
+only slots count) or `PagedMemory` (blocks from a pool: a sample holds blocks for the positions it has, a request
+group shares its prompt's full blocks, and a step's tree scratch lives in a row's tail blocks). `Slots` asks the
+same questions of either: can this request come in, cover this row's positions, how many tree nodes fit."""
+from __future__ import annotations
+
+from drafting.runtime.blocks import BlockPool
+
+
+class DenseMemory:
+    """Every slot owns max_len + scratch columns: admission is by slots alone."""
+
+    sharing = False
+
+    def __init__(self, scratch: int):
+        self.scratch = scratch
+
+    def admit_cost(self, prompt_len: int, shared: bool) -> int:
+        return 0
+
+    def affordable(self, blocks: int, reserve: bool = True) -> bool:
+        return True
+
+    def claim(self, row: int, positions: int) -> bool:
+        return True
+
+    def node_cap(self, rows_n, want: int) -> int:
+        return self.scratch - 1
+
+    def release(self, row: int) -> None:
+        pass
+
+    def move(self, src: int, dst: int) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+class PagedMemory:
+    """Rows' positions in blocks of `pool`, for the caches that share its table. `watermark`: the share of the pool
+    admission leaves free, so that running samples can grow a while before anything is preempted."""
+
+    sharing = True
+
+    def __init__(self, pool: BlockPool, caches, watermark: float = 0.01):
+        self.pool, self.caches = pool, [c for c in caches if c is not None]
+        self.reserve = max(1, int(watermark * pool.blocks))
+
+    def admit_cost(self, prompt_len: int, shared: bool) -> int:
+        """Blocks a new sample needs for its prompt and its first write (position prompt_len - 1); a sibling of a
+        live prompt only its own copy of the last, partial block."""
+        return 1 if shared else self.pool.blocks_for(prompt_len)
+
+    def affordable(self, blocks: int, reserve: bool = True) -> bool:
+        """Whether `blocks` more leave the reserve free (with nothing running, the reserve is not needed)."""
+        return blocks <= len(self.pool.free) - (self.reserve if reserve else 0)
+
+    def claim(self, row: int, positions: int) -> bool:
+        return self.pool.grow(row, positions)
+
+    def share(self, row: int, holder: int, prompt_len: int) -> None:
+        """Row takes the holder's full prompt blocks (its K/V of positions [0, prompt_len - 1)) and a copy of the
+        block holding the prompt's last positions, where it will write its own tokens (copy-on-write)."""
+        full = (prompt_len - 1) // self.pool.block
+        self.pool.share(row, self.pool.rows[holder][:full])
+        if not self.pool.grow(row, prompt_len):
+            raise RuntimeError("K/V pool: no block for a shared prompt's tail (admission should have counted it)")
+        if (prompt_len - 1) % self.pool.block:
+            src, dst = self.pool.rows[holder][full], self.pool.rows[row][full]
+            for cache in self.caches:
+                cache.copy_block(src, dst)
+
+    def node_cap(self, rows_n, want: int) -> int:
+        """Grow each row (n committed tokens) toward room for `want` tree nodes past n, as the pool allows; the
+        tree nodes every row has room for."""
+        cap = want
+        for row, n in enumerate(rows_n):
+            self.pool.grow(row, int(n) + want) or self.pool.grow(row, int(n) + min(cap, want))
+            cap = min(cap, self.pool.covered(row) - int(n))
+        return max(cap, 0)
+
+    def release(self, row: int) -> None:
+        self.pool.release(row)
+
+    def move(self, src: int, dst: int) -> None:
+        self.pool.move(src, dst)
+
+    def stats(self) -> dict:
+        p = self.pool
+        return {"kv_blocks": p.blocks, "kv_blocks_used": p.used, "kv_blocks_peak": p.peak_used, "kv_block": p.block}
