@@ -73,3 +73,15 @@ def make_room(slots: Slots, want_nodes: int, preempt: Callable[[int], None]) -> 
                                f"{int(slots.h['n'][0])} tokens: give the pool more memory")
         preempt(slots.victim())
     return slots.memory.node_cap(slots.h["n"][:len(slots.live)], want_nodes)
+
+
+def preempt(slots: Slots, caches, row: int, swap_room: int) -> int:
+    """The row's sample out of the pool until it has room: its state and K/V into host memory (without K/V, to be
+    recomputed, when they do not fit `swap_room` bytes), back at the head of the queue. Returns the bytes swapped."""
+    req = slots.live[row]
+    state = sample_io.export_sample(slots, caches, req.request_id)
+    state = state.to_host() if state.nbytes() <= swap_room else state.without_kv()
+    slots.release(row)
+    slots.queue.appendleft(Preempted(req.request_id, req.prompt_token_ids, req.sampling, state))
+    slots.queued_ids.add(req.request_id)
+    return state.nbytes()

@@ -29,7 +29,7 @@ from drafting.runtime.device_stages import DeviceStages, scratch_columns
 from drafting.runtime.graphs import GraphRunner
 from drafting.runtime.kv_cache import KVCache, PagedKVCache
 from drafting.runtime.memory import DenseMemory, PagedMemory
-from drafting.runtime.slots import Preempted, Slots
+from drafting.runtime.slots import Slots
 from drafting.runtime.step import run_step
 from drafting.runtime.timing import StageClock, StepTimer
 from drafting.spec.sampling import derive_seed
@@ -160,16 +160,9 @@ class Engine:
 
     def add(self, request: GenRequest) -> None:
         """Queue a request; it joins the batch at the next step with a free slot."""
-        rid, p, V = request.request_id, request.prompt_token_ids, self.target.shape.vocab_size
-        if rid in self.slots:
-            raise ValueError(f"request {rid!r} is already in this engine")
-        if len(p) == 0:
-            raise ValueError(f"request {rid!r}: empty prompt")
-        if len(p) > self.max_len - 1:
-            raise ValueError(f"request {rid!r}: prompt has {len(p)} tokens, more than max_len - 1 = {self.max_len - 1}")
-        if min(p) < 0 or max(p) >= V:
-            raise ValueError(f"request {rid!r}: prompt token ids must be in [0, {V})")
-        request.sampling.validate(f"request {rid!r} sampling")
+        if request.request_id in self.slots:
+            raise ValueError(f"request {request.request_id!r} is already in this engine")
+        check_request(request, self.max_len, self.target.shape.vocab_size)
         if request.sampling.seed is None:
             request.sampling.seed = int(torch.randint(0, 2**62, (1,)).item())
         self.slots.enqueue(request)
@@ -219,16 +212,7 @@ class Engine:
                 raise RuntimeError(f"request {q.request_id!r} cannot start: the K/V pool "
                                    f"({self.slots.memory.stats()}) has no room for its prompt")
     def _preempt(self, row: int) -> None:
-        """Out of the pool until it has room: the sample's state and K/V to host memory (recomputed instead once
-        the swap space is full), back at the head of the queue."""
-        req = self.slots.live[row]
-        state = self.export_sample(req.request_id)
-        size = state.nbytes()
-        state = state.to_host() if self._swapped + size <= self.swap_bytes else state.without_kv()
-        self._swapped += state.nbytes()
-        self.remove(req.request_id)
-        self.slots.queue.appendleft(Preempted(req.request_id, req.prompt_token_ids, req.sampling, state))
-        self.slots.queued_ids.add(req.request_id)
+        self._swapped += admission.preempt(self.slots, (self.tcache, self.dcache), row, self.swap_bytes - self._swapped)
         self._counts["preemptions"] += 1
 
     # ---- the step ------------------------------------------------------------------------------------------
@@ -364,6 +348,17 @@ def check_args(max_slots: int, max_len: int, adaptive_mode: str, calibration, kv
     if isinstance(calibration, str) and calibration == "auto":
         raise ValueError("calibration='auto' is resolved on first use by drafting.SpeculativeEngine (the "
                          "runtime's Engine takes a Calibration, a file or a resolver)")
+
+
+def check_request(request: GenRequest, max_len: int, vocab: int) -> None:
+    rid, p = request.request_id, request.prompt_token_ids
+    if len(p) == 0:
+        raise ValueError(f"request {rid!r}: empty prompt")
+    if len(p) > max_len - 1:
+        raise ValueError(f"request {rid!r}: prompt has {len(p)} tokens, more than max_len - 1 = {max_len - 1}")
+    if min(p) < 0 or max(p) >= vocab:
+        raise ValueError(f"request {rid!r}: prompt token ids must be in [0, {vocab})")
+    request.sampling.validate(f"request {rid!r} sampling")
 
 
 def check_strategy(s: DraftStrategy, has_draft: bool, vocab: int, scratch: int) -> None:
