@@ -42,16 +42,19 @@ class GenerationInstance:
     def __init__(self, index: int, actor_path: str, draft_path: str, strategy: str, max_slots: int,
                  max_len: int, device: str = "cpu", threads: int = 1, dtype: str = "float32",
                  calibration: str | None = "auto", attention: str = "auto", cuda_graphs: bool = True,
-                 compile: bool = True, profile_budget_s: float | None = None, profile_fallback: str = "none"):
+                 compile: bool = True, profile_budget_s: float | None = None, profile_fallback: str = "none",
+                 kv: dict | None = None):
         """profile_budget_s, profile_fallback: with strategy adaptive, calibration 'auto' and no profile of the
         pair here yet, the engine decodes with the fallback strategy while the pair is profiled (within the
-        budget) between its steps, then switches (`drafting.profile.FirstUse`)."""
+        budget) between its steps, then switches (`drafting.calibrate.first_use.FirstUse`). kv: the engine's K/V
+        cache settings (kv_cache, kv_block, kv_bytes, swap_bytes)."""
         torch.set_num_threads(threads)
         self.index = index
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
         self._engine_args = dict(actor_path=actor_path, draft_path=draft_path, max_len=max_len, dtype=dtype,
                                  calibration=calibration, attention=attention, cuda_graphs=cuda_graphs,
-                                 compile=compile, profile_budget_s=profile_budget_s, profile_fallback=profile_fallback)
+                                 compile=compile, profile_budget_s=profile_budget_s, profile_fallback=profile_fallback,
+                                 kv=kv or {})
         self._start_engine(strategy, max_slots)
         self._lock = threading.Lock()
         self._work = threading.Event()
@@ -83,7 +86,8 @@ class GenerationInstance:
                                         max_slots=max_slots, max_len=a["max_len"], device=self.device,
                                         dtype=getattr(torch, a["dtype"]),
                                         calibration=a["calibration"] if a["draft_path"] else None,
-                                        attention=a["attention"], cuda_graphs=a["cuda_graphs"], compile=a["compile"])
+                                        attention=a["attention"], cuda_graphs=a["cuda_graphs"], compile=a["compile"],
+                                        **a["kv"])
         self._first_use = FirstUse.start(self.engine, strategy, a["profile_fallback"], a["profile_budget_s"],
                                          report=self._say) if first_use else None
         self.weight_version = self.draft_version = 0

@@ -79,6 +79,14 @@ class GenerationConfig:
     attention: str = "auto"  # "auto" | "sdpa" | "triton"
     cuda_graphs: bool = True
     compile: bool = True
+    # K/V memory: "paged" (blocks of kv_block positions from a pool, a sample holding blocks for the tokens it has;
+    # a request group's prompt shared; preemption when the pool runs dry) or "dense" (a row of max_len per slot).
+    # kv_memory_gb: the pool (null: what dense rows would take on CPU, 90% of the memory free after the weights
+    # on a GPU); kv_swap_gb: host memory for preempted samples' K/V (beyond it they are recomputed)
+    kv_cache: str = "paged"
+    kv_block: int = 16
+    kv_memory_gb: typing.Optional[float] = None
+    kv_swap_gb: float = 4.0
 
 
 @dataclass
@@ -189,6 +197,7 @@ _CHOICES = {
     "data.overlong": ("filter", "truncate"),
     "generation.assignment": ("round_robin", "chunk"),
     "generation.attention": ("auto", "sdpa", "triton"),
+    "generation.kv_cache": ("paged", "dense"),
     "trainer.algorithm": ("ppo", "grpo"),
     "trainer.kl_estimator": ("k1", "k2", "k3"),
     "draft.loss": DRAFT_LOSSES,
@@ -282,7 +291,7 @@ def validate(cfg: Config) -> None:
                 "generation.max_new_tokens", "generation.threads_per_instance", "data.max_prompt_len",
                 "trainer.iterations", "trainer.prompts_per_iteration", "trainer.samples_per_prompt",
                 "trainer.world_size", "trainer.micro_batch_size", "trainer.ppo_epochs",
-                "trainer.threads_per_actor", "draft.top_k", "draft.steps", "draft.batch_size"]
+                "trainer.threads_per_actor", "draft.top_k", "draft.steps", "draft.batch_size", "generation.kv_block"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be positive, got {flat[key]}")
@@ -291,13 +300,15 @@ def validate(cfg: Config) -> None:
                     "trainer.kl_coef", "trainer.save_every", "trainer.gpus_per_actor",
                     "trainer.cpus_per_actor", "trainer.clip_eps", "trainer.value_clip", "trainer.eval_every",
                     "trainer.critic_warmup", "trainer.keep_checkpoints", "trainer.max_restarts", "draft.lr",
-                    "draft.vocab_sample"]
+                    "draft.vocab_sample", "generation.kv_swap_gb"]
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must not be negative, got {flat[key]}")
     for key in ("trainer.call_timeout_s", "trainer.sync_timeout_s"):
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be positive, got {flat[key]}")
+    if g.kv_memory_gb is not None and not g.kv_memory_gb > 0:
+        raise ConfigError(f"generation.kv_memory_gb: must be positive (or null), got {g.kv_memory_gb}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
     if not _STRATEGY.match(g.strategy):

@@ -159,11 +159,36 @@ def test_kv_cache_must_fit_the_instance_memory():
     assert (weight_bytes(actor, 1), weight_bytes(draft, 1)) == (8_030_261_248, 1_235_814_400)  # published counts
     assert (kv_bytes_per_position(actor, 2), kv_bytes_per_position(draft, 2)) == (128 * 1024, 32 * 1024)
     gpu = 80 * 10**9
-    check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml"), actor, draft, gpu, "an 80 GB GPU")
+    dense = ["generation.kv_cache=dense"]
+    check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml", dense), actor, draft, gpu, "an 80 GB GPU")
     with pytest.raises(ConfigError) as err:
-        check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml", ["generation.max_slots=256"]), actor, draft, gpu,
-                     "an 80 GB GPU")
+        check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml", dense + ["generation.max_slots=256"]), actor, draft,
+                     gpu, "an 80 GB GPU")
     assert str(err.value) == (
         "generation.max_slots=256 x generation.max_len=3072: K/V 122.5 GiB + weights 17.3 GiB do not fit in "
         "67.1 GiB (90% of 74.5 GiB, an 80 GB GPU); the largest that fit: generation.max_slots=104 at this "
         "max_len, or generation.max_len=1209 at this max_slots")
+
+
+def test_a_paged_pool_reports_its_capacity_and_must_hold_one_sample():
+    """cluster_8b at max_len 16384 on an 80 GB GPU: dense rows hold 19 samples; the paged pool holds the same bytes
+    as tokens, so as many samples of max_len and more as they end short. A pool too small for one sample of
+    max_len is refused, naming the key."""
+    from transformers import LlamaConfig
+
+    from trainer.loop.preflight import check_memory
+
+    actor = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8)
+    draft = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    long = ["generation.max_len=16384", "generation.max_new_tokens=15000", "generation.max_slots=256"]
+    lines = []
+    check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml", long), actor, draft, 80 * 10**9, "an 80 GB GPU",
+                 log=lambda line, **kw: lines.append(line))
+    assert lines == ["K/V pool (paged, blocks of 16): 49.8 GiB (what the weights leave) = 326,341 tokens = 19 samples "
+                     "of max_len 16384, more as they end short (dense rows in the same bytes: 19 slots)"]
+    with pytest.raises(ConfigError, match=r"^generation.kv_memory_gb: the K/V pool \(1.0 GiB, generation.kv_memory_gb\) "
+                                          r"holds 6553 tokens, fewer than one sample of generation.max_len=16384"):
+        check_memory(load_config(CONFIG_DIR / "cluster_8b.yaml", long + ["generation.kv_memory_gb=1"]), actor, draft,
+                     80 * 10**9, "an 80 GB GPU")

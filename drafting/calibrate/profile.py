@@ -28,7 +28,7 @@ import torch
 
 from drafting.policy.calibration import Calibration, key_name
 from drafting.records import GenRequest, SamplingParams
-from drafting.runtime.engine import Engine
+from drafting.runtime.engine import Engine, position_bytes
 from drafting.policy.strategy import DraftStrategy, StepView
 from drafting.spec.tree import DraftTree, top_per_sample
 
@@ -307,7 +307,9 @@ class ProfileRun:
         decoding between the slices."""
         twin = Engine(engine.target, engine.draft, strategy="none", max_slots=engine.max_slots,
                      max_len=engine.max_len, device=engine.device, dtype=engine.dtype,
-                     cuda_graphs=engine.graphs.enabled)
+                     cuda_graphs=engine.graphs.enabled, kv_cache="dense" if engine.pool is None else "paged",
+                     kv_bytes=engine.max_slots * engine.tcache.columns * position_bytes(
+                         engine.target, engine.draft, engine.head, engine.dtype))
         return cls(twin, **kw)
 
     @property

@@ -47,7 +47,7 @@ class Engine:
                  eos_token_id: int | Sequence[int] | None = None, node_log_steps: int = 256,
                  calibration: CalibrationSpec = None, step_log_steps: int = 100000, attention: str = "auto",
                  cuda_graphs: bool = True, compile: bool | None = None, adaptive_mode: str = "auto",
-                 kv_cache: str = "paged", kv_block: int = 16, kv_tokens: int | None = None,
+                 kv_cache: str = "paged", kv_block: int = 16, kv_bytes: int | None = None,
                  swap_bytes: int = 4 << 30):
         """calibration (needed by strategy 'adaptive'): a `Calibration`, a calibration file, or a resolver
         called with this engine ('auto', this pair's cached profile or one made on first use, is resolved by
@@ -56,8 +56,9 @@ class Engine:
         CPU, which stays eager and exact). adaptive_mode: 'host' (per-level decisions from the tree's scores),
         'device' (the step's shape from earlier steps' statistics: no reads inside a step) or 'auto' (device on
         CUDA, host on CPU). kv_cache: 'dense' (a row of max_len per slot) or 'paged' (blocks of kv_block positions
-        from a pool of kv_tokens positions, default what the dense rows hold; preempted samples swap to host memory
-        up to swap_bytes, beyond it they are recomputed when they resume)."""
+        from a pool of kv_bytes for all models' K/V: by default what the dense rows would hold, on CUDA 90% of the
+        memory free after the weights; preempted samples swap to host memory up to swap_bytes, beyond it they are
+        recomputed when they resume)."""
         check_args(max_slots, max_len, adaptive_mode, calibration, kv_cache)
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_len = max_slots, max_len
@@ -73,9 +74,9 @@ class Engine:
         self.head = isinstance(self.draft, HeadDecoder)  # an EAGLE-style head: it reads the target's features
         self.keep_features = False  # with a head: outputs carry the target's features (a head's training data)
         self.scratch = scratch_columns(strategy)
-        columns = max_len + self.scratch + 1  # what a dense row holds, and what a paged pool holds by default
+        columns = max_len + self.scratch + 1  # what a dense row holds
         self.pool = None if kv_cache == "dense" else BlockPool(
-            -(-(kv_tokens or max_slots * columns) // kv_block), kv_block, max_slots, -(-columns // kv_block),
+            pool_positions(self, kv_bytes, columns) // kv_block, kv_block, max_slots, -(-columns // kv_block),
             self.device)
         self.tcache, self.dcache = caches(self.target, self.draft, self.head, max_slots, max_len, self.scratch,
                                           self.device, dtype, self.pool)
@@ -348,6 +349,22 @@ def check_args(max_slots: int, max_len: int, adaptive_mode: str, calibration, kv
     if isinstance(calibration, str) and calibration == "auto":
         raise ValueError("calibration='auto' is resolved on first use by drafting.SpeculativeEngine (the "
                          "runtime's Engine takes a Calibration, a file or a resolver)")
+
+
+def position_bytes(target: LeanDecoder, draft: LeanDecoder | None, head: bool, dtype: torch.dtype) -> int:
+    """K/V bytes of one token position over every model (and the target's feature a draft head reads)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    per = sum(2 * m.shape.layers * m.shape.kv_heads * m.shape.head_dim for m in (target, draft) if m is not None)
+    return size * (per + (target.shape.hidden if head else 0))
+
+
+def pool_positions(engine: "Engine", kv_bytes: int | None, columns: int) -> int:
+    """Token positions a paged pool holds: kv_bytes' worth; by default the dense rows' (on CUDA, 90% of the memory
+    free after the weights, as vLLM's gpu_memory_utilization)."""
+    per = position_bytes(engine.target, engine.draft, engine.head, engine.dtype)
+    if kv_bytes is None and engine.device.type == "cuda":
+        kv_bytes = int(0.9 * torch.cuda.mem_get_info(engine.device)[0])
+    return kv_bytes // per if kv_bytes is not None else engine.max_slots * columns
 
 
 def check_request(request: GenRequest, max_len: int, vocab: int) -> None:

@@ -51,7 +51,7 @@ def preflight(cfg: Config, log=print) -> Checked:
                   else "; adapts online (draft.online)") if adapts_draft(cfg) else ""
         log(f"model.draft: {kind} at {paths.draft}{online}", flush=True)
     if not memory_needs_ray(cfg):
-        check_memory(cfg, actor_config, draft_config, *instance_memory(cfg))
+        check_memory(cfg, actor_config, draft_config, *instance_memory(cfg), log=log)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths.actor)  # what the run uses: the prompts are tokenized again
@@ -279,9 +279,11 @@ def _size(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
-    """The engine preallocates K/V for max_slots x (max_len + scratch + 1) positions (scratch: room for a step's
-    tree nodes), target and draft: with both models' weights it must fit in USABLE of the instance's memory."""
+def check_memory(cfg: Config, actor, draft, memory: int, source: str, log=print) -> None:
+    """Weights and K/V must fit in USABLE of the instance's memory. Dense K/V is max_slots x (max_len + scratch + 1)
+    positions (scratch: room for a step's tree nodes) of target and draft; a paged pool is kv_memory_gb (by default
+    the dense rows' bytes on CPU, what the weights leave on a GPU) and must hold one sample of max_len. Prints the
+    pool's capacity."""
     from drafting.runtime.device_stages import scratch_columns
 
     g = cfg.generation
@@ -290,20 +292,42 @@ def check_memory(cfg: Config, actor, draft, memory: int, source: str) -> None:
     models = [actor] + ([draft] if draft is not None else [])
     weights = sum(weight_bytes(c, dtype_bytes) for c in models)
     per_position = sum(kv_bytes_per_position(c, dtype_bytes) for c in models)
-    kv = g.max_slots * (g.max_len + extra) * per_position
+    dense = g.max_slots * (g.max_len + extra) * per_position
     usable = int(USABLE * memory)
-    if weights + kv <= usable:
-        return
     have = f"{_size(usable)} ({USABLE:.0%} of {_size(memory)}, {source})"
     if weights >= usable:
         raise ConfigError(f"generation.gpus_per_instance: the actor and draft weights ({_size(weights)}) "
                           f"alone exceed one instance's {have}")
+    if g.kv_cache == "paged":
+        return check_pool(g, weights, usable, per_position, extra, dense, have, log)
+    if weights + dense <= usable:
+        return
     room = usable - weights
     slots, length = room // ((g.max_len + extra) * per_position), room // (g.max_slots * per_position) - extra
     raise ConfigError(f"generation.max_slots={g.max_slots} x generation.max_len={g.max_len}: K/V "
-                      f"{_size(kv)} + weights {_size(weights)} do not fit in {have}; "
+                      f"{_size(dense)} + weights {_size(weights)} do not fit in {have}; "
                       f"the largest that fit: generation.max_slots={slots} at this max_len, or "
                       f"generation.max_len={length} at this max_slots")
+
+
+def check_pool(g, weights: int, usable: int, per_position: int, extra: int, dense: int, have: str, log) -> None:
+    """The paged pool's size, that it fits beside the weights and holds one sample of max_len; one line of it."""
+    if g.kv_memory_gb is not None:
+        pool, why = int(g.kv_memory_gb * GiB), "generation.kv_memory_gb"
+    elif g.gpus_per_instance > 0:
+        pool, why = usable - weights, "what the weights leave"
+    else:
+        pool, why = dense, "the dense rows' bytes"
+    if weights + pool > usable:
+        raise ConfigError(f"generation.kv_memory_gb: the K/V pool ({_size(pool)}) + weights {_size(weights)} do not "
+                          f"fit in {have}; at most {_size(usable - weights)}")
+    tokens = pool // per_position
+    if tokens < g.max_len + extra:
+        raise ConfigError(f"generation.kv_memory_gb: the K/V pool ({_size(pool)}, {why}) holds {tokens} tokens, fewer "
+                          f"than one sample of generation.max_len={g.max_len} (+{extra} for a step's tree)")
+    log(f"K/V pool (paged, blocks of {g.kv_block}): {_size(pool)} ({why}) = {tokens:,} tokens = "
+        f"{tokens // (g.max_len + extra)} samples of max_len {g.max_len}, more as they end short "
+        f"(dense rows in the same bytes: {pool // ((g.max_len + extra) * per_position)} slots)", flush=True)
 
 
 def required_resources(cfg: Config) -> dict[str, float]:

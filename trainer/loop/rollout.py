@@ -53,6 +53,13 @@ def balance_totals(report: dict) -> dict:
             "balance/failed_orders": sum(r["outcome"] == "aborted" for r in orders)}
 
 
+def kv_settings(gen: GenerationConfig) -> dict:
+    """The engine's K/V cache arguments from the generation config."""
+    GiB = 1 << 30
+    return {"kv_cache": gen.kv_cache, "kv_block": gen.kv_block, "swap_bytes": int(gen.kv_swap_gb * GiB),
+            "kv_bytes": None if gen.kv_memory_gb is None else int(gen.kv_memory_gb * GiB)}
+
+
 class RolloutFleet:
     def __init__(self, gen: GenerationConfig, actor_path: str, draft_path: str, dtype: str = "float32",
                  balancer: BalancerConfig | None = None, restarts=None, sync_timeout_s: float = 120.0,
@@ -65,7 +72,8 @@ class RolloutFleet:
                                               max_concurrency=8)
         self._make = lambda i: cls.remote(i, actor_path, draft_path, gen.strategy, gen.max_slots, gen.max_len,  # noqa: E731
                                           device, gen.threads_per_instance, dtype, gen.calibration, gen.attention,
-                                          gen.cuda_graphs, gen.compile, gen.profile_budget_s, gen.profile_fallback)
+                                          gen.cuda_graphs, gen.compile, gen.profile_budget_s, gen.profile_fallback,
+                                          kv_settings(gen))
         self.restarts, self.sync_timeout_s, self.timeout_s = restarts, sync_timeout_s, call_timeout_s
         self.instances = [self._make(i) for i in range(gen.num_instances)]
         wait([inst.ping.remote() for inst in self.instances], self.timeout_s, "generation instance start-up")
