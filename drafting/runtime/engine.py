@@ -48,7 +48,7 @@ class Engine:
                  calibration: CalibrationSpec = None, step_log_steps: int = 100000, attention: str = "auto",
                  cuda_graphs: bool = True, compile: bool | None = None, adaptive_mode: str = "auto",
                  kv_cache: str = "paged", kv_block: int = 16, kv_bytes: int | None = None,
-                 swap_bytes: int = 4 << 30):
+                 swap_bytes: int = 4 << 30, share_prompts: bool = True):
         """calibration (needed by strategy 'adaptive'): a `Calibration`, a calibration file, or a resolver
         called with this engine ('auto', this pair's cached profile or one made on first use, is resolved by
         `drafting.SpeculativeEngine`: the runtime never runs the profiler). attention: 'auto' | 'sdpa' | 'triton'.
@@ -58,7 +58,7 @@ class Engine:
         CUDA, host on CPU). kv_cache: 'dense' (a row of max_len per slot) or 'paged' (blocks of kv_block positions
         from a pool of kv_bytes for all models' K/V: by default what the dense rows would hold, on CUDA 90% of the
         memory free after the weights; preempted samples swap to host memory up to swap_bytes, beyond it they are
-        recomputed when they resume)."""
+        recomputed when they resume; share_prompts: a request group's prompt prefilled once, its blocks shared)."""
         check_args(max_slots, max_len, adaptive_mode, calibration, kv_cache)
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_len = max_slots, max_len
@@ -82,7 +82,8 @@ class Engine:
                                           self.device, dtype, self.pool)
         self.stages = Stages(self.target, self.draft, self.tcache, self.dcache, max_slots, max_len, self.scratch,
                              eos_tensor(self.target, eos_token_id, self.device), self.head)
-        memory = DenseMemory(self.scratch) if self.pool is None else PagedMemory(self.pool, (self.tcache, self.dcache))
+        memory = DenseMemory(self.scratch) if self.pool is None else PagedMemory(self.pool, (self.tcache, self.dcache),
+                                                                                 share_prompts)
         self.slots = Slots(self.stages, (self.tcache, self.dcache), max_slots, max_len, memory)
         self.swap_bytes, self._swapped = swap_bytes, 0  # host memory preempted samples' K/V may take
         self.graphs = GraphRunner(self.device, cuda_graphs)

@@ -41,10 +41,8 @@ class PagedMemory:
     """Rows' positions in blocks of `pool`, for the caches that share its table. `watermark`: the share of the pool
     admission leaves free, so that running samples can grow a while before anything is preempted."""
 
-    sharing = True
-
-    def __init__(self, pool: BlockPool, caches, watermark: float = 0.01):
-        self.pool, self.caches = pool, [c for c in caches if c is not None]
+    def __init__(self, pool: BlockPool, caches, sharing: bool = True, watermark: float = 0.01):
+        self.pool, self.caches, self.sharing = pool, [c for c in caches if c is not None], sharing
         self.reserve = max(1, int(watermark * pool.blocks))
 
     def admit_cost(self, prompt_len: int, shared: bool) -> int:
