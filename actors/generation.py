@@ -302,9 +302,12 @@ class GenerationInstance:
         def read() -> InstanceLoad:
             e = self.engine
             samples = [SampleLoad(*row) for row in e.sample_loads()]
+            s = e.stats()
             return InstanceLoad(self.index, len(e.live), len(e.queue), e.max_slots, e.reserved,
                                 sum(s.kv_tokens for s in samples), self._recent_rate(window_s),
-                                self.saturation_live, samples, [q.request_id for q in e.queue])
+                                self.saturation_live, samples, [q.request_id for q in e.queue],
+                                kv_capacity=s.kv_blocks * s.kv_block,
+                                kv_free=(s.kv_blocks - s.kv_blocks_used) * s.kv_block)
 
         return self._at_boundary(read)  # a waiter on the step lock itself can starve behind the loop
 

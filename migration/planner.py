@@ -42,10 +42,24 @@ class InstanceLoad:
     saturation_live: int | None = None  # from the engine's calibration, when it has one
     samples: list[SampleLoad] = field(default_factory=list)  # running samples
     queued_ids: list = field(default_factory=list)  # in admission (FIFO) order
+    kv_capacity: int = 0  # token positions a paged K/V pool holds (0: dense rows, the slots bound the samples)
+    kv_free: int = 0  # of which free now
 
     @property
     def load(self) -> int:
         return self.live + self.queued
+
+    @property
+    def pool_bound(self) -> int | None:
+        """Live samples the paged pool holds at the live ones' mean tokens (None: dense, or nothing live)."""
+        if not self.kv_capacity or not self.live:
+            return None
+        return max(1, self.kv_capacity * self.live // max(self.kv_tokens, 1))
+
+    def room(self, tokens_each: int) -> int:
+        """Samples of `tokens_each` K/V tokens it can take now: free slots, and free pool tokens when paged."""
+        slots = self.max_slots - self.live - self.reserved
+        return slots if not self.kv_capacity else min(slots, self.kv_free // max(tokens_each, 1))
 
 
 @dataclass
@@ -59,14 +73,20 @@ class MigrationOrder:
 
 
 def resolve_threshold(setting: Threshold, load: InstanceLoad) -> tuple[int, str]:
-    """(threshold, where it came from) for one instance. `auto` reads the profiled saturation point (at most
-    max_slots); without a calibration it falls back to half the slots (on this CPU the tiny actor's
-    plain-decoding throughput stops growing near 32 of 64 live samples)."""
+    """(threshold, where it came from) for one instance, in live samples. `auto` reads the profiled saturation
+    point (at most max_slots); without a calibration it falls back to half the slots (on this CPU the tiny actor's
+    plain-decoding throughput stops growing near 32 of 64 live samples). A paged K/V pool bounds it too: a full
+    pool is a full instance, however few its samples. A number is taken as it is."""
     if setting != "auto":
         return int(setting), "configured"
     if load.saturation_live:  # an instance never runs more than max_slots: past that it has saturated anyway
-        return min(int(load.saturation_live), load.max_slots), "profiled saturation point"
-    return max(1, load.max_slots // 2), "default max_slots // 2 (engine has no saturation point)"
+        value, source = min(int(load.saturation_live), load.max_slots), "profiled saturation point"
+    else:
+        value, source = max(1, load.max_slots // 2), "default max_slots // 2 (engine has no saturation point)"
+    bound = load.pool_bound
+    if bound is not None and bound < value:
+        return bound, f"K/V pool occupancy ({load.kv_tokens} of {load.kv_capacity} tokens held by {load.live})"
+    return value, source
 
 
 def rank_running(samples: Iterable[SampleLoad]) -> list[SampleLoad]:
@@ -98,8 +118,9 @@ def plan(loads: Iterable[InstanceLoad], thresholds: Mapping[int, int], now: floa
                f"live (+{dst.reserved} reserved) < threshold {thr[dst.index]} ({dst.tokens_per_s:.0f} tok/s); "
                f"moving {k} evens them out")
         # the back of the queue would start last here; moved into free slots only, they start at once there (a
-        # request queued again at the destination would gain nothing and lose its place in line)
-        free = dst.max_slots - held
+        # request queued again at the destination would gain nothing and lose its place in line); a paged
+        # destination takes what its pool has room for too
+        free = dst.room(src.kv_tokens // max(src.live, 1))
         queued = list(reversed(src.queued_ids))[:min(k, free)]
         if queued:
             orders.append(MigrationOrder(src.index, dst.index, list(queued), why + f" ({len(queued)} queued)",

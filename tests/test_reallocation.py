@@ -2,6 +2,7 @@
 instances whose load balancer moves queued requests and running samples (with their KV, over the instances'
 own gloo group) while they decode: every request comes back once, with exactly the tokens it would have had
 without the balancer, also when an instance dies in the middle of a migration."""
+import dataclasses
 import re
 import threading
 import time
@@ -73,6 +74,17 @@ def test_threshold_auto_reads_the_saturation_point_or_falls_back():
     assert resolve_threshold("auto", load(0, 1, max_slots=16, saturation=20))[0] == 16  # never above the slots
     value, source = resolve_threshold("auto", load(0, 1, max_slots=64))
     assert value == 32 and "max_slots // 2" in source
+
+
+def test_threshold_auto_follows_a_paged_pools_occupancy():
+    """A full pool is a full instance: 4 live samples holding 900 of 1000 pool tokens bound the threshold at 4, below
+    the saturation point; a number keeps meaning live samples; a destination takes what its pool has room for."""
+    full = dataclasses.replace(load(0, 4, max_slots=64, saturation=20), kv_tokens=900, kv_capacity=1000, kv_free=100)
+    assert resolve_threshold("auto", full) == (4, "K/V pool occupancy (900 of 1000 tokens held by 4)")
+    assert resolve_threshold(12, full) == (12, "configured")
+    roomy = dataclasses.replace(load(0, 4, max_slots=64, saturation=20), kv_tokens=100, kv_capacity=1000, kv_free=900)
+    assert resolve_threshold("auto", roomy) == (20, "profiled saturation point")
+    assert roomy.room(300) == 3 and dataclasses.replace(roomy, kv_capacity=0).room(300) == 60
 
 
 def test_rank_running_skips_samples_with_nothing_left():
