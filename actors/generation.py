@@ -66,6 +66,7 @@ class GenerationInstance:
         self._calls_lock = threading.Lock()
         self._kv_group: CollectiveGroup | None = None
         self._orders: dict = {}
+        self._transferring: set = set()  # (side, order id) whose migrate_in / migrate_out call is running
         self._unconfirmed: set = set()  # imported, the move not yet confirmed: outputs wait in _withheld
         self._withheld: list = []
         self._recent: collections.deque = collections.deque()  # (time, tokens committed by one step)
@@ -344,11 +345,18 @@ class GenerationInstance:
 
     def migrate_in(self, order_id: int) -> TransferRecord:
         """Destination: receive both stages and import; returns which samples landed."""
-        return self._orders["in", order_id].run()
+        self._transferring.add(("in", order_id))
+        try:
+            return self._orders["in", order_id].run()
+        finally:
+            self._transferring.discard(("in", order_id))
 
     def finish_in(self, order_id: int) -> TransferRecord:
-        """Destination: the move is recorded; outputs of the imported samples may leave."""
+        """Destination: the move is recorded; outputs of the imported samples may leave. Slots still reserved (an
+        order whose transfer never ran: its balancer died) are given back."""
         order = self._orders.pop(("in", order_id))
+        if order.held:
+            order._abort(RuntimeError("its balancer died before the transfer"))
         if order.record.request_ids:
             order.confirm()
         ids = set(order.record.request_ids)
@@ -367,7 +375,18 @@ class GenerationInstance:
         order = Emigration(order_id, request_ids, peer, two_stage, self._kv_group, self.engine, self._at_boundary,
                            self._fault)
         self._orders["out", order_id] = order
-        return order.run()
+        self._transferring.add(("out", order_id))
+        try:
+            return order.run()
+        finally:
+            self._transferring.discard(("out", order_id))
+
+    def open_orders(self) -> list[dict]:
+        """The migration orders this instance holds open (each waits for its balancer's verdict): side (in:
+        destination, out: source), order id, state, the samples it imported or froze, and whether its transfer
+        is still running. The fleet settles them itself when their balancer died."""
+        return [{"side": side, "order_id": oid, "state": o.state.value, "request_ids": list(o.record.request_ids),
+                 "transferring": (side, oid) in self._transferring} for (side, oid), o in list(self._orders.items())]
 
     def finish_out(self, order_id: int, moved: list) -> TransferRecord:
         """Source: the verdict. Samples in `moved` live on at the destination; the rest resume here."""

@@ -66,6 +66,8 @@ class LoadBalancer:
         self._stop = threading.Event()
         self._next_order = 0
         self._thresholds: dict[int, tuple[int, str]] = {}  # logged when first resolved or changed
+        self._hold_point: str | None = None  # fault injection: an order stops here (hold_at)
+        self._held = threading.Event()
         self._reset({}, {})
 
     def _reset(self, instances: dict, ranks: dict) -> None:
@@ -110,6 +112,21 @@ class LoadBalancer:
                 if not self._cv.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise RuntimeError(f"load balancer: orders with dead instance {dead} did not settle")
             return list(self._moves)
+
+    def hold_at(self, point: str | None) -> None:
+        """Fault injection for tests: the next running order that reaches `point` ("verdict": both stages done,
+        samples imported at the destination, the move recorded, neither side told) stops there for good, so a test can kill this process with the
+        order open; `held()` says when one is there."""
+        self._hold_point = point
+
+    def held(self) -> bool:
+        return self._held.is_set()
+
+    def _hold(self, point: str) -> None:
+        if point == self._hold_point:
+            self._hold_point = None
+            self._held.set()
+            threading.Event().wait()  # until the process is killed
 
     def report(self) -> dict:
         with self._cv:
@@ -221,6 +238,8 @@ class LoadBalancer:
         got, sent = _get(in_ref), _get(out_ref)  # None: that side died (or its call failed)
         moved = list(got.request_ids) if got is not None else []
         self._record(order, moved)  # before the destination may release their outputs
+        if moved:
+            self._hold("verdict")
         if sent is not None:
             _get(src.finish_out.remote(order.order_id, moved))  # release, or resume what did not move
         if got is not None:

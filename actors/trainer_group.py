@@ -6,6 +6,7 @@ returns a `TrainerGroup` whose `call_*` helpers return Ray object refs (the call
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,12 @@ from trainer.core.deepspeed_backend import DeepSpeedBackend, resolve_dtype
 
 def quiet_deepspeed() -> None:
     """DeepSpeed picks its accelerator on first use and says so (a warning on a CPU machine), which lands in the
-    middle of an iteration's progress bars: pick it now, at the actor's start, without the line."""
+    middle of an iteration's progress bars: pick it now, at the actor's start, without the line. DeepSpeed's own
+    import already picks it, so without a GPU it is named (DS_ACCELERATOR=cpu) before that import."""
     import logging
 
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # picked by name: no auto-detect warning
     from deepspeed.utils import logger
 
     level = logger.level

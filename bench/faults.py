@@ -18,7 +18,7 @@ import ray
 # (role, phase) pairs this module can inject
 PAIRS = [("policy", "update"), ("policy", "weight push"), ("reference", "experience"), ("reward", "experience"),
          ("draft trainer", "update"), ("generation instance", "rollout"), ("generation instance", "evaluation"),
-         ("critic", "update")]
+         ("critic", "update"), ("load balancer", "moving samples")]
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Injector:
     iteration: int | None = None  # the driver's, as its phases start
     phase: str | None = None
     logged: list[tuple[float, int]] = field(default_factory=list)  # (time, step) of each tracked iteration
+    restarts: list[float] = field(default_factory=list)  # time.time() of each restart line
     _restore: list = field(default_factory=list)
 
     def due(self, role: str, phase: str) -> Fault | None:
@@ -68,7 +69,8 @@ def install(faults: list[Fault]) -> Injector:
     """Hook the driver, the trainer groups, stateless calls, the fleet and tracking; returns the injector."""
     from actors.trainer_group import TrainerGroup
     from trainer.loop.driver import Driver
-    from trainer.loop.recovery import Restartable
+    from trainer.loop.recovery import Restartable, Restarts
+    from trainer.loop import rollout
     from trainer.loop.rollout import RolloutFleet
     from trainer.loop.tracking import Tracking
 
@@ -82,6 +84,14 @@ def install(faults: list[Fault]) -> Injector:
                 inj.phase = name
                 if name == "update":
                     inj.driver = self
+                    draft = inj.due("draft trainer", "update") if self.draft is not None else None
+                    if draft is not None:  # killed right after its training call is sent: it dies training
+                        handle, pid = self.draft, pid_of(self.draft)
+                        self.draft = _KillAfterTrain(handle, lambda: inj.kill(draft, pid))
+                        try:
+                            return original(self, *args, **kwargs)
+                        finally:
+                            self.draft = handle
                 return original(self, *args, **kwargs)
             return wrapped
         return make
@@ -114,10 +124,6 @@ def install(faults: list[Fault]) -> Injector:
                 fault = None
                 if method == "update":
                     fault = inj.due(role, "update")
-                    draft = inj.due("draft trainer", "update") if role == "policy" else None
-                    if draft is not None:  # it trains beside the updates: killed while it does
-                        pid = pid_of(inj.driver.draft)
-                        threading.Timer(0.3, inj.kill, (draft, pid)).start()
                 elif method == "broadcast_weights" and role == "policy" and inj.phase == "weight push":
                     fault = inj.due("policy", "weight push")
                 pid = pid_of(self.actors[0]) if fault else None
@@ -148,18 +154,47 @@ def install(faults: list[Fault]) -> Injector:
         def wrapped(self, requests, *args, **kwargs):
             phase_name = "evaluation" if inj.phase == "evaluation" else "rollout"
             fault = inj.due("generation instance", phase_name)
+            done = threading.Event()
             if fault:
                 victim = self.alive[-1]
                 handle, pid = self.instances[victim], pid_of(self.instances[victim])
                 steps0 = ray.get(handle.stats.remote()).steps
 
-                def watch():  # decoding, far from done: a few steps in
-                    while ray.get(handle.stats.remote()).steps < steps0 + 2:
+                def watch():  # decoding, far from done: a few steps in, samples still in its hands
+                    while not done.is_set():
+                        s = ray.get(handle.stats.remote())
+                        if s.steps >= steps0 + 2 and s.live + s.queued > 0:
+                            inj.kill(fault, pid)
+                            return
                         time.sleep(0.01)
-                    inj.kill(fault, pid)
 
                 threading.Thread(target=watch, daemon=True).start()
-            return original(self, requests, *args, **kwargs)
+            balancer = inj.due("load balancer", "moving samples") if phase_name == "rollout" else None
+            split = rollout.assign
+            if balancer is not None and self.balancer_cfg.enabled and len(self.alive) > 1:
+                # this rollout's requests all go to the last instance: the balancer moves running samples
+                # from it at once, while they have most of their tokens to come (the tokens stay the same:
+                # each request has its own seed)
+                rollout.assign = lambda n, workers, *_: [[] for _ in range(workers - 1)] + [list(range(n))]
+                self._ready_balancer()
+                handle, pid = self.balancer, pid_of(self.balancer)
+                ray.get(handle.hold_at.remote("verdict"))  # an order stops with both sides waiting
+
+                def watch_balancer():
+                    while not done.is_set():
+                        if ray.get(handle.held.remote()):
+                            inj.kill(balancer, pid)
+                            return
+                        time.sleep(0.01)
+
+                threading.Thread(target=watch_balancer, daemon=True).start()
+            try:
+                return original(self, requests, *args, **kwargs)
+            finally:
+                done.set()
+                rollout.assign = split
+                if balancer is not None and balancer.killed_at is None and self.balancer is not None:
+                    ray.get(self.balancer.hold_at.remote(None))
         return wrapped
 
     inj.patch(RolloutFleet, "run", fleet_run)
@@ -171,7 +206,36 @@ def install(faults: list[Fault]) -> Injector:
         return wrapped
 
     inj.patch(Tracking, "log", log)
+
+    def take(original):
+        def wrapped(self, *args, **kwargs):
+            inj.restarts.append(time.time())
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    inj.patch(Restarts, "take", take)
     return inj
+
+
+class _KillAfterTrain:
+    """A draft trainer's handle whose `train.remote` calls `after()` once the call is sent."""
+
+    def __init__(self, handle, after):
+        self._handle, self._after = handle, after
+
+    def __getattr__(self, name):
+        method = getattr(self._handle, name)
+        if name != "train":
+            return method
+        outer = self
+
+        class Train:
+            @staticmethod
+            def remote(*args, **kwargs):
+                ref = method.remote(*args, **kwargs)
+                outer._after()
+                return ref
+        return Train
 
 
 def _role_of_group(group) -> str:
@@ -188,6 +252,8 @@ def recovery_seconds(inj: Injector) -> list[dict]:
             rows.append({"role": f.role, "phase": f.phase, "iteration": f.iteration, "killed": False})
             continue
         after = [t for t, _ in inj.logged if t > f.killed_at]
+        restarted = [t for t in inj.restarts if t >= f.killed_at]
         rows.append({"role": f.role, "phase": f.phase, "iteration": f.iteration, "killed": True, "pid": f.pid,
+                     "to_restart_line_s": round(restarted[0] - f.killed_at, 2) if restarted else None,
                      "to_next_iteration_s": round(after[0] - f.killed_at, 2) if after else None})
     return rows

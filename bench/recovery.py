@@ -13,7 +13,10 @@ import time
 GRPO_FAULTS = [("generation instance", "evaluation", 0), ("reference", "experience", 1), ("policy", "update", 1),
                ("generation instance", "rollout", 2), ("reward", "experience", 2), ("draft trainer", "update", 2),
                ("policy", "weight push", 3)]
-PPO_FAULTS = [("critic", "update", 1)]
+PPO_FAULTS = [("load balancer", "moving samples", 0), ("critic", "update", 1)]
+# the balancer on, an instance a destination only when idle: orders move running samples in every rollout
+BALANCED = ["balancer.enabled=true", "balancer.threshold=1", "balancer.interval_s=0.05", "balancer.cooldown_s=0.2",
+            "generation.assignment=chunk"]
 SCORES = ("score/mean", "response/length_mean", "eval/score", "eval/sampled_score")
 
 
@@ -60,17 +63,20 @@ def main(argv: list[str] | None = None) -> None:
         scenario("grpo", common + ["trainer.algorithm=grpo", "trainer.iterations=5", "trainer.save_every=2",
                                    "generation.num_instances=2"], GRPO_FAULTS, args.runs_dir),
         scenario("ppo", common + ["trainer.algorithm=ppo", "trainer.iterations=2", "trainer.save_every=1",
-                                  "generation.num_instances=1", "trainer.critic_warmup=0"], PPO_FAULTS, args.runs_dir),
+                                  "generation.num_instances=2", "trainer.critic_warmup=0", *BALANCED], PPO_FAULTS,
+                 args.runs_dir),
     ]
     report = {"command": "python -m bench.recovery" + (" --quick" if args.quick else ""),
-              "measure": "seconds from the SIGKILL to the next iteration logged after it (a rewind's redone "
+              "measure": "to_restart_line_s: seconds from the SIGKILL to its restart line (the death found and "
+                         "handled); to_next_iteration_s: to the next iteration logged after it (a rewind's redone "
                          "iterations included)", "scenarios": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     for s in results:
         for row in s["faults"]:
-            print(f"{s['scenario']}: {row['role']} during {row['phase']} (iteration {row['iteration']}): "
-                  f"{row.get('to_next_iteration_s')} s; scores identical: {s['scores_identical']}")
+            print(f"{s['scenario']}: {row['role']} during {row['phase']} (iteration {row['iteration']}): restart "
+                  f"line {row.get('to_restart_line_s')} s, next iteration {row.get('to_next_iteration_s')} s; "
+                  f"scores identical: {s['scores_identical']}")
     print(f"wrote {args.out}")
 
 

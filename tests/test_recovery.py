@@ -1,7 +1,7 @@
 """Recovery on the tiny world, a real local Ray cluster and real DeepSpeed: each fault SIGKILLs an actor's worker
 process at a chosen phase (bench/faults.py); the run finishes, ends on exactly the scores and tokens of an
 uninterrupted run, and prints one restart line per death. One GRPO run kills six roles in turn, one PPO run the
-critic: every role with as few runs as the suite's time allows. Also checkpoints that cannot lie (no Ray)."""
+load balancer (an order open) and the critic: every role with as few runs as the suite's time allows. Also checkpoints that cannot lie (no Ray)."""
 import glob
 import json
 import re
@@ -17,6 +17,9 @@ SMALL = ["trainer.prompts_per_iteration=8", "trainer.samples_per_prompt=2", "tra
          "generation.max_slots=16", "tracking.progress=false", "generation.cpus_per_instance=1",
          "trainer.cpus_per_actor=0.5", "generation.strategy=tree:3,2,6", "draft.full_budget=true",
          "data.eval.size=8", "trainer.eval_every=2"]
+# the balancer on, an instance a destination only when idle: orders move running samples in every rollout
+BALANCED = ["balancer.enabled=true", "balancer.threshold=1", "balancer.interval_s=0.05", "balancer.cooldown_s=0.2",
+            "generation.assignment=chunk"]
 EXACT = ("score/mean", "reward/mean", "response/length_mean", "eval/score", "eval/sampled_score")
 CLOSE = ("kl/mean", "loss/policy", "loss/value", "policy/entropy", "draft/loss")
 
@@ -159,19 +162,29 @@ def test_grpo_run_survives_six_roles_killed_in_turn(ray_cluster, tiny_world, tmp
     assert (ckpt / "iter_00004" / "manifest.json").is_file()
 
 
-def test_ppo_critic_killed_in_its_update(ray_cluster, tiny_world, tmp_path, capsys):
+def test_ppo_balancer_killed_moving_samples_then_critic_in_its_update(ray_cluster, tiny_world, tmp_path, capsys):
+    """The balancer dies holding a running-sample order open (both stages done, neither side told): the fleet
+    gives the verdict itself, the rollout finishes, a new balancer takes the next rollout. Then the critic dies
+    in its update and the trainers rewind."""
     from bench.faults import Fault
 
-    common = ["trainer.algorithm=ppo", "trainer.iterations=2", "trainer.save_every=1", "generation.num_instances=1",
-              "tracking.wandb=false", "trainer.critic_warmup=0", "trainer.keep_checkpoints=1"]
+    common = ["trainer.algorithm=ppo", "trainer.iterations=2", "trainer.save_every=1", "generation.num_instances=2",
+              "tracking.wandb=false", "trainer.critic_warmup=0", "trainer.keep_checkpoints=1",
+              *BALANCED]
     straight, straight_tokens, _, _ = run_recorded(tmp_path / "straight", common)
     capsys.readouterr()
-    history, tokens, _, _ = run_recorded(tmp_path / "killed", common, [Fault("critic", "update", 1)])
+    faults = [Fault("load balancer", "moving samples", 0), Fault("critic", "update", 1)]
+    history, tokens, _, _ = run_recorded(tmp_path / "killed", common, faults)
+    assert all(f.killed_at is not None for f in faults), [(f.role, f.phase) for f in faults if not f.killed_at]
     assert_same_run(history, tokens, straight, straight_tokens)
     ckpt = tmp_path / "killed" / "checkpoints"
     lines = restart_lines(capsys.readouterr().out)
-    assert len(lines) == 1 and re.match(rf"restart 1/3: critic rank 0 died \(.+\); the trainers restart from "
-                                        rf"{ckpt}/iter_00001; iteration 1 to redo", lines[0]), lines
+    assert len(lines) == 2, lines
+    assert re.match(r"restart 1/3: load balancer died \(.+\); its [1-9]\d* open orders? settled by the fleet "
+                    r"\(\d+ samples moved, \d+ resumed at their source\); a new balancer from the next rollout on",
+                    lines[0]), lines
+    assert re.match(rf"restart 2/3: critic rank 0 died \(.+\); the trainers restart from {ckpt}/iter_00001; "
+                    rf"iteration 1 to redo", lines[1]), lines
     assert [p.name for p in ckpt.iterdir() if p.name.startswith("iter_")] == ["iter_00002"]  # keep 1
 
 

@@ -134,6 +134,9 @@ class RolloutFleet:
         try:
             with tqdm(total=len(requests), desc="rollout", unit="sample", leave=False, disable=not progress) as bar:
                 while len(outputs) < len(requests):
+                    if balancing and (reason := self._balancer_died()):
+                        self._settle_without_balancer(owner, reason)
+                        balancing = False  # a new balancer from the next rollout on
                     polls = {i: self.instances[i].collect.remote(0.2) for i in self.alive}
                     for i, ref in polls.items():
                         try:
@@ -150,6 +153,66 @@ class RolloutFleet:
         finally:
             self.last_balance = self._stop_balancer() if balancing else {}
         return [outputs[r.request_id] for r in requests]
+
+    def _balancer_died(self) -> str | None:
+        """Ray's reason when the balancer died during this rollout (one ping in flight at a time), else None."""
+        ping = getattr(self, "_balancer_ping", None)
+        if ping is not None:
+            if not ray.wait([ping], timeout=0)[0]:
+                return None
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayActorError as e:
+                self._balancer_ping = None
+                return ray_reason(e)
+        self._balancer_ping = self.balancer.__ray_ready__.remote()
+        return None
+
+    def _settle_without_balancer(self, owner: dict, reason: str) -> None:
+        """The balancer died, maybe with orders open: a source holding frozen samples and reserved slots, a
+        destination holding imported samples whose outputs wait for the verdict. The fleet gives the verdict
+        the balancer would have (a sample moved iff the destination imported it) once both sides' transfers
+        have ended (they fail within the KV timeout without a peer), so each sample lives on in exactly one
+        place; then the ownership record is read back from the instances."""
+        import time
+
+        ray.kill(self.balancer)
+        self.balancer, self._balancer_ping = None, None
+        deadline = time.monotonic() + 4 * self.balancer_cfg.transfer_timeout_s + 60
+        while True:
+            held = dict(zip(self.alive, wait([self.instances[i].open_orders.remote() for i in self.alive],
+                                             self.timeout_s, "open migration orders")))
+            if not any(o["transferring"] for orders in held.values() for o in orders):
+                break
+            if time.monotonic() > deadline:
+                raise RolloutError("migration orders of the dead load balancer did not end")
+            time.sleep(0.05)
+        sides: dict[int, dict] = {}  # order id -> {"in"/"out": (instance, order)}
+        for i, orders in held.items():
+            for o in orders:
+                sides.setdefault(o["order_id"], {})[o["side"]] = (i, o)
+        moved_n = resumed_n = 0
+        for oid, both in sorted(sides.items()):
+            moved = both["in"][1]["request_ids"] if "in" in both else []
+            if "out" in both:
+                src, o = both["out"]
+                wait(self.instances[src].finish_out.remote(oid, moved), self.timeout_s, "migration verdict")
+                resumed_n += len(set(o["request_ids"]) - set(moved))
+            if "in" in both:
+                wait(self.instances[both["in"][0]].finish_in.remote(oid), self.timeout_s, "migration verdict")
+            moved_n += len(moved)
+        loads = wait([self.instances[i].load.remote() for i in self.alive], self.timeout_s, "instance loads")
+        for i, load in zip(self.alive, loads):  # moves the dead balancer confirmed are in here too
+            for rid in [s.request_id for s in load.samples] + list(load.queued_ids):
+                if rid in owner:
+                    owner[rid] = i
+        self._kv_ranks = None  # fresh KV channels with the next balancer
+        then = (f"its {len(sides)} open order{'s' * (len(sides) != 1)} settled by the fleet ({moved_n} samples moved, {resumed_n} resumed "
+                f"at their source); a new balancer from the next rollout on")
+        if self.restarts is not None:
+            self.restarts.take("load balancer", reason, then)
+        else:
+            print(f"load balancer died ({reason}); {then}", flush=True)
 
     def _reassign(self, dead: int, owner: dict, by_id: dict, balancing: bool, reason: str = "") -> None:
         self.alive.remove(dead)
@@ -237,6 +300,7 @@ class RolloutFleet:
             return {}
 
     def _start_balancer(self, auto: bool = True) -> None:
+        self._balancer_ping = None  # a ping of an earlier balancer says nothing about this one
         if self.last_balance.get("quarantined"):
             self._kv_ranks = None  # a transfer failed last time: fresh channels
         self._ready_balancer()
