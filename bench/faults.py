@@ -68,9 +68,9 @@ class Injector:
 def install(faults: list[Fault]) -> Injector:
     """Hook the driver, the trainer groups, stateless calls, the fleet and tracking; returns the injector."""
     from actors.trainer_group import TrainerGroup
+    from trainer.loop import rollout
     from trainer.loop.driver import Driver
     from trainer.loop.recovery import Restartable, Restarts
-    from trainer.loop import rollout
     from trainer.loop.rollout import RolloutFleet
     from trainer.loop.tracking import Tracking
 
