@@ -312,6 +312,7 @@ def section_attention(b: Bench) -> None:
                 cands["sdpa_default_enable_gqa"] = lambda q_, k_, v_: torch.nn.functional.scaled_dot_product_attention(
                     q_, k_[:, :, :cols], v_[:, :, :cols], attn_mask=mask, enable_gqa=True)
                 cands["triton"] = Attention("triton", prefix, tail, T, cols, Hq, Hkv)
+                cands["triton_paged"] = paged_candidate(Attention("triton", prefix, tail, T, cols, Hq, Hkv), k, v, B)
                 if T == 1 and b.left() > 300:  # compiled per shape: two shapes only
                     try:
                         flex = flex_candidate(prefix, tail, B, T, cols, Hq, Hkv)
@@ -333,6 +334,22 @@ def section_attention(b: Bench) -> None:
                 except Exception as e:  # noqa: BLE001 - a candidate that fails is reported, not fatal
                     rows.append({"live": B, "tokens": T, "kernel": name, "error": f"{type(e).__name__}: {e}"[:400]})
     b.res["attention_kernels"] = rows
+
+
+def paged_candidate(attend, k, v, B: int, page: int = 16):
+    """The same rows' K/V scattered over a page pool in shuffled order (the paged cache), read through the page
+    table in place by the Triton kernel: what paging costs the kernel against the dense rows."""
+    Hkv, cols, D = k.shape[1:]
+    per_row = -(-cols // page)
+    g = torch.Generator().manual_seed(B)
+    table = torch.randperm(B * per_row + 1, generator=g)[:B * per_row].view(B, per_row).to(k.device)
+    pools = []
+    for src in (k, v):
+        pool = torch.zeros(B * per_row + 1, page, Hkv, D, device=k.device, dtype=k.dtype)
+        padded = torch.nn.functional.pad(src[:B], (0, 0, 0, per_row * page - cols))  # [B, Hkv, per_row * page, D]
+        pool[table.reshape(-1)] = padded.view(B, Hkv, per_row, page, D).permute(0, 2, 3, 1, 4).reshape(-1, page, Hkv, D)
+        pools.append(pool)
+    return lambda q_, k_, v_: attend(q_, pools[0], pools[1], table=table)
 
 
 def flex_candidate(prefix, tail, B, T, cols, Hq, Hkv):
@@ -398,7 +415,7 @@ class World8B:
         self.vocab = vocab
         self.engine = SpeculativeEngine(self.hf, self.hf_draft, strategy="none", max_slots=max(b.lives),
                                         max_len=b.max_len, device=b.dev, dtype=dt, eos_token_id=None,
-                                        compile=b.args.compile)
+                                        compile=b.args.compile, kv_cache=b.args.kv_cache)
         self.compile_error = None
         if b.args.compile is not False and b.dev.type == "cuda":
             try:  # compile the fused ops once now; if the image's compiler cannot, run eager and say so
@@ -805,6 +822,8 @@ def main(argv=None) -> int:
                     help="the main runs with torch.compile'd norms, RoPE and activations (default: the engine's, on "
                          "for CUDA; the compile section compares both either way)")
     ap.add_argument("--only", default=None, help="comma-separated sections to run (default: all)")
+    ap.add_argument("--kv-cache", default="paged", choices=("paged", "dense"),
+                    help="the 8B world's K/V cache (run the speed section with each, in one call, to compare)")
     ap.add_argument("--plot", default=None, metavar="FILE.json", help="only redraw the PNG and print the table")
     args = ap.parse_args(argv)
     if args.plot:

@@ -106,3 +106,14 @@ def test_an_import_the_pool_cannot_take_is_refused_and_nothing_is_held(models):
     with pytest.raises(RuntimeError, match=r"import_sample 'r': no room in the K/V pool for 40 positions"):
         dst.import_sample(state)
     assert not dst.live and dst.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("strategy", ["none", "tree:3,2,6"])
+def test_the_triton_kernel_reads_pages_through_the_table(models, strategy):
+    """The GPU path's attention (here in Triton's interpreter) over the paged pool in place: HF's tokens."""
+    pytest.importorskip("triton")
+    target, draft = models
+    eng = SpeculativeEngine(target, draft, strategy=strategy, max_slots=3, max_len=48, attention="triton")
+    assert eng.tcache.pages(0, slice(0, 1)) is not None  # paged, no gather on this path
+    outs = eng.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
+    assert [o.token_ids for o in outs] == hf_greedy(target, PROMPTS, 8)

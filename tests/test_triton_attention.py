@@ -110,6 +110,29 @@ def test_query_rows_tiled():
     check(1, 4, 1, T, 16, 64, 64, [20], tail, [1, 3], seed=6)
 
 
+@pytest.mark.parametrize("page", [16, 32])
+def test_paged_pool_read_through_the_page_table(page):
+    """The same rows scattered over a pool of pages in shuffled order (the paged K/V cache): read through the table
+    in place, the result is the dense reference's; pages no row names hold NaN, so a wrong read shows."""
+    gen = torch.Generator().manual_seed(7 + page)
+    B, Hq, Hkv, T, D, P, kv_len = 3, 4, 2, 4, 16, 96, 96
+    tail = ancestor_tail(B, T, 6, gen)
+    q, k, v, _, _, prefix, tail = make_case(B, Hq, Hkv, T, D, P, kv_len, [5, 40, 90], tail, seed=page)
+    ref = tree_attention_reference(q, k, v, prefix, tail, kv_len)
+    per_row = P // page
+    pages = B * per_row + 5  # spare pages: never named by a row
+    order = torch.randperm(pages, generator=gen)[:B * per_row].view(B, per_row)
+    k_pool = torch.full((pages, page, Hkv, D), float("nan"), device=DEV)
+    v_pool = torch.full_like(k_pool, float("nan"))
+    for b in range(B):
+        for j in range(per_row):
+            k_pool[order[b, j]] = k[b, :, j * page:(j + 1) * page].transpose(0, 1)
+            v_pool[order[b, j]] = v[b, :, j * page:(j + 1) * page].transpose(0, 1)
+    for splits in (1, 3):
+        out = tree_attention(q, k_pool, v_pool, prefix, tail, kv_len, splits=splits, table=order.to(DEV))
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"splits={splits}: {m}")
+
+
 def test_auto_splits_from_static_shapes():
     cpu = torch.device("cpu")  # 132 SMs assumed off-GPU
     assert auto_splits(8, 4096, 64, cpu) == 32  # B = 1, 8 KV heads: chunks of 2 blocks

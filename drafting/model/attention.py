@@ -59,12 +59,14 @@ class Attention:
                 mask = mask.repeat(1, 1, self.group, 1)
             self.mask = mask
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q [B, Hq, T, D]; k_cache, v_cache [rows, Hkv, P, D] (this forward's rows of one layer) -> [B, Hq, T, D]."""
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 table: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, Hq, T, D]; k_cache, v_cache [rows, Hkv, P, D] (this forward's rows of one layer) -> [B, Hq, T, D].
+        With `table` (Triton only): one layer's page pool [pages, PAGE, Hkv, D], read through the rows' page table."""
         if self.backend == "triton":
             from drafting.model.triton_attention import tree_attention
 
-            return tree_attention(q, k_cache, v_cache, self.prefix, self.tail, self.kv_len)
+            return tree_attention(q, k_cache, v_cache, self.prefix, self.tail, self.kv_len, table=table)
         keys, vals = k_cache[:, :, :self.kv_len], v_cache[:, :, :self.kv_len]
         if q.device.type != "cuda":
             return F.scaled_dot_product_attention(q, keys, vals, attn_mask=self.mask, enable_gqa=self.group > 1)

@@ -185,7 +185,10 @@ class LeanDecoder:
                 return None  # prefill needs only the cache: the last layer's attention and MLP are unused
             if pack is not None:  # back to [B, T] for attention, zeros in the padding
                 q = q.new_zeros(B * T, *q.shape[1:]).index_copy_(0, pack, q).view(B, T, *q.shape[1:])
-            a = attend(q.transpose(1, 2), *cache.layer(li, rows, kv_len))  # [B, Hq, T, D]
+            # the Triton kernel reads a paged pool through its table in place; SDPA reads the rows' K/V (a view of
+            # dense rows, or the pages gathered)
+            paged = cache.pages(li, rows) if self.attention == "triton" else None
+            a = attend(q.transpose(1, 2), *(paged or cache.layer(li, rows, kv_len)))  # [B, Hq, T, D]
             a = a.transpose(1, 2).reshape(B, T, q_sz)  # a view when the kernel wrote tokens-major
             if pack is not None:
                 a = a.view(B * T, q_sz).index_select(0, pack)  # [N, q_sz]

@@ -53,18 +53,29 @@ if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 @triton.jit
 def _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, hi, pre, n_tail, tail_base,
-                  stride_tt, stride_tu, t, row_ok, qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, HAS_TAIL: tl.constexpr, PREC: tl.constexpr):
+                  stride_tt, stride_tu, t, row_ok, qk_scale, table_base, stride_kpage, stride_vpage,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_TAIL: tl.constexpr,
+                  PREC: tl.constexpr, PAGE: tl.constexpr):
     """One key block [start, start + BLOCK_N) folded into the online softmax (log2 domain).
 
     Unmasked blocks lie wholly inside the shared prefix: plain loads, no mask. Masked blocks (the one straddling
-    prefix[b], the tail, the row's end) mask loads past `hi` and scores by prefix / tail bits."""
+    prefix[b], the tail, the row's end) mask loads past `hi` and scores by prefix / tail bits. PAGE > 0: the
+    cache is a pool of pages of PAGE positions, column c of this row in page table[c // PAGE] at c % PAGE."""
     cols = start + tl.arange(0, BLOCK_N)  # [BN]
     d = tl.arange(0, D)
-    k_ptrs = k_base + cols[:, None] * stride_kn + d[None, :]  # [BN, D]
-    v_ptrs = v_base + cols[:, None] * stride_vn + d[None, :]
+    inside = cols < hi  # never read past the row's end (or this split's chunk)
+    if PAGE > 0:
+        if MASKED:
+            page = tl.load(table_base + cols // PAGE, mask=inside, other=0).to(tl.int64)  # [BN]
+        else:
+            page = tl.load(table_base + cols // PAGE).to(tl.int64)
+        at = cols % PAGE
+        k_ptrs = k_base + page[:, None] * stride_kpage + at[:, None] * stride_kn + d[None, :]  # [BN, D]
+        v_ptrs = v_base + page[:, None] * stride_vpage + at[:, None] * stride_vn + d[None, :]
+    else:
+        k_ptrs = k_base + cols[:, None] * stride_kn + d[None, :]  # [BN, D]
+        v_ptrs = v_base + cols[:, None] * stride_vn + d[None, :]
     if MASKED:
-        inside = cols < hi  # never read past the row's end (or this split's chunk)
         k = tl.load(k_ptrs, mask=inside[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=inside[:, None], other=0.0)
     else:
@@ -91,12 +102,13 @@ def _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start,
 
 @triton.jit
 def _tree_attention_fwd(q_ptr, k_ptr, v_ptr, prefix_ptr, tail_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-                        stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot,
+                        table_ptr, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot,
                         stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_tb, stride_tt, stride_tu,
+                        stride_pb, stride_kpage, stride_vpage,
                         Hq, Hkv, G, T, n_tail, chunk, n_rows, kv_len, qk_scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_TAIL: tl.constexpr,
-                        DIRECT: tl.constexpr, PREC: tl.constexpr):
+                        DIRECT: tl.constexpr, PREC: tl.constexpr, PAGE: tl.constexpr):
     """Grid (M tiles, B * Hkv, splits). Packed query row r = g * T + t is query head hk * G + g at position t.
 
     DIRECT (splits == 1): normalise and write the output. Otherwise write the unnormalised partial state
@@ -119,18 +131,19 @@ def _tree_attention_fwd(q_ptr, k_ptr, v_ptr, prefix_ptr, tail_ptr, out_ptr, part
     k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     tail_base = tail_ptr + b.to(tl.int64) * stride_tb
+    table_base = table_ptr + b.to(tl.int64) * stride_pb  # this row's page table (PAGE > 0)
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(lo, mid, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, hi, pre,
-                                      n_tail, tail_base, stride_tt, stride_tu, t, row_ok, qk_scale,
-                                      D, BLOCK_N, False, HAS_TAIL, PREC)
+                                      n_tail, tail_base, stride_tt, stride_tu, t, row_ok, qk_scale, table_base,
+                                      stride_kpage, stride_vpage, D, BLOCK_N, False, HAS_TAIL, PREC, PAGE)
     for start in range(mid, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, hi, pre,
-                                      n_tail, tail_base, stride_tt, stride_tu, t, row_ok, qk_scale,
-                                      D, BLOCK_N, True, HAS_TAIL, PREC)
+                                      n_tail, tail_base, stride_tt, stride_tu, t, row_ok, qk_scale, table_base,
+                                      stride_kpage, stride_vpage, D, BLOCK_N, True, HAS_TAIL, PREC, PAGE)
 
     row = (b * Hq + h).to(tl.int64) * T + t  # [BM] flat index of (b, h, t) in the [B, Hq, T] output
     if DIRECT:
@@ -197,14 +210,23 @@ def auto_splits(programs: int, kv_len: int, block_n: int, device: torch.device) 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix: torch.Tensor,
                    tail: torch.Tensor | None, kv_len: int, scale: float | None = None,
-                   splits: int | None = None) -> torch.Tensor:
-    """Attention of q [B, Hq, T, D] over rows 0..B-1 of one layer's cache k_cache, v_cache [slots, Hkv, P, D].
+                   splits: int | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [B, Hq, T, D] over rows 0..B-1 of one layer's cache k_cache, v_cache [slots, Hkv, P, D], or,
+    with `table` [B, pages] (row b's page ids), over one layer's page pool k_cache, v_cache [pages, PAGE, Hkv, D]
+    read through the table in place.
 
     Row b's query t sees columns [0, prefix[b]) and column prefix[b] + u iff tail[b, t, u] (tail [B, T, Tt] bool
     or uint8, None = Tt 0; prefix [B] int32 / int64 on q's device). kv_len (static) sizes the split-K chunks and
     caps the columns read; each row reads only its own min(prefix[b] + Tt, kv_len) columns. Returns [B, Hq, T, D] in q's dtype (fp32 accumulation)."""
     B, Hq, T, D = q.shape
-    slots, Hkv, P = k_cache.shape[:3]
+    page = 0
+    if table is not None:  # the pool as [pages, PAGE, Hkv, D]: as the rows' caches of P = pages x PAGE columns
+        page, Hkv = k_cache.shape[1], k_cache.shape[2]
+        slots, P = table.shape[0], table.shape[1] * page
+        k_rows, v_rows = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # strides for head and column
+    else:
+        slots, Hkv, P = k_cache.shape[:3]
+        k_rows, v_rows = k_cache, v_cache
     n_tail = 0 if tail is None else tail.shape[2]
     if D not in HEAD_DIMS or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
         raise ValueError(f"head_dim {D} with cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} is not "
@@ -237,13 +259,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(splits, n_rows, D, device=q.device, dtype=torch.float32)
     _tree_attention_fwd[(m_tiles, B * Hkv, splits)](
-        q, k_cache, v_cache, prefix, tail_t, out, part_m, part_l, part_acc,
+        q, k_cache, v_cache, prefix, tail_t, out, part_m, part_l, part_acc, prefix if table is None else table,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *tail_strides,
+        0 if page else k_rows.stride(0), k_rows.stride(1), k_rows.stride(2),
+        0 if page else v_rows.stride(0), v_rows.stride(1), v_rows.stride(2), *tail_strides,
+        table.stride(0) if page else 0, k_cache.stride(0) if page else 0, v_cache.stride(0) if page else 0,
         Hq, Hkv, G, T, n_tail, chunk, n_rows, kv_len, qk_scale,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_TAIL=has_tail,
-        DIRECT=direct, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DIRECT=direct, PREC="ieee" if q.dtype == torch.float32 else "tf32", PAGE=page,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         _combine_splits[(n_rows,)](part_m, part_l, part_acc, out, n_rows, splits, Hq, T, out.stride(0),

@@ -48,6 +48,10 @@ class KVCache:
         """K and V of one layer for attention: [B, Hkv, kv_len, D] views."""
         return self.k[li, rows, :, :kv_len], self.v[li, rows, :, :kv_len]
 
+    def pages(self, li: int, rows: slice) -> None:
+        """Dense rows have no page table."""
+        return None
+
     def features_at(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
         """Features [B, W, H] at positions pos [B, W] of rows `rows`."""
         f = self.feat[0, rows, 0]  # [B, columns, H]
@@ -145,6 +149,11 @@ class PagedKVCache:
             return g[:, :kv_len].transpose(1, 2)
 
         return gather(self.k), gather(self.v)
+
+    def pages(self, li: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's pools [blocks + 1, block, Hkv, D] and the rows' block tables, for a kernel that reads
+        through the table in place (no gather)."""
+        return self.k[li], self.v[li], self.table[rows]
 
     def features_at(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
         row_idx = torch.arange(rows.start, rows.stop, device=pos.device)[:, None].expand_as(pos)
