@@ -154,6 +154,7 @@ class Emigration:
                 self._stage1()
             self.fault("source:after_stage1")
         except Exception as e:  # noqa: BLE001 - the samples never stopped: nothing to undo
+            self.at_boundary(lambda: self.engine.pin(self.request_ids, False))
             self._set(SourceState.ABORTED)
             self.record.error = f"{type(e).__name__}: {e}"
             return self.record
@@ -173,6 +174,7 @@ class Emigration:
         start both at one position) and send it while the samples keep decoding here."""
         def export() -> tuple[float, dict]:
             t0, out = time.perf_counter(), {}
+            self.engine.pin(self.request_ids)  # a sample being copied is not preempted meanwhile
             for rid in self.request_ids:
                 try:
                     kv = self.engine.export_kv(rid, 0, self.engine.max_len)

@@ -350,7 +350,7 @@ class ProfileRun:
     def _forced(self, shape, B: int, ctx: int, lag: int) -> dict:
         e = self.engine
         with torch.inference_mode():
-            e.rewind(np.full(B, ctx), np.full(B, max(ctx - lag, 1)))
+            e.slots.rewind(np.full(B, ctx), np.full(B, max(ctx - lag, 1)))
             e.set_strategy(ForcedStrategy(False, host=self.host) if shape is PLAIN
                            else ForcedStrategy(True, *shape, host=self.host))
             e.step()

@@ -284,10 +284,6 @@ class Engine:
             self.slots.release(b)
         return outs
 
-    def rewind(self, n: Sequence[int], dlen: Sequence[int]) -> None:
-        """Set the first len(n) live rows' committed and draft lengths (profiling reruns a step at one context)."""
-        self.slots.rewind(n, dlen)
-
     # ---- migration: a sample out, a sample in, slots held for it -------------------------------------------
     @property
     def reserved(self) -> int:
@@ -296,6 +292,10 @@ class Engine:
     def reserve_slots(self, n: int) -> bool:
         """Hold n slots for samples arriving by migration; False (nothing held) if fewer are free."""
         return self.slots.reserve(n)
+
+    def pin(self, request_ids, pinned: bool = True) -> None:
+        """Samples a migration is copying (stage 1): not preempted while others can be."""
+        (self.slots.pinned.update if pinned else self.slots.pinned.difference_update)(request_ids)
 
     def release_slots(self, n: int) -> None:
         """Give back n reserved slots (right before the samples they were held for are imported, or on abort)."""

@@ -37,6 +37,7 @@ class Slots:
         self.stages, self.caches = stages, caches  # caches: (target, draft or None); rows move together
         self.memory = memory
         self.by_prompt: dict[tuple, set] = {}  # a live sample's prompt -> the live requests that hold it
+        self.pinned: set = set()  # live samples a migration is copying: preempted only when nothing else is left
         self.max_slots, self.max_len = max_slots, max_len
         S, L = max_slots, max_len + 1
         self.h = {k: np.zeros(S, dtype=np.int64) for k in HOST_COUNTS}
@@ -112,9 +113,12 @@ class Slots:
         return self.row_of[next(iter(rids))] if rids else None
 
     def victim(self) -> int:
-        """The row to preempt when the pool runs dry: the least progressed sample (the least work to redo)."""
+        """The row to preempt when the pool runs dry: the least progressed sample (the least work to redo), not one
+        a migration is copying unless only those are left."""
         B, h = len(self.live), self.h
-        return int(np.argmin(h["n"][:B] - h["plen"][:B]))
+        progress = (h["n"][:B] - h["plen"][:B]).astype(np.float64)
+        progress[[b for b, q in enumerate(self.live) if q.request_id in self.pinned]] += np.inf
+        return int(np.argmin(progress))
 
     def view(self, node_cap: int) -> StepView:
         B, h = len(self.live), self.h
@@ -211,6 +215,7 @@ class Slots:
         req = self.live[row]
         self._count_params(req.sampling, -1)
         del self.row_of[req.request_id]
+        self.pinned.discard(req.request_id)
         key = tuple(req.prompt_token_ids)
         self.by_prompt[key].discard(req.request_id)
         if not self.by_prompt[key]:
