@@ -50,10 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="8 prompts x 2 samples per iteration (else 32 x 4)")
     ap.add_argument("--out", default="bench/results/recovery.json")
     ap.add_argument("--runs-dir", default="runs/bench-recovery")
+    ap.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
     args = ap.parse_args(argv)
     from trainer.loop.ray_setup import init_ray
 
-    init_ray()
+    # logical CPUs as the test suite's cluster has (8): a run with two instances, the trainers, reference and
+    # reward asks for more than this machine's 2 cores, and they take turns on them
+    init_ray(num_cpus=args.num_cpus)
     size = (["trainer.prompts_per_iteration=8", "trainer.samples_per_prompt=2", "trainer.micro_batch_size=4"]
             if args.quick else ["trainer.prompts_per_iteration=32", "trainer.samples_per_prompt=4"])
     common = size + ["generation.max_slots=16", "tracking.progress=false", "generation.cpus_per_instance=1",
