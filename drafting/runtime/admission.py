@@ -16,14 +16,14 @@ from drafting.spec.sampling import as_int64
 from drafting.spec.stages import Stages
 
 
-def admit(slots: Slots, stages: Stages, caches) -> dict:
+def admit(slots: Slots, stages: Stages, carried) -> dict:
     """Admit what fits; returns the prefill work done (prompt tokens computed, those shared instead), the samples
     resumed and the swap space their K/V gave back."""
     new = sorted(slots.admissible(), key=lambda q: len(q.prompt_token_ids))
     counts = {"prefill_tokens": 0, "shared_tokens": 0, "resumed": 0, "swapped_bytes": 0}
     for q in [q for q in new if isinstance(q, Preempted)]:
         counts["swapped_bytes"] += q.state.nbytes()
-        counts["prefill_tokens"] += resume(slots, stages, caches, q.state)
+        counts["prefill_tokens"] += resume(slots, stages, carried, q.state)
         counts["resumed"] += 1
     leaders, followers, held = [], [], set()
     for q in (q for q in new if not isinstance(q, Preempted)):
@@ -46,11 +46,11 @@ def fresh_sample(q: GenRequest) -> tuple:
     return (q.prompt_token_ids, [], q.sampling, as_int64(q.sampling.seed), (0, 0, 0), None, len(q.prompt_token_ids) - 1)
 
 
-def resume(slots: Slots, stages: Stages, caches, state: SampleState) -> int:
+def resume(slots: Slots, stages: Stages, carried, state: SampleState) -> int:
     """A preempted sample back into a row: its swapped K/V loaded (bitwise as it was), or, swapped without K/V,
     recomputed by a prefill of its prompt and tokens. Returns the tokens recomputed."""
     if state.target_k is not None:
-        sample_io.import_sample(slots, caches, state)
+        sample_io.import_sample(slots, carried, state)
         return 0
     n = len(state.prompt_token_ids) + len(state.token_ids)
     req = GenRequest(state.request_id, list(state.prompt_token_ids), state.sampling)
@@ -75,11 +75,11 @@ def make_room(slots: Slots, want_nodes: int, preempt: Callable[[int], None]) -> 
     return slots.memory.node_cap(slots.h["n"][:len(slots.live)], want_nodes)
 
 
-def preempt(slots: Slots, caches, row: int, swap_room: int) -> int:
+def preempt(slots: Slots, carried, row: int, swap_room: int) -> int:
     """The row's sample out of the pool until it has room: its state and K/V into host memory (without K/V, to be
     recomputed, when they do not fit `swap_room` bytes), back at the head of the queue. Returns the bytes swapped."""
     req = slots.live[row]
-    state = sample_io.export_sample(slots, caches, req.request_id)
+    state = sample_io.export_sample(slots, carried, req.request_id)
     state = state.to_host() if state.nbytes() <= swap_room else state.without_kv()
     slots.release(row)
     slots.queue.appendleft(Preempted(req.request_id, req.prompt_token_ids, req.sampling, state))

@@ -85,6 +85,7 @@ class Engine:
         memory = DenseMemory(self.scratch) if self.pool is None else PagedMemory(self.pool, (self.tcache, self.dcache),
                                                                                  share_prompts)
         self.slots = Slots(self.stages, (self.tcache, self.dcache), max_slots, max_len, memory)
+        self._state = (self.tcache, self.stages.source)  # what a sample's export carries: target K/V, draft state
         self.swap_bytes, self._swapped = swap_bytes, 0  # host memory preempted samples' K/V may take
         self.graphs = GraphRunner(self.device, cuda_graphs)
         self.backend = DeviceStages(self.stages, self.slots, self.graphs)
@@ -206,7 +207,7 @@ class Engine:
         """Move queued requests into free slots (FIFO): preempted samples resume, a request group's prompt is
         prefilled once (`drafting.runtime.admission`)."""
         if self.slots.queue:
-            done = admission.admit(self.slots, self.stages, (self.tcache, self.dcache))
+            done = admission.admit(self.slots, self.stages, self._state)
             self._swapped -= done.pop("swapped_bytes")
             self._counts.update(done)
             if not self.slots.live and self.slots.queue:
@@ -214,7 +215,7 @@ class Engine:
                 raise RuntimeError(f"request {q.request_id!r} cannot start: the K/V pool "
                                    f"({self.slots.memory.stats()}) has no room for its prompt")
     def _preempt(self, row: int) -> None:
-        self._swapped += admission.preempt(self.slots, (self.tcache, self.dcache), row, self.swap_bytes - self._swapped)
+        self._swapped += admission.preempt(self.slots, self._state, row, self.swap_bytes - self._swapped)
         self._counts["preemptions"] += 1
 
     # ---- the step ------------------------------------------------------------------------------------------
@@ -307,13 +308,13 @@ class Engine:
         return self.slots.loads()
 
     def export_kv(self, request_id: Hashable, start: int, end: int) -> KVRange:
-        return sample_io.export_kv(self.slots, (self.tcache, self.dcache), request_id, start, end)
+        return sample_io.export_kv(self.slots, self._state, request_id, start, end)
 
     def export_sample(self, request_id: Hashable, kv_start: int = 0) -> SampleState:
-        return sample_io.export_sample(self.slots, (self.tcache, self.dcache), request_id, kv_start)
+        return sample_io.export_sample(self.slots, self._state, request_id, kv_start)
 
     def import_sample(self, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
-        sample_io.import_sample(self.slots, (self.tcache, self.dcache), state, prefix)
+        sample_io.import_sample(self.slots, self._state, state, prefix)
 
     # ---- stats ---------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:

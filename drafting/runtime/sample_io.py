@@ -12,28 +12,26 @@ from drafting.runtime.slots import Slots
 
 
 @torch.inference_mode()
-def export_kv(slots: Slots, caches, request_id: Hashable, start: int, end: int) -> KVRange:
-    """Copy of a live sample's committed K/V for positions [start, end) (clipped to what is committed)."""
+def export_kv(slots: Slots, carried, request_id: Hashable, start: int, end: int) -> KVRange:
+    """Copy of a live sample's committed K/V for positions [start, end) (clipped to what is committed), with its
+    draft source's state. carried: (the target's K/V cache, the draft source or None)."""
     row = slots.row(request_id)
-    tcache, dcache = caches
+    tcache, source = carried
     tl, dl = int(slots.h["n"][row]) - 1, int(slots.h["dlen"][row])
     if not 0 <= start <= end:
         raise ValueError(f"export_kv {request_id!r}: bad range [{start}, {end})")
     tk, tv = tcache.read(row, start, max(start, min(end, tl)))
-    th = tcache.read_features(row, start, max(start, min(end, tl)))  # a draft head's features
-    dk = dv = None
-    if dcache is not None:
-        dk, dv = dcache.read(row, start, max(start, min(end, dl)))
-    return KVRange(start, tk, tv, dk, dv, th)
+    state = {} if source is None else source.export(row, start, min(end, tl), min(end, dl))
+    return KVRange(start, tk, tv, **state)
 
 
 @torch.inference_mode()
-def export_sample(slots: Slots, caches, request_id: Hashable, kv_start: int = 0) -> SampleState:
+def export_sample(slots: Slots, carried, request_id: Hashable, kv_start: int = 0) -> SampleState:
     """Snapshot of a live sample between steps (K/V from kv_start on); the sample stays until removed."""
     row, h = slots.row(request_id), slots.h
     req = slots.live[row]
     n, plen = int(h["n"][row]), int(h["plen"][row])
-    kv = export_kv(slots, caches, request_id, kv_start, n)
+    kv = export_kv(slots, carried, request_id, kv_start, n)
     toks = slots.h_tokens[row, :n].tolist()
     return SampleState(
         request_id=req.request_id, prompt_token_ids=toks[:plen], token_ids=toks[plen:],
@@ -45,7 +43,7 @@ def export_sample(slots: Slots, caches, request_id: Hashable, kv_start: int = 0)
 
 
 @torch.inference_mode()
-def import_sample(slots: Slots, caches, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
+def import_sample(slots: Slots, carried, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
     """Continue an exported sample here; `prefix` ranges (stage 1 copies) plus the state's own K/V must cover the
     target's committed positions. Draft K/V not covered is recomputed by the draft."""
     rid = state.request_id
@@ -62,7 +60,7 @@ def import_sample(slots: Slots, caches, state: SampleState, prefix: Sequence[KVR
     if not slots.memory.claim(row, n):  # the row's blocks before its K/V land in them
         raise RuntimeError(f"import_sample {rid!r}: no room in the K/V pool for {n} positions")
     try:
-        d_cov = _load(slots, caches, row, state, prefix)
+        d_cov = _load(slots, carried, row, state, prefix)
     except Exception:
         slots.memory.release(row)
         raise
@@ -72,9 +70,9 @@ def import_sample(slots: Slots, caches, state: SampleState, prefix: Sequence[KVR
                   state.logprobs, min(d_cov, state.draft_len, n - 1))])
 
 
-def _load(slots: Slots, caches, row: int, state: SampleState, prefix: Sequence[KVRange]) -> int:
+def _load(slots: Slots, carried, row: int, state: SampleState, prefix: Sequence[KVRange]) -> int:
     """The ranges' K/V into the row; returns the draft positions covered from 0."""
-    rid, (tcache, dcache) = state.request_id, caches
+    rid, (tcache, source) = state.request_id, carried
     ranges = list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k, state.draft_v,
                                      state.target_h)]
     covered, d_cov = 0, 0
@@ -82,15 +80,9 @@ def _load(slots: Slots, caches, row: int, state: SampleState, prefix: Sequence[K
         if kr.start > covered:
             raise ValueError(f"import_sample {rid!r}: target KV gap at positions [{covered}, {kr.start})")
         tcache.load(row, kr.start, kr.target_k, kr.target_v)
-        if tcache.has_features:
-            if kr.target_h is None:
-                raise ValueError(f"import_sample {rid!r}: this engine's draft head needs the target's features, "
-                                 f"and the sample came without (from an engine with a draft model?)")
-            tcache.load_features(row, kr.start, kr.target_h)
         covered = max(covered, kr.start + kr.target_k.shape[2])
-        if dcache is not None and kr.draft_k is not None and kr.start <= d_cov:
-            dcache.load(row, kr.start, kr.draft_k, kr.draft_v)
-            d_cov = max(d_cov, kr.start + kr.draft_k.shape[2])
+        if source is not None:
+            d_cov = source.load(row, kr, d_cov, f"import_sample {rid!r}")
     if covered < state.target_len:
         raise ValueError(f"import_sample {rid!r}: target KV covers [0, {covered}), need [0, {state.target_len})")
     return d_cov

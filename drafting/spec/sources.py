@@ -6,6 +6,8 @@ what kind it is:
   children's logits and the nodes' own state.
 Each node of the tree records the source that proposed it (`TreeDrafter.source`).
 
+A source's state travels with a migrated (or preempted) sample: `export` a row's positions, `load` them into a row.
+
 Two sources: `ModelDraft`, a small draft model with its own K/V cache, and `HeadDraft`, an EAGLE-style head that
 also reads the target's features (kept by the target's forwards in its cache) and its own predicted features one
 level down. A source that proposes from token matches, with no forward pass, plugs in the same way."""
@@ -43,6 +45,20 @@ class ModelDraft:
         return self.decoder.forward(tokens, positions, self.cache, slice(0, B), write_pos=write_pos, prefix=prefix,
                                     tail=tail, kv_len=kv_len), None
 
+    def export(self, row: int, start: int, committed: int, seen: int) -> dict:
+        """The row's state from position `start`, as `KVRange` fields: its K/V up to `seen` (the tokens it has
+        caught up on; `committed`: the target's)."""
+        k, v = self.cache.read(row, start, max(start, seen))
+        return {"draft_k": k, "draft_v": v}
+
+    def load(self, row: int, kr, covered: int, what: str) -> int:
+        """A range's state into the row where it continues what is there (`covered` positions from 0); returns
+        the positions covered now."""
+        if kr.draft_k is None or kr.start > covered:
+            return covered
+        self.cache.load(row, kr.start, kr.draft_k, kr.draft_v)
+        return max(covered, kr.start + kr.draft_k.shape[2])
+
 
 class HeadDraft(ModelDraft):
     """An EAGLE-style head: each token reads the target's feature at the position before it (from the target
@@ -66,3 +82,15 @@ class HeadDraft(ModelDraft):
     def expand(self, B, tokens, positions, write_pos, prefix, tail, kv_len, parent_state):
         return self.decoder.forward(tokens, positions, self.cache, slice(0, B), write_pos=write_pos, prefix=prefix,
                                     tail=tail, kv_len=kv_len, feats=parent_state, return_hidden=True)
+
+    def export(self, row, start, committed, seen):
+        """Its K/V and the target's features it reads (up to the target's committed positions)."""
+        return {**super().export(row, start, committed, seen),
+                "target_h": self.target_cache.read_features(row, start, max(start, committed))}
+
+    def load(self, row, kr, covered, what):
+        if kr.target_h is None:
+            raise ValueError(f"{what}: this engine's draft head needs the target's features, and the sample came "
+                             f"without (from an engine with a draft model?)")
+        self.target_cache.load_features(row, kr.start, kr.target_h)
+        return super().load(row, kr, covered, what)
