@@ -203,6 +203,17 @@ class GenerationInstance:
                                  recent_tokens_per_s=self._recent_rate(2.0), saturation_live=self.saturation_live,
                                  step_ms=s.step_ms)
 
+    def kv_summary(self) -> dict:
+        """The K/V memory's work since the last call: preemptions, resumes, prompt tokens prefilled and shared, and
+        the pool's peak occupancy (paged)."""
+        with self._lock:
+            s = self.engine.stats()
+        now = {k: getattr(s, k) for k in ("preemptions", "resumed", "prefill_tokens", "shared_tokens")}
+        last, self._kv_last = getattr(self, "_kv_last", {}), now
+        out = {k: v - last.get(k, 0) for k, v in now.items()}
+        out["kv_peak_frac"] = s.kv_blocks_peak / s.kv_blocks if s.kv_blocks else 0.0
+        return out
+
     def drafting_summary(self) -> dict:
         """What the draft strategy did since the last call (plain steps, nodes, levels, predicted vs realised
         acceptance, selection overhead), and the acceptance predictor's calibration; the log is emptied."""

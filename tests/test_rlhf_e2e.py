@@ -45,6 +45,10 @@ def test_ppo_iterations_two_instances_two_ranks(ray_cluster, tiny_world, tmp_pat
                     "drafting/selection_overhead_frac", "drafting/accepted_per_sample_step"):
             assert math.isfinite(metrics[key]), key
         assert 0.0 <= metrics["drafting/plain_frac"] <= 1.0
+        # the paged K/V memory's work: every prompt token prefilled or shared, no pool ran dry at these sizes
+        assert metrics["rollout/prefill_tokens"] + metrics["rollout/shared_tokens"] > 0
+        assert metrics["rollout/preemptions"] == metrics["rollout/resumed"] == 0
+        assert 0.0 < metrics["rollout/kv_peak_frac"] <= 1.0
     # the draft adapts online (on by default): every push carries a version, the rollouts report theirs
     assert [(m["rollout/weight_version"], m["rollout/draft_version"]) for m in history] == [(0, 0), (1, 1), (2, 2)]
     # iteration 0 is critic warm-up: the critic learns, the policy does not

@@ -181,6 +181,7 @@ class Driver:
             "response/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
             **self.fleet.balance_metrics(),  # migrations, samples moved, bytes, frozen time (balancer on)
             **self.fleet.drafting_metrics(),  # plain steps, nodes, levels, predicted vs realised acceptance
+            **self.fleet.kv_metrics(),  # preemptions, prompt tokens prefilled and shared, pool occupancy
         }
         return rollouts, metrics
 

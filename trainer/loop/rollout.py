@@ -335,6 +335,15 @@ class RolloutFleet:
         return {f"drafting/{k}": sum(s[k] for s in summaries if k in s) / sum(k in s for s in summaries)
                 for k in keys}
 
+    def kv_metrics(self) -> dict:
+        """`rollout/*` of the K/V memory over the instances: preemptions and resumes, prompt tokens prefilled and
+        shared by request groups (summed), and the fullest pool's peak occupancy."""
+        parts = wait([self.instances[i].kv_summary.remote() for i in self.alive], self.timeout_s, "K/V summaries")
+        out = {f"rollout/{k}": sum(p[k] for p in parts) for k in ("preemptions", "resumed", "prefill_tokens",
+                                                                  "shared_tokens")}
+        out["rollout/kv_peak_frac"] = max((p["kv_peak_frac"] for p in parts), default=0.0)
+        return out
+
     def stats(self) -> list:
         return ray.get([self.instances[i].stats.remote() for i in self.alive])
 
