@@ -171,7 +171,8 @@ class Emigration:
 
     def _stage1(self) -> None:
         """Copy each sample's committed KV prefix (target and draft up to the shorter of the two, so stage 2 can
-        start both at one position) and send it while the samples keep decoding here."""
+        start both at one position; whole blocks of a paged cache, its last one still filling) and send it while the
+        samples keep decoding here."""
         def export() -> tuple[float, dict]:
             t0, out = time.perf_counter(), {}
             self.engine.pin(self.request_ids)  # a sample being copied is not preempted meanwhile
@@ -181,6 +182,7 @@ class Emigration:
                 except KeyError:
                     continue  # finished since the plan
                 cut = kv.target_k.shape[2] if kv.draft_k is None else min(kv.target_k.shape[2], kv.draft_k.shape[2])
+                cut -= cut % self.engine.kv_block if self.engine.kv_block else 0  # whole blocks; the tail in stage 2
                 trim = lambda t: None if t is None else t[:, :, :cut]  # noqa: E731
                 out[rid] = KVRange(0, *(trim(getattr(kv, f)) for f in _KV_FIELDS))
             return t0, out

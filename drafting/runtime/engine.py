@@ -184,15 +184,7 @@ class Engine:
                  ) -> list[GenOutput]:
         """Run prompts to completion; outputs in prompt order. One shared SamplingParams with a seed gives each
         prompt its own derived seed (equal prompts then still sample independently)."""
-        sampling = sampling if sampling is not None else SamplingParams()
-        if isinstance(sampling, SamplingParams):
-            params = [SamplingParams(**{**vars(sampling),
-                                        "seed": None if sampling.seed is None else derive_seed(sampling.seed, i)})
-                      for i in range(len(prompts))]
-        elif len(sampling) != len(prompts):
-            raise ValueError(f"sampling: {len(sampling)} SamplingParams for {len(prompts)} prompts")
-        else:
-            params = [SamplingParams(**vars(s)) for s in sampling]
+        params = per_prompt(sampling if sampling is not None else SamplingParams(), len(prompts))
         self._gen_calls += 1
         ids = [("generate", self._gen_calls, i) for i in range(len(prompts))]
         for rid, p, sp in zip(ids, prompts, params):
@@ -290,6 +282,10 @@ class Engine:
     def reserved(self) -> int:
         return self.slots.reserved
 
+    @property
+    def kv_block(self) -> int:
+        return 0 if self.pool is None else self.pool.block
+
     def reserve_slots(self, n: int) -> bool:
         """Hold n slots for samples arriving by migration; False (nothing held) if fewer are free."""
         return self.slots.reserve(n)
@@ -367,6 +363,16 @@ def pool_positions(engine: "Engine", kv_bytes: int | None, columns: int) -> int:
     if kv_bytes is None and engine.device.type == "cuda":
         kv_bytes = int(0.9 * torch.cuda.mem_get_info(engine.device)[0])
     return kv_bytes // per if kv_bytes is not None else engine.max_slots * columns
+
+
+def per_prompt(sampling: SamplingParams | list[SamplingParams], n: int) -> list[SamplingParams]:
+    """Each prompt's own copy; one shared SamplingParams with a seed gives each its own derived seed."""
+    if isinstance(sampling, SamplingParams):
+        return [SamplingParams(**{**vars(sampling), "seed": None if sampling.seed is None
+                                  else derive_seed(sampling.seed, i)}) for i in range(n)]
+    if len(sampling) != n:
+        raise ValueError(f"sampling: {len(sampling)} SamplingParams for {n} prompts")
+    return [SamplingParams(**vars(s)) for s in sampling]
 
 
 def check_request(request: GenRequest, max_len: int, vocab: int) -> None:
