@@ -155,20 +155,21 @@ def install(faults: list[Fault]) -> Injector:
             phase_name = "evaluation" if inj.phase == "evaluation" else "rollout"
             fault = inj.due("generation instance", phase_name)
             done = threading.Event()
-            if fault:
+            if fault:  # killed right after its share is submitted: it dies holding its samples, decoding
                 victim = self.alive[-1]
                 handle, pid = self.instances[victim], pid_of(self.instances[victim])
-                steps0 = ray.get(handle.stats.remote()).steps
+                fleet = self
 
-                def watch():  # decoding, far from done: a few steps in, samples still in its hands
-                    while not done.is_set():
-                        s = ray.get(handle.stats.remote())
-                        if s.steps >= steps0 + 2 and s.live + s.queued > 0:
-                            inj.kill(fault, pid)
-                            return
-                        time.sleep(0.01)
+                class Submit:
+                    @staticmethod
+                    def remote(*a, **k):
+                        ref = handle.submit.remote(*a, **k)
+                        ray.get(ref, timeout=60)  # queued there (the fleet's wait on it succeeds)
+                        inj.kill(fault, pid)
+                        fleet.instances[victim] = handle  # the fleet's own handle again from here on
+                        return ref
 
-                threading.Thread(target=watch, daemon=True).start()
+                self.instances[victim] = _With(handle, submit=Submit)
             balancer = inj.due("load balancer", "moving samples") if phase_name == "rollout" else None
             split = rollout.assign
             if balancer is not None and self.balancer_cfg.enabled and len(self.alive) > 1:
@@ -177,13 +178,13 @@ def install(faults: list[Fault]) -> Injector:
                 # each request has its own seed)
                 rollout.assign = lambda n, workers, *_: [[] for _ in range(workers - 1)] + [list(range(n))]
                 self._ready_balancer()
-                handle, pid = self.balancer, pid_of(self.balancer)
-                ray.get(handle.hold_at.remote("verdict"))  # an order stops with both sides waiting
+                held, bpid = self.balancer, pid_of(self.balancer)
+                ray.get(held.hold_at.remote("verdict"))  # an order stops with both sides waiting
 
                 def watch_balancer():
                     while not done.is_set():
-                        if ray.get(handle.held.remote()):
-                            inj.kill(balancer, pid)
+                        if ray.get(held.held.remote()):
+                            inj.kill(balancer, bpid)
                             return
                         time.sleep(0.01)
 
@@ -193,6 +194,8 @@ def install(faults: list[Fault]) -> Injector:
             finally:
                 done.set()
                 rollout.assign = split
+                if fault is not None and isinstance(self.instances[victim], _With):  # never submitted to
+                    self.instances[victim] = handle
                 if balancer is not None and balancer.killed_at is None and self.balancer is not None:
                     ray.get(self.balancer.hold_at.remote(None))
         return wrapped
@@ -215,6 +218,16 @@ def install(faults: list[Fault]) -> Injector:
 
     inj.patch(Restarts, "take", take)
     return inj
+
+
+class _With:
+    """An actor handle with some methods replaced."""
+
+    def __init__(self, handle, **methods):
+        self._handle, self._methods = handle, methods
+
+    def __getattr__(self, name):
+        return self._methods.get(name) or getattr(self._handle, name)
 
 
 class _KillAfterTrain:
