@@ -117,6 +117,10 @@ def bad_cases(f):
         ([train, "model.reward=null", "trainer.rm_weight=1"],
          "config error: model.reward: null (no reward model) needs trainer.rm_weight=0, got trainer.rm_weight=1"),
         ([train, "generation.memory_gb=0.04"],
+         "config error: generation.kv_memory_gb: the K/V pool (29.9 MiB, the dense rows' bytes) + weights 24.8 MiB "
+         "do not fit in 36.9 MiB (90% of 41.0 MiB, generation.memory_gb); set generation.kv_memory_gb to at most "
+         "0.0118 (1,454 tokens)"),
+        ([train, "generation.memory_gb=0.04", "generation.kv_cache=dense"],
          "config error: generation.max_slots=16 x generation.max_len=160: K/V 29.9 MiB + weights 24.8 MiB do not "
          "fit in 36.9 MiB (90% of 41.0 MiB, generation.memory_gb); the largest that fit: generation.max_slots=6 at "
          "this max_len, or generation.max_len=25 at this max_slots"),
@@ -125,7 +129,7 @@ def bad_cases(f):
 
 CASES = ["missing file", "missing function", "raises", "not a number", "no ground truth", "no chat template",
          "wrong column type", "gpt2 actor", "draft vocabulary", "prompts too long", "reward null with rm_weight",
-         "kv does not fit"]
+         "kv does not fit", "dense kv does not fit"]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASES)

@@ -226,7 +226,10 @@ def test_destination_dies_between_stages_sample_finishes_on_source(ray_cluster, 
         expected = reference(model_dirs, reqs)
         outs = fleet.run(reqs)
         check_outputs(outs, reqs, expected)
-        assert fleet.alive == [1]
+        # the destination died (it held no sample of its own by then: whether the rollout ended before a poll saw it
+        # is timing, so ask it directly)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(fleet.instances[0].ping.remote(), timeout=30)
         [order] = [r for r in fleet.last_balance["orders"] if r["order"]["kind"] == "running"]
         assert order["outcome"] == "aborted" and order["moved"] == [] and "destination failed" in order["error"]
         frozen = set(order["order"]["request_ids"])

@@ -319,8 +319,9 @@ def check_pool(g, weights: int, usable: int, per_position: int, extra: int, dens
     else:
         pool, why = dense, "the dense rows' bytes"
     if weights + pool > usable:
-        raise ConfigError(f"generation.kv_memory_gb: the K/V pool ({_size(pool)}) + weights {_size(weights)} do not "
-                          f"fit in {have}; at most {_size(usable - weights)}")
+        raise ConfigError(f"generation.kv_memory_gb: the K/V pool ({_size(pool)}, {why}) + weights {_size(weights)} "
+                          f"do not fit in {have}; set generation.kv_memory_gb to at most "
+                          f"{(usable - weights) / GiB:.3g} ({(usable - weights) // per_position:,} tokens)")
     tokens = pool // per_position
     if tokens < g.max_len + extra:
         raise ConfigError(f"generation.kv_memory_gb: the K/V pool ({_size(pool)}, {why}) holds {tokens} tokens, fewer "
