@@ -311,21 +311,26 @@ def plot(series: dict, rows: list[dict], path: Path) -> str:
 
 
 def print_tables(result: dict) -> None:
-    print(f"\n{'max_len':>7} {'cache':<6}{'kv MiB':>8}{'peak live':>10}{'mean live':>10}{'steps':>7}{'tokens':>8}"
-          f"{'tok/s':>8}{'preempt':>8}{'resumed':>8}{'recomp':>8}{'s':>8}")
-    for r in result["runs"]:
-        print(f"{r['max_len']:>7} {r['cache']:<6}{r['kv_bytes'] / 2**20:>8.1f}{r['peak_live']:>10}"
-              f"{r['mean_live']:>10.1f}{r['steps']:>7}{r['tokens']:>8}{r['tokens_per_s']:>8.0f}{r['preemptions']:>8}"
-              f"{r['resumed']:>8}{r['recomputed_tokens']:>8}{r['seconds']:>8.1f}")
+    def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+        """cols: (key, heading, format): a header line, then one line per row."""
+        print("\n" + " ".join(f"{head:>10}" for _, head, _ in cols))
+        for r in rows:
+            print(" ".join(f"{format(r[key], fmt):>10}" for key, _, fmt in cols))
+
+    table([{**r, "kv_mib": r["kv_bytes"] / 2**20} for r in result["runs"]],
+          [("max_len", "max_len", "d"), ("cache", "cache", "s"), ("kv_mib", "kv MiB", ".1f"),
+           ("peak_live", "peak live", "d"), ("mean_live", "mean live", ".1f"), ("steps", "steps", "d"),
+           ("tokens", "tokens", "d"), ("tokens_per_s", "tok/s", ".0f"), ("preemptions", "preempt", "d"),
+           ("resumed", "resumed", "d"), ("recomputed_tokens", "recomp", "d"), ("seconds", "s", ".1f")])
     for max_len, t in result.get("capacity_targets", {}).items():
         print(f"max_len {max_len}: peak live x{t['peak_live_ratio']:.1f} (>= 4: {t['peak_live_4x']}), "
               f"steps dense/paged {t['steps_ratio']:.2f} (fewer: {t['fewer_steps']}), "
               f"tok/s paged/dense {t['tokens_per_s_ratio']:.2f}, tokens match: {t['tokens_match']}")
-    print(f"\n{'workload':<10}{'n':>3}{'prompt':>8}{'prefill sh':>11}{'unsh':>8}{'KV KiB sh':>11}{'unsh':>9}")
-    for r in result["sharing"]:
-        print(f"{r['workload']:<10}{r['group_size']:>3}{r['prompt_tokens_mean']:>8.1f}"
-              f"{r['prefill_tokens_shared']:>11}{r['prefill_tokens_unshared']:>8}"
-              f"{r['prompt_kv_bytes_shared'] / 1024:>11.0f}{r['prompt_kv_bytes_unshared'] / 1024:>9.0f}")
+    table([{**r, "kv_sh": r["prompt_kv_bytes_shared"] / 1024, "kv_unsh": r["prompt_kv_bytes_unshared"] / 1024}
+           for r in result["sharing"]],
+          [("workload", "workload", "s"), ("group_size", "n", "d"), ("prompt_tokens_mean", "prompt", ".1f"),
+           ("prefill_tokens_shared", "prefill sh", "d"), ("prefill_tokens_unshared", "unsh", "d"),
+           ("kv_sh", "KV KiB sh", ".0f"), ("kv_unsh", "unsh", ".0f")])
     for w, t in result.get("sharing_targets", {}).items():
         print(f"{w}: prefill x{t['prefill_ratio']:.3f} (1/n: {t['prefill_one_nth']}), prompt K/V "
               f"x{t['kv_ratio']:.3f} (<= 1/n + a block a sample: {t['kv_within_bound']})")

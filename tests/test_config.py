@@ -47,6 +47,14 @@ def test_cluster_example_is_valid():
     ("trainer.reward_fn=reward", "trainer.reward_fn: 'reward' is not path/to/file.py:function_name"),
     ("trainer.reward_fn=null", "trainer.rm_weight: 0 and no trainer.reward_fn: nothing would score the samples"),
     ("generation.memory_gb=-1", "generation.memory_gb: must be positive or null, got -1.0"),
+    ("generation.kv_cache=blocks", "generation.kv_cache: 'blocks' is not one of paged, dense"),
+    ("generation.kv_block=0", "generation.kv_block: must be positive, got 0"),
+    ("generation.kv_memory_gb=0", "generation.kv_memory_gb: must be positive (or null), got 0.0"),
+    ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints: must not be negative, got -1"),
+    ("trainer.max_restarts=-2", "trainer.max_restarts: must not be negative, got -2"),
+    ("trainer.call_timeout_s=0", "trainer.call_timeout_s: must be positive, got 0.0"),
+    ("trainer.sync_timeout_s=-1", "trainer.sync_timeout_s: must be positive, got -1.0"),
+    ("trainer.max_restarts=many", "trainer.max_restarts: expected int, got str 'many'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

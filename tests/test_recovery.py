@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.schema import ConfigError, load_config
+from configs.schema import load_config
 from trainer.loop.checkpoint import CheckpointManager, damage, write_manifest
 
 SMALL = ["trainer.prompts_per_iteration=8", "trainer.samples_per_prompt=2", "trainer.micro_batch_size=4",
@@ -64,16 +64,8 @@ def test_keep_checkpoints_keeps_the_newest_complete(tmp_path):
     assert [p.name for p in manager.saved()] == ["iter_00004", "iter_00003", "iter_00002"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints: must not be negative, got -1"),
-    ("trainer.max_restarts=-2", "trainer.max_restarts: must not be negative, got -2"),
-    ("trainer.call_timeout_s=0", "trainer.call_timeout_s: must be positive, got 0.0"),
-    ("trainer.sync_timeout_s=-1", "trainer.sync_timeout_s: must be positive, got -1.0"),
-    ("trainer.max_restarts=many", "trainer.max_restarts: expected int, got str 'many'"),
-])
-def test_recovery_config_errors_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, [override])
+def test_restarts_default_to_three():
+    """(Bad recovery settings are among tests/test_config.py's named errors.)"""
     assert load_config(None, []).trainer.max_restarts == 3
 
 
