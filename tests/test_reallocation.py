@@ -221,15 +221,16 @@ def test_balancer_moves_samples_and_outputs_are_unchanged(shared_fleet, model_di
 def test_destination_dies_between_stages_sample_finishes_on_source(ray_cluster, model_dirs, one_thread):
     fleet = make_fleet(model_dirs, BALANCE)
     try:
-        ray.get(fleet.instances[0].crash_at.remote("destination:after_stage1"))
+        destination = fleet.instances[0]
+        ray.get(destination.crash_at.remote("destination:after_stage1"))
         reqs = requests(0.0, short=4, long=4)  # no queue: the only move is a running one
         expected = reference(model_dirs, reqs)
         outs = fleet.run(reqs)
         check_outputs(outs, reqs, expected)
-        # the destination died (it held no sample of its own by then: whether the rollout ended before a poll saw it
-        # is timing, so ask it directly)
+        # the destination died (it held no sample of its own by then: whether the rollout ended before a poll saw it,
+        # and the fleet put a new instance in its place, is timing, so ask the dead one itself)
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(fleet.instances[0].ping.remote(), timeout=30)
+            ray.get(destination.ping.remote(), timeout=30)
         [order] = [r for r in fleet.last_balance["orders"] if r["order"]["kind"] == "running"]
         assert order["outcome"] == "aborted" and order["moved"] == [] and "destination failed" in order["error"]
         frozen = set(order["order"]["request_ids"])
