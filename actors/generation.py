@@ -71,6 +71,7 @@ class GenerationInstance:
         self._withheld: list = []
         self._recent: collections.deque = collections.deque()  # (time, tokens committed by one step)
         self._tokens_seen = 0
+        self._kv_last: dict = {}  # the engine's K/V counts at the last kv_summary
         self._crash_point: str | None = None
         self._slice_s = 0.05  # a profile slice while a rollout runs: as long as the last engine step
         self._loop = threading.Thread(target=self._step_loop, daemon=True, name=f"gen-{index}")
@@ -209,7 +210,7 @@ class GenerationInstance:
         with self._lock:
             s = self.engine.stats()
         now = {k: getattr(s, k) for k in ("preemptions", "resumed", "prefill_tokens", "shared_tokens")}
-        last, self._kv_last = getattr(self, "_kv_last", {}), now
+        last, self._kv_last = self._kv_last, now
         out = {k: v - last.get(k, 0) for k, v in now.items()}
         out["kv_peak_frac"] = s.kv_blocks_peak / s.kv_blocks if s.kv_blocks else 0.0
         return out
@@ -314,12 +315,12 @@ class GenerationInstance:
         def read() -> InstanceLoad:
             e = self.engine
             samples = [SampleLoad(*row) for row in e.sample_loads()]
-            s = e.stats()
+            st = e.stats()
             return InstanceLoad(self.index, len(e.live), len(e.queue), e.max_slots, e.reserved,
                                 sum(s.kv_tokens for s in samples), self._recent_rate(window_s),
                                 self.saturation_live, samples, [q.request_id for q in e.queue],
-                                kv_capacity=s.kv_blocks * s.kv_block,
-                                kv_free=(s.kv_blocks - s.kv_blocks_used) * s.kv_block)
+                                kv_capacity=st.kv_blocks * st.kv_block,
+                                kv_free=(st.kv_blocks - st.kv_blocks_used) * st.kv_block)
 
         return self._at_boundary(read)  # a waiter on the step lock itself can starve behind the loop
 
@@ -367,7 +368,7 @@ class GenerationInstance:
         order whose transfer never ran: its balancer died) are given back."""
         order = self._orders.pop(("in", order_id))
         if order.held:
-            order._abort(RuntimeError("its balancer died before the transfer"))
+            order.abort(RuntimeError("its balancer died before the transfer"))
         if order.record.request_ids:
             order.confirm()
         ids = set(order.record.request_ids)

@@ -282,7 +282,7 @@ class Immigration:
                       for i, m in enumerate(metas)]
             self._set(DestState.STAGE2_RECEIVED)
         except Exception as e:  # noqa: BLE001 - the source resumes its copy; give the slots back
-            self._abort(e)
+            self.abort(e)
             return self.record
 
         def land() -> float:
@@ -297,13 +297,14 @@ class Immigration:
         try:
             self.record.t_resume = self.at_boundary(land)
         except Exception as e:  # noqa: BLE001 - samples imported before the error stay (and count as moved)
-            self._abort(e)
+            self.abort(e)
             return self.record
         self.record.stage2_ms = 1000 * (time.perf_counter() - t0)
         self._set(DestState.IMPORTED)
         return self.record
 
-    def _abort(self, error: Exception) -> None:
+    def abort(self, error: Exception) -> None:
+        """End the order here: the record says why; slots still held go back."""
         self.record.error = f"{type(error).__name__}: {error}"
         if self.held:
             def release() -> None:

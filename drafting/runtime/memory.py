@@ -72,6 +72,8 @@ class PagedMemory:
     def node_cap(self, rows_n, want: int) -> int:
         """Grow each row (n committed tokens) toward room for `want` tree nodes past n, as the pool allows; the
         tree nodes every row has room for."""
+        if want == 0:  # a plain step: its one position per row is claimed already
+            return 0
         cap = want
         for row, n in enumerate(rows_n):
             self.pool.grow(row, int(n) + want) or self.pool.grow(row, int(n) + min(cap, want))

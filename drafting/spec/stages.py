@@ -52,7 +52,7 @@ class Stages:
     def __init__(self, target: LeanDecoder, draft: LeanDecoder | None, tcache: KVCache, dcache: KVCache | None,
                  slots: int, max_len: int, scratch: int, eos: torch.Tensor | None, head: bool):
         self.target, self.draft, self.tcache, self.dcache = target, draft, tcache, dcache
-        self.max_len, self.scratch, self.eos, self.head = max_len, scratch, eos, head
+        self.max_len, self.scratch, self.eos = max_len, scratch, eos
         self.device = dev = target.device
         self.scheme = GumbelScheme()
         self.block = block_size(target.shape.vocab_size)  # noise block of two-level Gumbel-max
