@@ -35,6 +35,11 @@ class GenRequest:
     request_id: Hashable
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # rollout drafts (`drafting.spec.suffix`): samples of one `group` (a GRPO prompt's n samples) draft from each
+    # other's tokens; `history`: earlier rollouts' responses to the same prompt, handed in by the fleet (which
+    # keeps them per prompt id across iterations). Evaluation requests carry neither.
+    group: Hashable | None = None
+    history: list[list[int]] | None = None
 
 
 @dataclass
@@ -89,6 +94,8 @@ class SampleState:
     draft_k: torch.Tensor | None
     draft_v: torch.Tensor | None
     target_h: torch.Tensor | None = None  # [1, 1, target_len - kv_start, H] with a draft head (drafting.head)
+    group: Hashable | None = None  # its request group (rollout drafts)
+    drafts: dict | None = None  # what it drafts from at the destination: its group's documents and history
 
     def _kv(self) -> tuple:
         return tuple(t for t in (self.target_k, self.target_v, self.draft_k, self.draft_v, self.target_h)

@@ -252,12 +252,13 @@ def quality_line(cal: Calibration) -> str:
 @contextmanager
 def _quiet_engine(engine):
     """Profiling must not end a synthetic sample (EOS) nor leave its strategy behind."""
-    saved = engine.strategy, engine.stages.eos
+    saved = getattr(engine, "strategy", None), engine.stages.eos  # (none yet: profiled while it is being built)
     engine.stages.eos = None
     try:
         yield
     finally:
-        engine.set_strategy(saved[0])
+        if saved[0] is not None:
+            engine.set_strategy(saved[0])
         engine.stages.eos = saved[1]
 
 

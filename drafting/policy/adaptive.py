@@ -67,6 +67,7 @@ class AdaptivePolicy(DraftStrategy):
     step), the acceptance predictor, the online corrections of both, and learning from each step."""
 
     kind = "adaptive"
+    has_model = True  # False: no draft model, the rollout chains alone (`drafting.runtime.rollout_drafts`)
 
     def __init__(self, calibration: Calibration, predictor: AcceptancePredictor | None = None, topk: int = 2,
                  widths: tuple[int, ...] = (1, 2, 4), max_depth: int = 8):
@@ -112,6 +113,20 @@ class AdaptivePolicy(DraftStrategy):
         n, t = np.asarray(tokens, dtype=np.float64) / self._B, np.asarray(width, dtype=np.float64)
         c = self._vq
         return np.maximum(c[0] + c[1] * n + c[2] * t + c[3] * n * n + c[4] * n * t + c[5] * t * t, 1e-3)
+
+    def _chain_rate(self, view: StepView) -> float:
+        """Predicted committed tokens per ms of a step that verifies the rows' rollout chains alone (no draft model
+        runs): the best prefix of all chain nodes by predicted path acceptance, as `select` would pick it."""
+        if not view.chains or view.chain_score is None:
+            return 0.0
+        score = view.chain_score
+        B = score.shape[0]
+        order = np.argsort(-score.ravel(), kind="stable")
+        K = int((score > 0).sum())
+        gain = np.concatenate([[0.0], np.cumsum(score.ravel()[order[:K]])]) * self.correction["accepted"]
+        width = 1 + np.concatenate([[0], np.maximum.accumulate(order[:K] % score.shape[1] + 1)])
+        verify = self._verify_ms(B + np.arange(K + 1), width) * self.correction["draft_ms"]
+        return float(((B + gain) / verify)[1:].max()) if K else 0.0
 
     # -- learning --------------------------------------------------------------------------------------------
     def step_done(self, log: dict) -> None:
@@ -160,6 +175,7 @@ class AdaptiveHost(AdaptivePolicy):
         # the tree's path acceptance / own acceptance / depth / sibling rank as numpy (small arrays: cheaper)
         self._score = self._cond = np.zeros((0, 0))
         self._depth = self._rank = np.zeros(0, dtype=np.int64)
+        self._chain = 0  # this step's rollout chain nodes (the tree's first), never expanded
 
     def wants_records(self) -> bool:
         return True
@@ -175,12 +191,22 @@ class AdaptiveHost(AdaptivePolicy):
         corr = self._models(B, ctx)
         plain_rate = B / (self.cal.plain_ms(B, ctx) * corr["plain_ms"])
         c = np.arange(1, CURVE + 1)
-        ms = (self.cal.root_ms(B, 2, ctx) + np.maximum(self._levels - 1, 0) * self.cal.level_ms(B, self._width_used, ctx)
-              + self._verify_ms(B * (1 + c), 1 + c)) * corr["draft_ms"]
-        spec_rate = float(((B + B * corr["accepted"] * np.cumsum(self._curve)) / ms).max())
-        draft = spec_rate > plain_rate or self._plain_run >= PROBE_AFTER
+        spec_rate = 0.0
+        if self.has_model:
+            ms = (self.cal.root_ms(B, 2, ctx)
+                  + np.maximum(self._levels - 1, 0) * self.cal.level_ms(B, self._width_used, ctx)
+                  + self._verify_ms(B * (1 + c), 1 + c)) * corr["draft_ms"]
+            spec_rate = float(((B + B * corr["accepted"] * np.cumsum(self._curve)) / ms).max())
+        chain_rate = self._chain_rate(view)
+        probe = self._plain_run >= PROBE_AFTER
+        draft = max(spec_rate, chain_rate) > plain_rate or probe
         self._plain_run = 0 if draft else self._plain_run + 1
-        self.decision = {"plain_rate": plain_rate, "spec_rate": spec_rate}
+        self.decision = {"plain_rate": plain_rate, "spec_rate": spec_rate, "chain_rate": chain_rate}
+        if draft and (chain_rate > spec_rate or not self.has_model):
+            if not view.chains:
+                return False
+            self._spent_ms = 0.0  # no draft model runs
+            return "chain"
         return draft
 
     def score(self, tree: DraftTree, view: StepView) -> None:
@@ -189,7 +215,9 @@ class AdaptiveHost(AdaptivePolicy):
         done = self._score.shape[1]
         B, N = tree.tokens.shape
         M = N - done
-        depth, rank = _np(tree.depth), _np(tree.rank)
+        D = self._chain = 0 if view.chain_score is None else view.chain_score.shape[1]
+        depth, rank = _np(tree.depth).copy(), _np(tree.rank)
+        depth[:D] = 1  # a chain needs no model level: for planning, its nodes are all at the first
         feats = np.empty((B, M, 6))
         for j, t in enumerate((tree.value, tree.q, tree.margin)):
             feats[..., j] = _np(t)[:, done:]
@@ -202,6 +230,10 @@ class AdaptiveHost(AdaptivePolicy):
             idx = np.arange(done, N) if depth[done] == depth[-1] else done + np.nonzero(depth[done:] == d)[0]
             if d > 1:
                 score[:, idx] *= score[rows, parents[:, idx]]
+        if done == 0 and D:  # the rollout chains, scored by their own predictor (`RolloutDrafts.stage`)
+            score[:, :D] = view.chain_score
+            cond[:, :D] = view.chain_score / np.maximum(np.concatenate([np.ones((B, 1)), view.chain_score[:, :-1]],
+                                                                       1), 1e-9)
         self._score, self._cond, self._depth, self._rank = score, cond, depth, rank
         tree.score.copy_(torch.from_numpy(score))  # into the drafter's buffers: the next level reads them there
         if tree.cond is None:
@@ -233,6 +265,7 @@ class AdaptiveHost(AdaptivePolicy):
         verify = float(self._verify_ms(B + k, width))
         now = (B + gain) / ((self._spent_ms + verify) * corr["draft_ms"])
         newest = self._depth == self._depth[-1]
+        newest[:self._chain] = False  # (chain nodes are never expanded)
         # how much of a frontier node's acceptance its children keep, by sibling rank: the newest level's nodes
         # tell (their 90th percentile: the bound is meant to be reachable, not typical)
         keep = np.zeros(self.topk)
@@ -261,6 +294,8 @@ class AdaptiveHost(AdaptivePolicy):
         return best_w > 0
 
     def select(self, tree: DraftTree, view: StepView) -> torch.Tensor:
+        if self._score.shape[1] != tree.size:  # the rollout chains alone: no level asked for scores yet
+            self.score(tree, view)
         B, N = self._score.shape
         best = self._best_prefix(self._score)
         chosen = np.zeros(B * N, dtype=bool)
@@ -338,6 +373,15 @@ class AdaptiveDevice(AdaptivePolicy):
         B, ctx = self._B, self._ctx = view.live, view.context
         corr = self._models(B, ctx)
         plain_rate = B / (self.cal.plain_ms(B, ctx) * corr["plain_ms"])
+        if not self.has_model:  # the rollout chains alone: verify every row's chain where that beats plain
+            chain_rate = self._chain_rate(view)
+            self.decision = {"plain_rate": plain_rate, "chain_rate": chain_rate}
+            self._shape_used = None
+            if view.chains and (chain_rate > plain_rate or self._plain_run >= PROBE_AFTER):
+                self._plain_run = 0
+                return StepShape(0, 0, view.chain_score.shape[1])
+            self._plain_run += 1
+            return None
         c = np.arange(1, CURVE + 1)
         verify = self._verify_ms(B * (1 + c), 1 + c)  # [C]
         root = self.cal.root_ms(B, max(view.draft_lag, 1), ctx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from drafting.spec.tree import DraftTree, top_per_sample
@@ -24,6 +25,8 @@ class StepView:
     draft_lag: int  # max tokens the draft cache has yet to catch up on
     temperature: torch.Tensor  # [B]
     node_cap: int = 1 << 30  # tree nodes per sample the K/V memory has room for this step
+    chains: int = 0  # live samples with a rollout chain this step (`drafting.runtime.rollout_drafts`)
+    chain_score: np.ndarray | None = None  # [B, chain depth] its nodes' predicted path acceptance (0: no node)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ class DraftStrategy:
 
     def plan_shape(self, view: StepView) -> StepShape | None:
         """The whole step's shape, or None for a plain step (strategies without host decisions)."""
-        return StepShape(self.depth, self.width, self.nodes) if self.depth > 0 else None
+        if self.depth > 0:
+            return StepShape(self.depth, self.width, self.nodes)
+        return StepShape(0, 0, 0) if view.chains else None  # rollout chains alone, where there are any
 
     def score_nodes(self, drafter, B: int, lo: int, hi: int, temperature: torch.Tensor) -> None:
         """On the device, inside a stage: set the score of nodes [lo, hi) of rows 0..B-1 in the drafter's buffers

@@ -53,7 +53,7 @@ def resume(slots: Slots, stages: Stages, carried, state: SampleState) -> int:
         sample_io.import_sample(slots, carried, state)
         return 0
     n = len(state.prompt_token_ids) + len(state.token_ids)
-    req = GenRequest(state.request_id, list(state.prompt_token_ids), state.sampling)
+    req = GenRequest(state.request_id, list(state.prompt_token_ids), state.sampling, group=state.group)
     row0 = slots.place([req], [(state.prompt_token_ids, state.token_ids, state.sampling, state.seed,
                                 (state.steps, state.drafted, state.accepted), state.logprobs, n - 1)])
     stages.prefill(row0, [n - 1])
@@ -80,8 +80,9 @@ def preempt(slots: Slots, carried, row: int, swap_room: int) -> int:
     recomputed, when they do not fit `swap_room` bytes), back at the head of the queue. Returns the bytes swapped."""
     req = slots.live[row]
     state = sample_io.export_sample(slots, carried, req.request_id)
+    state.group = req.group  # (its rollout drafts' documents stay in the engine's index, keyed by its id)
     state = state.to_host() if state.nbytes() <= swap_room else state.without_kv()
     slots.release(row)
-    slots.queue.appendleft(Preempted(req.request_id, req.prompt_token_ids, req.sampling, state))
+    slots.queue.appendleft(Preempted(req.request_id, req.prompt_token_ids, req.sampling, req.group, None, state))
     slots.queued_ids.add(req.request_id)
     return state.nbytes()

@@ -30,6 +30,11 @@ class DeviceStages:
         self.stages, self.slots, self.graphs = stages, slots, graphs
         self.policy: DraftStrategy | None = None
 
+    @property
+    def chain(self) -> int:
+        """Nodes a rollout chain takes at the front of every tree (0: rollout drafts off)."""
+        return self.stages.chain
+
     def _rows(self, B: int) -> tuple[int, bool]:
         """Rows a stage runs over and whether it runs as a graph: graphs cover a bucket of rows."""
         graphed = self.graphs.enabled and not self.policy.host_decisions
@@ -54,7 +59,8 @@ class DeviceStages:
         kv_len = self._kv_len(int((h["dlen"][:B] + W).max()), graphed and fits)
         self.graphs.run(self.stages.root, Bb, W, kv_len, k, self.slots.flags(), self.policy.kind,
                         capturable=graphed and fits)
-        h["dlen"][:B] = h["n"][:B]
+        if k:  # (a rollout chain alone leaves the draft behind, as a plain step does)
+            h["dlen"][:B] = h["n"][:B]
 
     def level(self, view: StepView, size: int, newest: int, levels: int, width: int, k: int) -> None:
         Bb, graphed = self._rows(view.live)
@@ -76,11 +82,16 @@ class DeviceStages:
         """counts: the host's nodes per row (None on the device path: each row verifies its best shape.nodes).
         Returns (tokens a row may emit, the verify's width, nodes verified)."""
         Bb, graphed = self._rows(view.live)
-        host = counts is not None
-        T = 1 + (int(counts.max()) if host else min(shape.nodes, size))
+        host, D = counts is not None, self.stages.chain
+        if host:
+            T = 1 + int(counts.max())
+        elif self.policy.kind == "static":  # its best shape.nodes model nodes and the whole chain
+            T = 1 + min(shape.nodes, size - D) + D
+        else:
+            T = 1 + min(shape.nodes, size)
         # on the device path the verify sees every node slot (the tree's size is on the device), so its graph
         # depends on (rows, width) only, not on the tree's shape
-        depth = levels if host else self.policy.max_depth
+        depth = max(levels if host else self.policy.max_depth, D)
         self.graphs.run(self.stages.verify, Bb, T, size if host else None, depth, self.policy.topk,
                         self._kv_len(view.context - 1 + T, graphed), self.slots.flags(), self.policy.kind,
                         capturable=graphed)

@@ -29,10 +29,12 @@ from drafting.runtime.device_stages import DeviceStages, scratch_columns
 from drafting.runtime.graphs import GraphRunner
 from drafting.runtime.kv_cache import KVCache, PagedKVCache
 from drafting.runtime.memory import DenseMemory, PagedMemory
+from drafting.runtime.rollout_drafts import RolloutDrafts
 from drafting.runtime.slots import Slots
 from drafting.runtime.step import run_step
 from drafting.runtime.timing import StageClock, StepTimer
 from drafting.spec.sampling import derive_seed
+from drafting.spec.suffix import SuffixConfig
 from drafting.spec.stages import MAX_DEPTH, OUT_EXTRA, Stages
 
 FINISH = {1: "stop", 2: "length"}
@@ -48,7 +50,7 @@ class Engine:
                  calibration: CalibrationSpec = None, step_log_steps: int = 100000, attention: str = "auto",
                  cuda_graphs: bool = True, compile: bool | None = None, adaptive_mode: str = "auto",
                  kv_cache: str = "paged", kv_block: int = 16, kv_bytes: int | None = None,
-                 swap_bytes: int = 4 << 30, share_prompts: bool = True):
+                 swap_bytes: int = 4 << 30, share_prompts: bool = True, rollout_drafts: SuffixConfig | None = None):
         """calibration (needed by strategy 'adaptive'): a `Calibration`, a calibration file, or a resolver
         called with this engine ('auto', this pair's cached profile or one made on first use, is resolved by
         `drafting.SpeculativeEngine`: the runtime never runs the profiler). attention: 'auto' | 'sdpa' | 'triton'.
@@ -58,7 +60,11 @@ class Engine:
         CUDA, host on CPU). kv_cache: 'dense' (a row of max_len per slot) or 'paged' (blocks of kv_block positions
         from a pool of kv_bytes for all models' K/V: by default what the dense rows would hold, on CUDA 90% of the
         memory free after the weights; preempted samples swap to host memory up to swap_bytes, beyond it they are
-        recomputed when they resume; share_prompts: a request group's prompt prefilled once, its blocks shared)."""
+        recomputed when they resume; share_prompts: a request group's prompt prefilled once, its blocks shared).
+        rollout_drafts: draft chains from the rollout itself as well (a request's prompt, its group's siblings, the
+        history it brings: `drafting.runtime.rollout_drafts`), verified in the same tree as the draft model's nodes
+        (or alone: with draft=None, strategy 'none' verifies the chains wherever there are any, 'adaptive' where
+        they pay)."""
         check_args(max_slots, max_len, adaptive_mode, calibration, kv_cache)
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_len = max_slots, max_len
@@ -73,7 +79,8 @@ class Engine:
                     m.ops = compiled_ops()
         self.head = isinstance(self.draft, HeadDecoder)  # an EAGLE-style head: it reads the target's features
         self.keep_features = False  # with a head: outputs carry the target's features (a head's training data)
-        self.scratch = scratch_columns(strategy)
+        chain = rollout_drafts.max_depth if rollout_drafts is not None else 0  # nodes a rollout chain takes
+        self.scratch = scratch_columns(strategy) + chain
         columns = max_len + self.scratch + 1  # what a dense row holds
         self.pool = None if kv_cache == "dense" else BlockPool(
             pool_positions(self, kv_bytes, columns) // kv_block, kv_block, max_slots, -(-columns // kv_block),
@@ -81,7 +88,8 @@ class Engine:
         self.tcache, self.dcache = caches(self.target, self.draft, self.head, max_slots, max_len, self.scratch,
                                           self.device, dtype, self.pool)
         self.stages = Stages(self.target, self.draft, self.tcache, self.dcache, max_slots, max_len, self.scratch,
-                             eos_tensor(self.target, eos_token_id, self.device), self.head)
+                             eos_tensor(self.target, eos_token_id, self.device), self.head, chain)
+        self.rollout = None if rollout_drafts is None else RolloutDrafts(rollout_drafts, self.stages)
         memory = DenseMemory(self.scratch) if self.pool is None else PagedMemory(self.pool, (self.tcache, self.dcache),
                                                                                  share_prompts)
         self.slots = Slots(self.stages, (self.tcache, self.dcache), max_slots, max_len, memory)
@@ -104,13 +112,14 @@ class Engine:
     def set_strategy(self, strategy: str | DraftStrategy) -> None:
         """Switch the draft strategy between steps (live samples carry on)."""
         if isinstance(strategy, str) and strategy.strip().lower() == "adaptive":
-            if self.draft is None:
-                raise ValueError("strategy 'adaptive' needs a draft model (draft=None)")
+            if self.draft is None and self.rollout is None:
+                raise ValueError("strategy 'adaptive' needs a draft model or rollout drafts (draft=None)")
             strategy = adaptive(self.load_calibration(), mode=self.adaptive_mode)
+            strategy.has_model = self.draft is not None
         s = parse_strategy(strategy)
-        check_strategy(s, self.draft is not None, self.target.shape.vocab_size, self.scratch)
+        check_strategy(s, self.draft is not None, self.target.shape.vocab_size, self.scratch - self.stages.chain)
         self.strategy = self.stages.policy = self.backend.policy = s
-        if s.max_depth > 0:
+        if s.max_depth > 0 or self.rollout is not None:
             self.stages.ensure_drafter()
 
     @torch.inference_mode()
@@ -169,6 +178,8 @@ class Engine:
         if request.sampling.seed is None:
             request.sampling.seed = int(torch.randint(0, 2**62, (1,)).item())
         self.slots.enqueue(request)
+        if self.rollout is not None:
+            self.rollout.add(request)
 
     def remove(self, request_id: Hashable) -> None:
         """Drop a queued or live request (e.g. after a migration was confirmed); its slot frees at once."""
@@ -178,6 +189,8 @@ class Engine:
             self.slots.dequeue(request_id)
         else:
             raise KeyError(f"request {request_id!r} is not in this engine")
+        if self.rollout is not None:
+            self.rollout.finish(request_id)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None
@@ -220,8 +233,11 @@ class Engine:
             self.admit()
         if not self.slots.live:
             return []
-        want = min(self.strategy.pool, self.scratch - 1) if self.strategy.max_depth else 0
-        view = self.slots.view(admission.make_room(self.slots, want, self._preempt))
+        want = min(self.strategy.pool + self.stages.chain, self.scratch - 1) if self.strategy.max_depth else 0
+        view = self.slots.view(admission.make_room(self.slots, max(want, self.stages.chain), self._preempt))
+        if self.rollout is not None:
+            with timer.host("rollout"):
+                self.rollout.stage(self.slots.live, view)
         timer.log.update({"live": view.live, "ctx": view.context, "lag": view.draft_lag})
         width = run_step(self.backend, self.strategy, view, timer)
         out, lp = self._fetch(view.live, width, timer)  # the step's one device read
@@ -267,6 +283,9 @@ class Engine:
     def _commit_host(self, out: np.ndarray, lp: np.ndarray, W: int, timer: StepTimer) -> list[GenOutput]:
         """The host's side of the commit: mirrors and counts updated, finished samples out and their slots freed."""
         accepted, emitted, finish = self.slots.commit(out, lp, W)
+        if self.rollout is not None:
+            with timer.host("rollout"):
+                self.rollout.commit(self.slots.live, out, W, emitted)
         self._steps, self._sample_steps = self._steps + 1, self._sample_steps + len(out)
         self._accepted, self._tokens = self._accepted + int(accepted.sum()), self._tokens + int(emitted.sum())
         timer.log["accepted"] = int(accepted.sum())
@@ -274,6 +293,8 @@ class Engine:
         keep = self.keep_features and self.head  # a head's training data: the target's features of the sample
         outs = [self.slots.output(b, FINISH[int(finish[b])], self.tcache if keep else None) for b in done]
         for b in sorted(done.tolist(), reverse=True):  # descending: the row moved into a hole is never finished
+            if self.rollout is not None:
+                self.rollout.finish(self.slots.live[b].request_id)
             self.slots.release(b)
         return outs
 
@@ -307,10 +328,20 @@ class Engine:
         return sample_io.export_kv(self.slots, self._state, request_id, start, end)
 
     def export_sample(self, request_id: Hashable, kv_start: int = 0) -> SampleState:
-        return sample_io.export_sample(self.slots, self._state, request_id, kv_start)
+        state = sample_io.export_sample(self.slots, self._state, request_id, kv_start)
+        if self.rollout is not None:  # what it drafts from at the destination: its group's documents
+            state.group, state.drafts = self.slots.live[self.slots.row(request_id)].group, \
+                self.rollout.export(request_id)
+        return state
 
     def import_sample(self, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
         sample_io.import_sample(self.slots, self._state, state, prefix)
+        if self.rollout is not None:
+            self.rollout.load(state)
+
+    def rollout_summary(self) -> dict:
+        """Rollout drafts' counts (`RolloutDrafts.summary`); empty when they are off."""
+        return {} if self.rollout is None else self.rollout.summary()
 
     # ---- stats ---------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:

@@ -65,7 +65,7 @@ def import_sample(slots: Slots, carried, state: SampleState, prefix: Sequence[KV
         slots.memory.release(row)
         raise
     sp = SamplingParams(**vars(state.sampling))
-    slots.place([GenRequest(rid, list(state.prompt_token_ids), sp)],
+    slots.place([GenRequest(rid, list(state.prompt_token_ids), sp, group=state.group)],
                 [(state.prompt_token_ids, state.token_ids, sp, state.seed, (state.steps, state.drafted, state.accepted),
                   state.logprobs, min(d_cov, state.draft_len, n - 1))])
 

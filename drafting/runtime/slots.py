@@ -138,7 +138,7 @@ class Slots:
         """What a step emitted (its one read: tokens [B, W] then the OUT_EXTRA counts, log-probs [B, W]) into the
         host mirrors. Returns (accepted, emitted, finish code) per row."""
         B, h = len(out), self.h
-        drafted, accepted, emitted, finish = (out[:, W + i] for i in range(OUT_EXTRA))
+        drafted, accepted, emitted, finish = (out[:, W + i] for i in range(4))
         rows, j = np.arange(B), np.arange(W)
         pos = np.where(j[None, :] < emitted[:, None], h["n"][:B, None] + j, self.max_len)
         self.h_tokens[rows[:, None], pos] = out[:, :W]

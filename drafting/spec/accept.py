@@ -23,10 +23,22 @@ class Acceptance:
     on_path: torch.Tensor  # [B, T] bool: node accepted (the root always)
 
 
-def walk(vt: VerifyTree, target: torch.Tensor, max_depth: int) -> Acceptance:
-    """target [B, T]: the target's token at every verify node. Pure indexing, one loop over depth."""
+def walk(vt: VerifyTree, target: torch.Tensor, max_depth: int, longest: bool = False) -> Acceptance:
+    """target [B, T]: the target's token at every verify node. Pure indexing, one loop over depth.
+
+    longest: two children of a node may carry the same token (a rollout chain beside the model's branch); any
+    child whose token is the target's is a correct continuation, so follow the one whose accepted run below goes
+    deepest (found bottom-up first, one more loop over depth)."""
     B, T = target.shape
     dev = target.device
+    run = None
+    if longest:
+        K = vt.children.shape[2]
+        ch = vt.children.clamp(min=0).view(B, T * K)
+        hits = (vt.children >= 0) & (vt.tokens.gather(1, ch).view(B, T, K) == target[:, :, None])
+        run = torch.zeros(B, T, dtype=torch.long, device=dev)  # longest accepted run below each node
+        for _ in range(max_depth):
+            run = torch.where(hits, run.gather(1, ch).view(B, T, K) + 1, 0).amax(dim=2)
     bidx = torch.arange(B, device=dev)
     cur = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -39,7 +51,8 @@ def walk(vt: VerifyTree, target: torch.Tensor, max_depth: int) -> Acceptance:
         ch = vt.children[bidx, cur]  # [B, K]
         hit = (ch >= 0) & (vt.tokens.gather(1, ch.clamp(min=0)) == target[bidx, cur][:, None])
         moved = active & hit.any(dim=1)  # (no early exit: that would read the device every level)
-        node = ch.gather(1, hit.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+        pick = hit.to(torch.int8) if run is None else torch.where(hit, run.gather(1, ch.clamp(min=0)) + 1, 0)
+        node = ch.gather(1, pick.argmax(dim=1, keepdim=True)).squeeze(1)
         cur = torch.where(moved, node, cur)
         path[:, level] = torch.where(moved, node, path[:, level])
         at[:, level + 1] = cur

@@ -33,7 +33,9 @@ if TYPE_CHECKING:  # passed in: the models and their caches belong to the runtim
     from drafting.runtime.kv_cache import KVCache
 
 MAX_DEPTH = 64  # RoPE table headroom beyond max_len for draft/verify node positions
-OUT_EXTRA = 4  # per-row output columns after the emitted tokens: drafted, accepted, emitted, finish code
+# per-row output columns after the emitted tokens: drafted, accepted, emitted, finish code, then the rollout chain's
+# nodes verified, matched (its leading nodes that equal the target's tokens) and accepted on the emitted path
+OUT_EXTRA = 7
 RECORD_FEATURES = 6  # a verified node's record: path value, own probability, margin, depth, sibling rank, temperature
 
 
@@ -50,8 +52,10 @@ class Stages:
     """The stages and the buffers they work in, for `slots` rows of a target (and optional draft) decoder."""
 
     def __init__(self, target: LeanDecoder, draft: LeanDecoder | None, tcache: KVCache, dcache: KVCache | None,
-                 slots: int, max_len: int, scratch: int, eos: torch.Tensor | None, head: bool):
+                 slots: int, max_len: int, scratch: int, eos: torch.Tensor | None, head: bool, chain: int = 0):
+        """chain: nodes of a rollout draft's chain in every tree (`TreeDrafter.place_chain`; 0: none)."""
         self.target, self.draft, self.tcache, self.dcache = target, draft, tcache, dcache
+        self.chain = chain
         self.max_len, self.scratch, self.eos = max_len, scratch, eos
         self.device = dev = target.device
         self.scheme = GumbelScheme()
@@ -75,6 +79,9 @@ class Stages:
         self.rec_feats = z(S, scratch, RECORD_FEATURES, dt=torch.float32)
         self.rec_pred = z(S, scratch, dt=torch.float32)
         self.rec_acc, self.rec_tested = z(S, scratch, dt=torch.bool), z(S, scratch, dt=torch.bool)
+        # each row's rollout chain for this step, written by the host before the step (`RolloutDrafts.stage`)
+        self.chain_tok, self.chain_score = z(S, max(chain, 1)), z(S, max(chain, 1), dt=torch.float32)
+        self.chain_len = z(S)
         self.make_inert(slice(None))
 
     def to_device(self, x) -> torch.Tensor:
@@ -86,7 +93,7 @@ class Stages:
 
     def ensure_drafter(self) -> None:
         if self.drafter is None:
-            self.drafter = TreeDrafter(self.source, self.slots, self.scratch, self.scheme)
+            self.drafter = TreeDrafter(self.source, self.slots, self.scratch, self.scheme, self.chain, self.device)
 
     def make_inert(self, row: int | slice) -> None:
         """A free row's device state: one committed token and nothing left to generate."""
@@ -108,9 +115,18 @@ class Stages:
         self._write_outputs(tok[:, None], lp[:, None], zero, zero, allowed, finish)
 
     def root(self, B: int, W: int, kv_len: int, k: int, flags: Flags, policy: str) -> None:
-        """The draft's catch-up on up to W pending tokens per row, then the tree's first level (k nodes).
-        policy: the strategy kind whose `score_nodes` runs in here."""
-        r = self.rows
+        """The rows' rollout chains (with a chain), then the draft's catch-up on up to W pending tokens per row
+        and the tree's first level (k nodes; 0: the chain alone). policy: the strategy kind whose `score_nodes`
+        runs in here."""
+        D = self.chain
+        if D:
+            self.drafter.place_chain(B, self.chain_tok[:B], self.chain_score[:B])
+        self.tree_size.fill_(D + k)
+        if k:
+            self._root_level(B, W, kv_len, k, flags)
+
+    def _root_level(self, B: int, W: int, kv_len: int, k: int, flags: Flags) -> None:
+        r, D = self.rows, self.chain
         n, dlen = r["n"][:B], r["dlen"][:B]
         pend_idx = (dlen[:, None] + torch.arange(W, device=self.device)).clamp(max=self.max_len)
         pending = r["tokens"][:B].gather(1, pend_idx)  # [B, W]
@@ -121,8 +137,7 @@ class Stages:
         r["dlen"][:B] = n
         self.drafter.start(B, self._draft_probs(root_logits, B, flags), n, r["seed"][:B], r["greedy"][:B], k,
                            self.block, flags.sampled)
-        self.tree_size.fill_(k)
-        self.policy.score_nodes(self.drafter, B, 0, k, r["temp"][:B])
+        self.policy.score_nodes(self.drafter, B, D, D + k, r["temp"][:B])
 
     def level(self, B: int, size: int, newest: int, level: int, width: int, k: int, kv_len: int, flags: Flags,
               policy: str) -> None:
@@ -141,7 +156,7 @@ class Stages:
         committed columns. size: the tree's nodes, with the host's selection in `chosen`; None: every node slot,
         those past the tree's size (on the device) masked, each row verifying its T - 1 best nodes. depth: the
         deepest level the walk may accept."""
-        r, dev = self.rows, self.device
+        r, dev, D = self.rows, self.device, self.chain
         n = r["n"][:B]
         host = size is not None
         if host:
@@ -150,9 +165,10 @@ class Stages:
             tree = self.drafter.view(B, self.drafter.max_nodes)
             stale = torch.arange(tree.size, device=dev) >= self.tree_size  # slots past this step's tree
             tree.score.masked_fill_(stale, float("-inf"))
-            chosen = close_under_ancestors(tree, top_per_sample(tree.score, T - 1))
+            chosen = self._device_choice(tree, B, T, policy)
         root = r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1)
-        vt = verify_tree(tree, chosen, root, k, width=T)
+        # the root has the chain's first node beside the model's k children
+        vt = verify_tree(tree, chosen, root, k + (1 if D else 0), width=T)
         t = torch.arange(T, device=dev)
         logits = self.target.forward(vt.tokens, (n - 1)[:, None] + vt.depth, self.tcache, slice(0, B),
                                      write_pos=(n - 1)[:, None] + t, prefix=n - 1, tail=vt.mask, kv_len=kv_len,
@@ -170,7 +186,7 @@ class Stages:
         target[rows, nodes] = tok
         node_logp = torch.zeros(B, T, device=dev)
         node_logp[rows, nodes] = lp
-        acc = walk(vt, target, depth)
+        acc = walk(vt, target, depth, longest=D > 0)
         logp = node_logp.gather(1, acc.at)
         n_old = n.clone()
         allowed, finish = self._commit(acc.tokens, acc.count, logp)
@@ -180,7 +196,38 @@ class Stages:
         self.tcache.move_columns(torch.arange(B, device=dev)[:, None], n_old[:, None] - 1 + acc.path, dst)
         self._record(tree, vt, acc)
         self.policy.summarize(tree, vt, acc, r["max_new"][:B] > 0, depth)
-        self._write_outputs(acc.tokens, logp, vt.counts, acc.count - 1, allowed, finish)
+        self._write_outputs(acc.tokens, logp, vt.counts, acc.count - 1, allowed, finish,
+                            self._chain_outcome(vt, target, acc, allowed) if D else None)
+
+    def _device_choice(self, tree, B: int, T: int, policy: str) -> torch.Tensor:
+        """Each row's nodes on the device path: its T - 1 best by score; a static strategy verifies its T - 1 -
+        chain best model nodes and its whole chain. A chain's nodes past the row's chain are never verified."""
+        D = self.chain
+        if not D:
+            return close_under_ancestors(tree, top_per_sample(tree.score, T - 1))
+        j = torch.arange(tree.size, device=self.device)
+        in_chain = j[None, :] < self.chain_len[:B, None]
+        invalid = (j[None, :] < D) & ~in_chain
+        if policy == "static":
+            model = tree.score.masked_fill(j[None, :] < D, float("-inf"))
+            chosen = top_per_sample(model, T - 1 - D) & (j[None, :] >= D) & (model > float("-inf")) | in_chain
+        else:
+            chosen = top_per_sample(tree.score.masked_fill(invalid, float("-inf")), T - 1)
+            chosen &= (tree.score > float("-inf")) & ~invalid
+        return close_under_ancestors(tree, chosen)
+
+    def _chain_outcome(self, vt, target: torch.Tensor, acc, allowed: torch.Tensor) -> torch.Tensor:
+        """[B, 3]: the chain's nodes verified, matched (its leading nodes whose tokens are the target's: chosen nodes
+        sort first, so chain node j is verify index j + 1) and accepted on the emitted path."""
+        D = self.chain
+        T = vt.tokens.shape[1]
+        j = torch.arange(min(D, T - 1), device=self.device)
+        verified = (vt.valid[:, 1:] & (vt.node < D)).sum(1)
+        ok = (vt.tokens[:, 1:1 + j.numel()] == target[:, :j.numel()]) & (j[None, :] < verified[:, None])
+        matched = ok.long().cumprod(1).sum(1)
+        p = torch.arange(acc.path.shape[1], device=self.device)
+        on_path = (acc.path >= 1) & (acc.path <= verified[:, None]) & (p[None, :] < (allowed - 1)[:, None])
+        return torch.stack([verified, matched, on_path.sum(1)], 1)
 
     def prefill(self, row0: int, widths: list[int]) -> None:
         """Rows row0.. take their prompts' K/V in both caches (all but the last token: the next step's root), in
@@ -265,10 +312,12 @@ class Stages:
         return allowed, finish
 
     def _write_outputs(self, tokens: torch.Tensor, logp: torch.Tensor, drafted: torch.Tensor,
-                       accepted: torch.Tensor, emitted: torch.Tensor, finish: torch.Tensor) -> None:
+                       accepted: torch.Tensor, emitted: torch.Tensor, finish: torch.Tensor,
+                       chain: torch.Tensor | None = None) -> None:
         B, W = tokens.shape
         self.out_tok[:B, :W] = tokens
-        self.out_tok[:B, -OUT_EXTRA:] = torch.stack([drafted, accepted, emitted, finish], dim=1)
+        self.out_tok[:B, -OUT_EXTRA:-3] = torch.stack([drafted, accepted, emitted, finish], dim=1)
+        self.out_tok[:B, -3:] = 0 if chain is None else chain
         self.out_lp[:B, :W] = logp
 
     def _record(self, tree, vt, acc) -> None:
@@ -286,5 +335,6 @@ class Stages:
             [tree.value.gather(1, node), tree.q.gather(1, node), tree.margin.gather(1, node),
              tree.depth[node].float(), tree.rank[node].float(), temp.float()], dim=-1)
         self.rec_acc[:B, :T - 1] = acc.on_path[:, 1:]
-        self.rec_tested[:B, :T - 1] = vt.valid[:, 1:] & parent_ok
+        # the draft's acceptance predictor learns from its own nodes: a chain's (`_chain_outcome`) are learnt apart
+        self.rec_tested[:B, :T - 1] = vt.valid[:, 1:] & parent_ok & (node >= self.chain)
         self.rec_pred[:B, :T - 1] = tree.cond.gather(1, node)

@@ -17,6 +17,8 @@ import torch
 
 from drafting.spec.noise import GumbelScheme, coupled_candidates, position_keys
 
+CHAIN_SOURCE = 3  # `TreeDrafter.source_id` of a rollout chain's nodes (1: a draft model, 2: a head)
+
 
 @dataclass
 class DraftTree:
@@ -61,14 +63,22 @@ class VerifyTree:
 class TreeDrafter:
     """Grows draft trees with the draft model into preallocated per-slot node buffers."""
 
-    def __init__(self, source, slots: int, max_nodes: int, scheme=None):
-        """source: what proposes the nodes (`drafting.spec.sources`). A source with state (`features` > 0, a
-        head) keeps it in feat [slots, 1 + N, H]: at the root (index 0) and at each expanded node (1 + node
-        index), which children read."""
+    def __init__(self, source, slots: int, max_nodes: int, scheme=None, chain: int = 0,
+                 device: torch.device | None = None):
+        """source: what proposes the nodes (`drafting.spec.sources`; None: no draft model, the chain alone). A
+        source with state (`features` > 0, a head) keeps it in feat [slots, 1 + N, H]: at the root (index 0) and
+        at each expanded node (1 + node index), which children read.
+
+        chain: nodes [0, chain) of every tree are a rollout draft's chain (`drafting.spec.suffix`), placed by
+        `place_chain` from host-given tokens: node j at depth j + 1, child of node j - 1 (the first of the root).
+        The model's nodes follow from index `chain` on. The chain's shape is the same for every row and step, so
+        only its tokens and scores change: shapes stay static."""
         self.source = source
         self.scheme = scheme or GumbelScheme()
         self.max_nodes = N = max_nodes
-        dev, features = source.decoder.device, source.features
+        self.chain = D = chain
+        dev = source.decoder.device if source is not None else device
+        features = source.features if source is not None else 0
         z = lambda *shape, dt=torch.float32: torch.zeros(*shape, dtype=dt, device=dev)  # noqa: E731
         self.tokens, self.parents = z(slots, N, dt=torch.long), z(slots, N, dt=torch.long)
         self.value, self.q, self.margin, self.score, self.cond = (z(slots, N) for _ in range(5))
@@ -77,6 +87,20 @@ class TreeDrafter:
         self.frontier = z(slots, N, dt=torch.long)
         self.source_id = z(slots, N, dt=torch.long)  # which source proposed each node
         self.feat = z(slots, 1 + N, features, dt=source.decoder.dtype) if features else None
+        if D:  # the chain's fixed shape
+            j = torch.arange(D, device=dev)
+            self.parents[:, :D] = j - 1
+            self.depth[:D] = j + 1
+            self.anc[:, :D, :D] = j[None, :] <= j[:, None]
+            self.source_id[:, :D] = CHAIN_SOURCE
+
+    def place_chain(self, B: int, tokens: torch.Tensor, score: torch.Tensor) -> None:
+        """The rows' chains into nodes [0, chain): tokens [B, D], score [B, D] their predicted path acceptance (0
+        past a row's chain: a node never worth verifying)."""
+        D = self.chain
+        self.tokens[:B, :D], self.score[:B, :D], self.value[:B, :D] = tokens, score, score
+        self.cond[:B, :D] = score / torch.cat([torch.ones_like(score[:, :1]), score[:, :-1]], 1).clamp(min=1e-9)
+        self.q[:B, :D], self.margin[:B, :D] = 1.0, 0.0
 
     def view(self, B: int, size: int, width: int = 0) -> DraftTree:
         """The first `size` nodes of rows 0..B-1 (views: writes go to the buffers)."""
@@ -99,17 +123,19 @@ class TreeDrafter:
     def start(self, B: int, root_q: torch.Tensor, n: torch.Tensor, seed: torch.Tensor, greedy: torch.Tensor,
               k: int, block: int, sampled: bool) -> DraftTree:
         """Level 1: the root's k children. root_q [B, V] = the draft's distribution for token index n [B]."""
-        dev, N = root_q.device, self.max_nodes
+        dev, N, D = root_q.device, self.max_nodes, self.chain
         tok, margin = self.candidates(root_q, seed, n, greedy, k, block, sampled)
         q = root_q.gather(1, tok)
-        self.tokens[:B, :k], self.margin[:B, :k] = tok, margin
-        self.q[:B, :k], self.value[:B, :k], self.score[:B, :k], self.cond[:B, :k] = q, q, q, q
-        self.parents[:B, :k] = -1
-        self.depth[:k] = 1
-        self.rank[:k] = torch.arange(k, device=dev)
-        self.anc[:B, :k] = torch.eye(k, N, dtype=torch.bool, device=dev)  # full rows: no stale ancestor bits
-        self.source_id[:B, :k] = self.source.id
-        return self.view(B, k)
+        new = slice(D, D + k)  # after the chain's nodes
+        self.tokens[:B, new], self.margin[:B, new] = tok, margin
+        self.q[:B, new], self.value[:B, new], self.score[:B, new], self.cond[:B, new] = q, q, q, q
+        self.parents[:B, new] = -1
+        self.depth[new] = 1
+        self.rank[new] = torch.arange(k, device=dev)
+        # full rows: no stale ancestor bits
+        self.anc[:B, new] = torch.eye(k, N, dtype=torch.bool, device=dev).roll(D, dims=1)
+        self.source_id[:B, new] = self.source.id
+        return self.view(B, D + k)
 
     def grow(self, B: int, size: int, newest: int, level: int, width: int, k: int,
              n: torch.Tensor, seed: torch.Tensor, greedy: torch.Tensor, process, block: int, sampled: bool,

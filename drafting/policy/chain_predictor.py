@@ -1,0 +1,45 @@
+"""Acceptance of a rollout chain's nodes (`drafting.spec.suffix`), learnt per source.
+
+A chain's node j is accepted when every node before it was and its token is the target's. What predicts that is
+not a draft probability (a chain has none) but where the chain came from: its source (the sample's own prompt and
+response, a sibling of its group, an earlier epoch), how long a suffix of the context it matched, how often that
+continuation was seen, and the node's depth. The predictor keeps a Beta-smoothed rate of acceptance given the
+parent per (source, match, count, depth) cell, counted over tested nodes only. Its prior is optimistic, so that a
+cell nobody has tried gets verified and learnt; the adaptive policy ranks chain nodes by these rates beside the
+model's nodes (`drafting.policy.adaptive`)."""
+from __future__ import annotations
+
+import numpy as np
+
+PRIOR, PRIOR_WEIGHT = 0.7, 2.0  # an untried cell: accepted 0.7 given its parent, worth two observations
+MATCH_CAP, COUNT_CAP = 8, 4  # match lengths and counts above these share a cell
+
+
+class ChainPredictor:
+    """P(node j of a chain accepted | node j - 1 accepted), by (source, match, count, depth)."""
+
+    def __init__(self, sources: int, depth: int):
+        shape = (sources, MATCH_CAP + 1, COUNT_CAP + 1, depth)
+        self.accepted, self.tested = np.zeros(shape), np.zeros(shape)
+
+    def _cell(self, source: int, match: int, count: int) -> tuple[int, int, int]:
+        return source, min(match, MATCH_CAP), min(count, COUNT_CAP)
+
+    def cond(self, source: int, match: int, count: int, length: int) -> np.ndarray:
+        """[length]: each node's acceptance given its parent's."""
+        c = self._cell(source, match, count)
+        a, t = self.accepted[c][:length], self.tested[c][:length]
+        return (a + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+
+    def observe(self, source: int, match: int, count: int, verified: int, matched: int) -> None:
+        """A verified chain's outcome: its first `matched` of `verified` nodes were the target's tokens. Those are
+        tested and accepted; the next one, if verified, tested and rejected; deeper ones untested."""
+        c = self._cell(source, match, count)
+        ok = min(matched, verified)
+        self.accepted[c][:ok] += 1
+        self.tested[c][:min(ok + 1, verified)] += 1
+
+    def rates(self) -> dict:
+        """Observed acceptance given the parent, per source (over all its cells): for metrics and notes."""
+        t = self.tested.sum(axis=(1, 2, 3))
+        return {s: float(self.accepted[s].sum() / t[s]) if t[s] else None for s in range(len(t))}

@@ -1,0 +1,118 @@
+"""The engine's rollout drafts: each step, every live sample's chain from the rollout itself (its prompt, its
+group's siblings, earlier epochs: `drafting.spec.suffix`) into the tree's chain nodes, scored by the per-source
+`ChainPredictor`; after the step, the committed tokens into the index and the chains' outcomes into the predictor.
+
+Host work only: one lookup per live sample before the step, one index update per committed token after it, and one
+small copy of [B, depth] tokens and scores to the device (asynchronous on CUDA)."""
+from __future__ import annotations
+
+import time
+from typing import Hashable
+
+import numpy as np
+import torch
+
+from drafting.policy.chain_predictor import ChainPredictor
+from drafting.policy.strategy import StepView
+from drafting.records import GenRequest, SampleState
+from drafting.spec.stages import Stages
+from drafting.spec.suffix import SOURCES, RolloutDrafter, SuffixConfig
+
+
+class RolloutDrafts:
+    """One per engine: the suffix index of its samples and groups, and the chains it stages for each step."""
+
+    def __init__(self, cfg: SuffixConfig, stages: Stages):
+        cfg.validate()
+        self.cfg, self.stages, self.depth = cfg, stages, cfg.max_depth
+        self.index = RolloutDrafter(cfg)
+        self.predictor = ChainPredictor(len(SOURCES), self.depth)
+        S = stages.slots
+        pinned = stages.device.type == "cuda"
+        self.h_tok = torch.zeros(S, self.depth, dtype=torch.long, pin_memory=pinned)
+        self.h_score = torch.zeros(S, self.depth, dtype=torch.float32, pin_memory=pinned)
+        self.h_len = torch.zeros(S, dtype=torch.long, pin_memory=pinned)
+        self._drafts: list = []  # this step's chains, by row
+        self.counts = {"steps": 0, "sample_steps": 0, "chains": 0, "verified": 0, "matched": 0, "accepted": 0,
+                       **{f"accepted_{s}": 0 for s in SOURCES}, **{f"chains_{s}": 0 for s in SOURCES}}
+        self.lookup_s = 0.0
+
+    # ---- samples in and out --------------------------------------------------------------------------------
+    def add(self, request: GenRequest) -> None:
+        self.index.add(request.request_id, request.group, list(request.prompt_token_ids), request.history)
+
+    def finish(self, request_id: Hashable) -> None:
+        self.index.finish(request_id)
+
+    def export(self, request_id: Hashable) -> dict:
+        return self.index.export(request_id)
+
+    def load(self, state: SampleState) -> None:
+        """A migrated sample drafts from its group here too: the documents it brought with it."""
+        self.index.load(state.request_id, state.group, list(state.prompt_token_ids), list(state.token_ids),
+                        state.drafts or {})
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    def stage(self, live: list[GenRequest], view: StepView) -> None:
+        """Look up every live sample's chain, write them (tokens, predicted path acceptance, length) into the stage
+        buffers, and tell the policy through `view` (`chains`, `chain_score`)."""
+        t0 = time.perf_counter()
+        B, D = len(live), self.depth
+        self._drafts = self.index.drafts([q.request_id for q in live])
+        tok, score, length = self.h_tok[:B].numpy(), self.h_score[:B].numpy(), self.h_len[:B].numpy()
+        tok.fill(0), score.fill(0.0), length.fill(0)
+        chains = 0
+        for b, d in enumerate(self._drafts):
+            if d is None:
+                continue
+            L = min(len(d.tokens), D)
+            tok[b, :L] = d.tokens[:L]
+            score[b, :L] = np.cumprod(self.predictor.cond(d.source, d.match, d.count, L))
+            length[b] = L
+            chains += 1
+        st = self.stages
+        st.chain_tok[:B].copy_(self.h_tok[:B], non_blocking=True)
+        st.chain_score[:B].copy_(self.h_score[:B], non_blocking=True)
+        st.chain_len[:B].copy_(self.h_len[:B], non_blocking=True)
+        view.chains, view.chain_score = chains, score.copy()
+        self.lookup_s += time.perf_counter() - t0
+
+    def commit(self, live: list[GenRequest], out: np.ndarray, W: int, emitted: np.ndarray) -> None:
+        """After the step (before finished rows leave): each row's committed tokens into the index, and each verified
+        chain's outcome (the stage's extra columns: verified, matched, accepted; zeros after a plain step) into the
+        predictor and the counts."""
+        t0 = time.perf_counter()
+        self.counts["steps"] += 1
+        self.counts["sample_steps"] += len(live)
+        for b, q in enumerate(live):
+            self.index.commit(q.request_id, out[b, :int(emitted[b])].tolist())
+            d = self._drafts[b] if b < len(self._drafts) else None
+            if d is None:
+                continue
+            src = SOURCES[d.source]
+            self.counts["chains"] += 1
+            self.counts[f"chains_{src}"] += 1
+            verified, matched, accepted = (int(x) for x in out[b, W + 4:W + 7])
+            if verified:
+                self.predictor.observe(d.source, d.match, d.count, verified, matched)
+            self.counts["verified"] += verified
+            self.counts["matched"] += min(matched, verified)
+            self.counts["accepted"] += accepted
+            self.counts[f"accepted_{src}"] += accepted
+        self._drafts = []
+        self.lookup_s += time.perf_counter() - t0
+
+    def summary(self) -> dict:
+        """Counts since construction: chain tokens accepted per sample-step by source, the index's size and hits,
+        and the host time the lookups and updates took."""
+        c, idx = self.counts, self.index.stats()
+        ss = max(c["sample_steps"], 1)
+        out = {"chain_tokens_per_step": c["accepted"] / ss, "chains_per_step": c["chains"] / ss,
+               "chain_verified": c["verified"], "chain_matched": c["matched"], "chain_accepted": c["accepted"],
+               "lookup_ms_per_step": 1000.0 * self.lookup_s / max(c["steps"], 1)}
+        for s in SOURCES:
+            out[f"chain_tokens_per_step_{s}"] = c[f"accepted_{s}"] / ss
+            out[f"chains_{s}"] = c[f"chains_{s}"]
+        out["history_hit_rate"] = c["chains_history"] / ss
+        out.update({f"index_{k}": v for k, v in idx.items() if isinstance(v, (int, float))})
+        return out
