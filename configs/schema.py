@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     actor: str = TINY  # HF path of the policy (also the reference and the initial critic trunk)
-    draft: typing.Optional[str] = TINY  # HF path of the draft model; null only with generation.strategy=none
+    # HF path of the draft model; null: generation.strategy none, or adaptive with rollout drafts on (speculating from
+    # the rollout alone: generation.rollout_drafts)
+    draft: typing.Optional[str] = TINY
     # HF path of an AutoModelForSequenceClassification (num_labels=1); null: no reward model (trainer.rm_weight=0,
     # trainer.reward_fn alone scores the samples)
     reward: typing.Optional[str] = TINY
@@ -54,6 +56,18 @@ class DataConfig:
 
 
 @dataclass
+class RolloutDraftsConfig:
+    """Rollout drafts' knobs (`drafting.spec.suffix.SuffixConfig`): chains drafted from token matches against the
+    sample's own prompt and response, its GRPO group's siblings and earlier epochs' responses to its prompt."""
+    min_match: int = 2  # shortest context suffix that may match (vLLM's prompt_lookup_min)
+    max_match: int = 8  # longest suffix compared; the longest match wins (prompt_lookup_max)
+    max_depth: int = 6  # tokens per drafted chain, 1..16 (num_speculative_tokens)
+    min_count: int = 1  # the drafted next token must follow at least this many of the matching occurrences
+    history_per_prompt: int = 4  # earlier responses kept per prompt (0 = no history)
+    history_mb: float = 64.0  # the history's cap in all (tokens as int32), kept by the driver and checkpointed
+
+
+@dataclass
 class GenerationConfig:
     num_instances: int = 2
     strategy: str = "adaptive"  # adaptive | none | chain:k | tree:depth,topk,nodes
@@ -72,7 +86,9 @@ class GenerationConfig:
     cpus_per_instance: float = 1.0
     threads_per_instance: int = 1
     memory_gb: typing.Optional[float] = None  # one instance's device memory (GiB); null = measured by the preflight
-    assignment: str = "round_robin"  # "round_robin" | "chunk": contiguous slices of the batch (groups together)
+    # "round_robin": request k to instance k % N (whole GRPO groups dealt round robin when rollout drafts are on, so
+    # siblings draft from each other) | "chunk": contiguous slices of the batch (groups together)
+    assignment: str = "round_robin"
     # the GPU path (CPU instances ignore these and run eager): the attention kernel over the cache in place
     # ("auto" = Triton on CUDA, drafting.attention), each step's stages as CUDA graphs, torch.compile'd
     # norms / RoPE / activations
@@ -87,6 +103,12 @@ class GenerationConfig:
     kv_block: int = 16
     kv_memory_gb: typing.Optional[float] = None
     kv_swap_gb: float = 4.0
+    # rollout drafts: chains from the rollout itself (the sample's text, its group's siblings, earlier epochs'
+    # responses to the prompt), exact under position-keyed sampling. "auto": on with strategy adaptive (a chain is
+    # verified only where its predicted acceptance pays, so on costs only the lookups), off with static strategies
+    # and none | "on" | "off"
+    rollout_drafts: str = "auto"
+    rollout: RolloutDraftsConfig = field(default_factory=RolloutDraftsConfig)
 
 
 @dataclass
@@ -198,6 +220,7 @@ _CHOICES = {
     "generation.assignment": ("round_robin", "chunk"),
     "generation.attention": ("auto", "sdpa", "triton"),
     "generation.kv_cache": ("paged", "dense"),
+    "generation.rollout_drafts": ("auto", "on", "off"),
     "trainer.algorithm": ("ppo", "grpo"),
     "trainer.kl_estimator": ("k1", "k2", "k3"),
     "draft.loss": DRAFT_LOSSES,
@@ -205,9 +228,33 @@ _CHOICES = {
 }
 
 
+# keys whose values are words YAML reads as booleans (on/off, yes/no, true/false): kept as the words
+_ON_OFF = {"generation.rollout_drafts"}
+
+
 def adapts_draft(cfg: Config) -> bool:
-    """Online draft adaptation runs when draft.online is on and the rollout drafts at all."""
-    return cfg.draft.online and cfg.generation.strategy != "none"
+    """Online draft adaptation runs when draft.online is on, there is a draft model and the rollout drafts at all."""
+    return cfg.draft.online and cfg.model.draft is not None and cfg.generation.strategy != "none"
+
+
+def rollout_drafts_on(gen: GenerationConfig) -> bool:
+    """generation.rollout_drafts resolved: auto is on for strategy adaptive, off for static strategies and none."""
+    if gen.rollout_drafts == "auto":
+        return gen.strategy == "adaptive"
+    return gen.rollout_drafts == "on"
+
+
+def rollout_drafts_why(gen: GenerationConfig) -> str:
+    """Why generation.rollout_drafts is on or off, in a few words (the preflight's verdict line)."""
+    if gen.rollout_drafts != "auto":
+        return "as set"
+    if gen.strategy == "adaptive":
+        return ("auto, strategy adaptive: a chain is verified only where its predicted acceptance pays, so on costs "
+                "only the lookups")
+    if gen.strategy == "none":
+        return "auto, strategy none: plain decoding verifies no draft"
+    return (f"auto, strategy {gen.strategy}: a static strategy would verify every chain found, paying or not; "
+            f"generation.rollout_drafts=on forces them")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -275,6 +322,8 @@ def _coerce(value, kind, key: str):
             return float(value)
         except ValueError:
             pass
+    if kind is str and isinstance(value, bool) and key in _ON_OFF:  # YAML reads `on` / `off` as booleans
+        return "on" if value else "off"
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -352,8 +401,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.reward_fn: {t.reward_fn!r} is not path/to/file.py:function_name")
     if t.reward_fn is None and t.rm_weight == 0:
         raise ConfigError("trainer.rm_weight: 0 and no trainer.reward_fn: nothing would score the samples")
+    validate_rollout_drafts(g)
     validate_models(cfg)
     validate_balancer(cfg.balancer)
+
+
+def validate_rollout_drafts(g: GenerationConfig) -> None:
+    """generation.rollout_drafts against the strategy, and the generation.rollout knobs (the bounds of
+    `drafting.spec.suffix.SuffixConfig.validate`, checked here without importing the engine)."""
+    if g.rollout_drafts == "on" and g.strategy == "none":
+        raise ConfigError("generation.rollout_drafts: on needs a strategy that verifies drafts (adaptive, chain:K or "
+                          "tree:DEPTH,TOPK,NODES), got generation.strategy=none (plain decoding)")
+    r = g.rollout
+    for key in ("min_match", "max_depth", "min_count"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"generation.rollout.{key}: must be positive, got {getattr(r, key)}")
+    if r.max_match < r.min_match:
+        raise ConfigError(f"generation.rollout.max_match: {r.max_match} is below generation.rollout.min_match="
+                          f"{r.min_match}")
+    if r.max_depth > 16:
+        raise ConfigError(f"generation.rollout.max_depth: at most 16 tokens per chain, got {r.max_depth}")
+    for key in ("history_per_prompt", "history_mb"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"generation.rollout.{key}: must not be negative, got {getattr(r, key)}")
 
 
 def validate_models(cfg: Config) -> None:
@@ -365,9 +435,14 @@ def validate_models(cfg: Config) -> None:
     if m.reward is None and cfg.trainer.rm_weight != 0:
         raise ConfigError(f"model.reward: null (no reward model) needs trainer.rm_weight=0, got "
                           f"trainer.rm_weight={cfg.trainer.rm_weight:g}")
-    if m.draft is None and cfg.generation.strategy != "none":
-        raise ConfigError(f"model.draft: null (no draft model) needs generation.strategy=none, got "
-                          f"generation.strategy={cfg.generation.strategy}")
+    g = cfg.generation
+    if m.draft is None and g.strategy == "adaptive" and not rollout_drafts_on(g):
+        raise ConfigError(f"model.draft: null (no draft model) with generation.strategy=adaptive needs rollout drafts "
+                          f"(generation.rollout_drafts auto or on: speculating from the rollout alone), got "
+                          f"generation.rollout_drafts={g.rollout_drafts}")
+    if m.draft is None and g.strategy not in ("none", "adaptive"):
+        raise ConfigError(f"model.draft: null (no draft model) needs generation.strategy=none, or adaptive with "
+                          f"rollout drafts, got generation.strategy={g.strategy}")
 
 
 def critic_init(cfg: Config) -> str:

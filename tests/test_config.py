@@ -55,6 +55,18 @@ def test_cluster_example_is_valid():
     ("trainer.call_timeout_s=0", "trainer.call_timeout_s: must be positive, got 0.0"),
     ("trainer.sync_timeout_s=-1", "trainer.sync_timeout_s: must be positive, got -1.0"),
     ("trainer.max_restarts=many", "trainer.max_restarts: expected int, got str 'many'"),
+    ("generation.rollout_drafts=maybe", "generation.rollout_drafts: 'maybe' is not one of auto, on, off"),
+    ("generation.rollout_drafts=1", "generation.rollout_drafts: expected str, got int 1"),
+    ("generation.rollout.min_match=0", "generation.rollout.min_match: must be positive, got 0"),
+    ("generation.rollout.max_match=1", "generation.rollout.max_match: 1 is below generation.rollout.min_match=2"),
+    ("generation.rollout.max_depth=17", "generation.rollout.max_depth: at most 16 tokens per chain, got 17"),
+    ("generation.rollout.max_depth=0", "generation.rollout.max_depth: must be positive, got 0"),
+    ("generation.rollout.min_count=0", "generation.rollout.min_count: must be positive, got 0"),
+    ("generation.rollout.history_per_prompt=-1", "generation.rollout.history_per_prompt: must not be negative, got -1"),
+    ("generation.rollout.history_mb=-1", "generation.rollout.history_mb: must not be negative, got -1.0"),
+    ("generation.rollout.history_mb=lots", "generation.rollout.history_mb: expected float, got str 'lots'"),
+    ("generation.rollout.depth=3", "generation.rollout.depth: unknown key (known: min_match, max_match, "),
+    ("generation.rollout=3", "generation.rollout: expected a mapping"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -117,14 +129,29 @@ def test_reward_and_draft_may_be_null():
     for overrides, message in [
         (["model.reward=null", "trainer.rm_weight=0.5"],
          "model.reward: null (no reward model) needs trainer.rm_weight=0, got trainer.rm_weight=0.5"),
-        (["model.draft=null"], "model.draft: null (no draft model) needs generation.strategy=none, got "
-                               "generation.strategy=adaptive"),
+        (["model.draft=null", "generation.strategy=chain:3"],
+         "model.draft: null (no draft model) needs generation.strategy=none, or adaptive with rollout drafts, got "
+         "generation.strategy=chain:3"),
+        (["model.draft=null", "generation.rollout_drafts=off"],
+         "model.draft: null (no draft model) with generation.strategy=adaptive needs rollout drafts "
+         "(generation.rollout_drafts auto or on: speculating from the rollout alone), got "
+         "generation.rollout_drafts=off"),
         (["model.reward="], "model.reward: empty path; null means no model"),
         (["model.actor=null"], "model.actor: expected str, got NoneType None"),
     ]:
         with pytest.raises(ConfigError) as err:
             load_config(None, overrides)
         assert str(err.value) == message
+
+
+def test_no_draft_model_speculates_from_the_rollout_alone():
+    """model.draft null with strategy adaptive: rollout drafts (auto counts as on) are the only drafts; no draft
+    trainer then (nothing to adapt)."""
+    from configs.schema import adapts_draft
+
+    for drafts in ("auto", "on"):
+        cfg = load_config(None, ["model.draft=null", f"generation.rollout_drafts={drafts}"])
+        assert cfg.model.draft is None and cfg.generation.strategy == "adaptive" and not adapts_draft(cfg)
 
 
 def test_real_small_example_is_valid():

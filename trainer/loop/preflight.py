@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.schema import TINY, Config, ConfigError, PromptFileConfig, adapts_draft, critic_init
+from configs.schema import (TINY, Config, ConfigError, PromptFileConfig, adapts_draft, critic_init, rollout_drafts_on,
+                            rollout_drafts_why)
 
 
 @dataclass
@@ -50,6 +51,7 @@ def preflight(cfg: Config, log=print) -> Checked:
         online = ("; adapts online (draft.online), from the old policy's features" if draft_kind(paths.draft) == "head"
                   else "; adapts online (draft.online)") if adapts_draft(cfg) else ""
         log(f"model.draft: {kind} at {paths.draft}{online}", flush=True)
+    log(rollout_drafts_line(cfg), flush=True)
     if not memory_needs_ray(cfg):
         check_memory(cfg, actor_config, draft_config, *instance_memory(cfg), log=log)
     from transformers import AutoTokenizer
@@ -63,6 +65,19 @@ def preflight(cfg: Config, log=print) -> Checked:
         n = cfg.trainer.prompts_per_iteration
         log(dry_run(paths.reward_fn, prompts[:n] + eval_prompts[:n]), flush=True)
     return Checked(paths, tokenizer, prompts, eval_prompts)
+
+
+def rollout_drafts_line(cfg: Config) -> str:
+    """The rollout drafts' verdict: on or off, and why (generation.rollout_drafts resolved against the strategy)."""
+    g = cfg.generation
+    if not rollout_drafts_on(g):
+        return f"generation.rollout_drafts: off ({rollout_drafts_why(g)})"
+    r = g.rollout
+    alone = "; no draft model: speculating from the rollout alone" if cfg.model.draft is None else ""
+    history = (f"the last {r.history_per_prompt} responses per prompt (history up to {r.history_mb:g} MiB)"
+               if r.history_per_prompt else "no history (generation.rollout.history_per_prompt=0)")
+    return (f"generation.rollout_drafts: on ({rollout_drafts_why(g)}); chains of up to {r.max_depth} tokens from the "
+            f"sample's text, its group's siblings and {history}{alone}")
 
 
 def check_prompts_light(cfg: Config, paths: RunPaths) -> bool:
