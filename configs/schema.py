@@ -106,7 +106,7 @@ class GenerationConfig:
     # rollout drafts: chains from the rollout itself (the sample's text, its group's siblings, earlier epochs'
     # responses to the prompt), exact under position-keyed sampling. "auto": on with strategy adaptive (a chain is
     # verified only where its predicted acceptance pays, so on costs only the lookups), off with static strategies
-    # and none | "on" | "off"
+    # and none | "on" (with none or a static strategy: every chain found is verified) | "off"
     rollout_drafts: str = "auto"
     rollout: RolloutDraftsConfig = field(default_factory=RolloutDraftsConfig)
 
@@ -252,7 +252,7 @@ def rollout_drafts_why(gen: GenerationConfig) -> str:
         return ("auto, strategy adaptive: a chain is verified only where its predicted acceptance pays, so on costs "
                 "only the lookups")
     if gen.strategy == "none":
-        return "auto, strategy none: plain decoding verifies no draft"
+        return "auto, strategy none: plain decoding; generation.rollout_drafts=on verifies every chain found"
     return (f"auto, strategy {gen.strategy}: a static strategy would verify every chain found, paying or not; "
             f"generation.rollout_drafts=on forces them")
 
@@ -407,11 +407,8 @@ def validate(cfg: Config) -> None:
 
 
 def validate_rollout_drafts(g: GenerationConfig) -> None:
-    """generation.rollout_drafts against the strategy, and the generation.rollout knobs (the bounds of
-    `drafting.spec.suffix.SuffixConfig.validate`, checked here without importing the engine)."""
-    if g.rollout_drafts == "on" and g.strategy == "none":
-        raise ConfigError("generation.rollout_drafts: on needs a strategy that verifies drafts (adaptive, chain:K or "
-                          "tree:DEPTH,TOPK,NODES), got generation.strategy=none (plain decoding)")
+    """The generation.rollout knobs: the bounds of `drafting.spec.suffix.SuffixConfig.validate`, checked here
+    without importing the engine (torch)."""
     r = g.rollout
     for key in ("min_match", "max_depth", "min_count"):
         if getattr(r, key) < 1:
@@ -440,6 +437,9 @@ def validate_models(cfg: Config) -> None:
         raise ConfigError(f"model.draft: null (no draft model) with generation.strategy=adaptive needs rollout drafts "
                           f"(generation.rollout_drafts auto or on: speculating from the rollout alone), got "
                           f"generation.rollout_drafts={g.rollout_drafts}")
+    if m.draft is None and g.strategy == "adaptive" and g.profile_fallback != "none":
+        raise ConfigError(f"generation.profile_fallback: {g.profile_fallback} drafts with a draft model; with "
+                          f"model.draft null (rollout drafts alone) it can only be none")
     if m.draft is None and g.strategy not in ("none", "adaptive"):
         raise ConfigError(f"model.draft: null (no draft model) needs generation.strategy=none, or adaptive with "
                           f"rollout drafts, got generation.strategy={g.strategy}")

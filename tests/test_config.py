@@ -136,6 +136,9 @@ def test_reward_and_draft_may_be_null():
          "model.draft: null (no draft model) with generation.strategy=adaptive needs rollout drafts "
          "(generation.rollout_drafts auto or on: speculating from the rollout alone), got "
          "generation.rollout_drafts=off"),
+        (["model.draft=null", "generation.profile_fallback=chain:2"],
+         "generation.profile_fallback: chain:2 drafts with a draft model; with model.draft null (rollout drafts "
+         "alone) it can only be none"),
         (["model.reward="], "model.reward: empty path; null means no model"),
         (["model.actor=null"], "model.actor: expected str, got NoneType None"),
     ]:
