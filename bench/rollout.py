@@ -25,10 +25,17 @@ from pathlib import Path
 import torch
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
+from drafting.runtime.engine import per_prompt
 from drafting.runtime.steplog import summarize
+from drafting.spec.suffix import SuffixConfig
 
 FIXED = ["chain:2", "chain:4", "tree:3,2,6", "tree:4,2,10", "tree:6,3,24"]
 QUICK_FIXED = ["chain:2", "tree:3,2,6"]
+# rollout drafts (`drafting.spec.suffix`): chains from the prompt, the group's siblings and an earlier rollout of the
+# same prompts (other seeds): alone (no draft model, a chain of up to 6 every step), beside the model's chain in one
+# tree every step, and under adaptive
+ROLLOUT_ROWS = {"rollout_drafts": ("none", False), "chain:4+rollout_drafts": ("chain:4", True),
+                "adaptive+rollout_drafts": ("adaptive", True)}
 PHASES = ["rollout", "live=64", "live=16", "live=4", "live=1"]
 SCHEME_STRATEGIES = ["chain:1", "chain:2", "chain:4", "tree:3,2,6", "tree:4,2,10"]
 QUICK_SCHEME_STRATEGIES = ["chain:2", "tree:3,2,6"]
@@ -71,19 +78,46 @@ def slots_of(phase: str) -> int:
     return 64 if phase == "rollout" else int(phase.split("=")[1])
 
 
-def run_engine(engine: SpeculativeEngine, prompts, temperature: float, max_new: int, seed: int) -> dict:
+def run_engine(engine: SpeculativeEngine, prompts, temperature: float, max_new: int, seed: int,
+               groups: list | None = None, history: dict | None = None) -> dict:
+    """One rollout of `prompts` (the same per-prompt seeds as `engine.generate`); with `groups`, each request names
+    its group (and brings `history[group]`), as the fleet's requests do when rollout drafts are on."""
     engine.reset_stats()
     engine.step_log.clear()
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=max_new, seed=seed))
+    sp = SamplingParams(temperature=temperature, max_new_tokens=max_new, seed=seed)
+    if groups is None:
+        outs = engine.generate(prompts, sp)
+    else:
+        outs = generate_grouped(engine, prompts, per_prompt(sp, len(prompts)), groups, history or {})
     dt = time.perf_counter() - t0
     st = engine.stats()
     tokens = sum(len(o.token_ids) for o in outs)
     drafted = sum(o.stats["drafted"] for o in outs)
     accepted = sum(o.stats["accepted"] for o in outs)
-    return {"seconds": dt, "tokens_per_s": tokens / dt, "mean_accepted": st.mean_accepted, "steps": st.steps,
-            "acceptance_rate": accepted / drafted if drafted else 0.0, "tokens": tokens,
-            "outputs": [tuple(o.token_ids) for o in outs], "log": list(engine.step_log)}
+    out = {"seconds": dt, "tokens_per_s": tokens / dt, "mean_accepted": st.mean_accepted, "steps": st.steps,
+           "mean_tokens_per_step": st.mean_tokens_per_step,
+           "acceptance_rate": accepted / drafted if drafted else 0.0, "tokens": tokens,
+           "outputs": [tuple(o.token_ids) for o in outs], "log": list(engine.step_log)}
+    if engine.rollout is not None:  # (reset_stats zeroed its counts: this run's)
+        out["rollout"] = engine.rollout_summary()
+    return out
+
+
+def generate_grouped(engine, prompts, params, groups, history) -> list:
+    """engine.generate with request groups and their history."""
+    ids = [("bench", i) for i in range(len(prompts))]
+    for rid, p, sp, g in zip(ids, prompts, params, groups):
+        engine.add(GenRequest(rid, list(p), sp, group=g, history=history.get(g)))
+    done = {}
+    while len(done) < len(ids):
+        done.update((o.request_id, o) for o in engine.step())
+    return [done[i] for i in ids]
+
+
+def groups_of(phase: str, n: int) -> list[int]:
+    """The rollout phase's prompts come in groups of 4 samples; a live=B phase's prompts are all different."""
+    return [i // 4 for i in range(n)] if phase == "rollout" else list(range(n))
 
 
 def run_hf(actor, prompts, temperature: float, max_new: int, eos: int, pad: int, seed: int, chunk: int = 64):
@@ -112,14 +146,28 @@ def median_row(runs: list[dict], **fields) -> dict:
     row = dict(fields)
     row.update({"tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
                 "mean_accepted": statistics.median(r["mean_accepted"] for r in runs),
+                "mean_tokens_per_step": statistics.median(r.get("mean_tokens_per_step", 0.0) for r in runs),
                 "acceptance_rate": statistics.median(r["acceptance_rate"] for r in runs),
                 "steps": statistics.median(r["steps"] for r in runs), "tokens": runs[0]["tokens"],
                 "repeats": len(runs)})
     return row
 
 
-def bench_phases(world, strategies, temperature, repeats, quick, calibration, seed, log, kinds=("paged",)
-                 ) -> tuple[list, dict]:
+def earlier_rollout(actor, prompts, phase, max_len, eos, temperature, max_new, seed) -> dict:
+    """History for rollout drafts: an earlier rollout of the same prompts with other seeds, its responses by group
+    (the rollout phase only: a live=B phase's prompts never come back)."""
+    if phase != "rollout":
+        return {}
+    e = SpeculativeEngine(actor, None, strategy="none", max_slots=64, max_len=max_len, eos_token_id=eos)
+    outs = e.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=max_new, seed=seed + 7919))
+    history: dict = {}
+    for g, o in zip(groups_of(phase, len(prompts)), outs):
+        history.setdefault(g, []).append(list(o.token_ids))
+    return history
+
+
+def bench_phases(world, strategies, temperature, repeats, quick, calibration, seed, log, kinds=("paged",),
+                 rollout_rows=()) -> tuple[list, dict]:
     """Every phase, its strategies (on each K/V cache kind) interleaved over the repeats; returns rows and the
     adaptive engines' logs (of the first kind)."""
     w, tok, actor, draft, eos = world
@@ -128,15 +176,22 @@ def bench_phases(world, strategies, temperature, repeats, quick, calibration, se
     for phase in PHASES:
         prompts, warm = phase_prompts(phase, tok, w, quick), phase_prompts(phase, tok, w, quick, offset=64)
         max_len = max(len(p) for p in prompts + warm) + max_new + 1
-        engines = {}
+        engines, grouped = {}, {}
+        history = earlier_rollout(actor, prompts, phase, max_len, eos, temperature, max_new, seed)
         for kind in kinds:
-            for name in strategies:
+            extra = [n for n in ["chain:4"] + list(rollout_rows) if n not in strategies]  # (quick: rollout phase)
+            for name in strategies + (extra if phase == "rollout" or not quick else []):
                 strategy, _, mode = name.partition(":device")  # adaptive:device = the GPU path's adaptive on CPU
+                strategy, with_draft = ROLLOUT_ROWS.get(name, (strategy, strategy != "none"))
                 engines[name, kind] = SpeculativeEngine(
-                    actor, None if name == "none" else draft, strategy=strategy, max_slots=slots_of(phase),
+                    actor, draft if with_draft else None, strategy=strategy, max_slots=slots_of(phase),
                     max_len=max_len, eos_token_id=eos, calibration=calibration,
-                    adaptive_mode="device" if name != strategy else "auto", kv_cache=kind)
-                run_engine(engines[name, kind], warm, temperature, max_new, seed + 1)  # warm-up; adaptive learns
+                    adaptive_mode="device" if name.endswith(":device") else "auto", kv_cache=kind,
+                    rollout_drafts=SuffixConfig() if name in ROLLOUT_ROWS else None)
+                if name in ROLLOUT_ROWS:  # requests in groups, with the earlier rollout's responses as history
+                    grouped[name, kind] = {"groups": groups_of(phase, len(prompts)), "history": history}
+                run_engine(engines[name, kind], warm, temperature, max_new, seed + 1,  # warm-up; adaptive learns
+                           groups=groups_of(phase, len(warm)) if name in ROLLOUT_ROWS else None)
         runs = {key: [] for key in engines}
         if phase == "rollout":
             runs["hf_generate", kinds[0]] = []
@@ -146,12 +201,17 @@ def bench_phases(world, strategies, temperature, repeats, quick, calibration, se
                     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
                     runs[name, kind].append(run_hf(actor, prompts, temperature, max_new, eos, pad, seed))
                 else:
-                    runs[name, kind].append(run_engine(engines[name, kind], prompts, temperature, max_new, seed))
+                    runs[name, kind].append(run_engine(engines[name, kind], prompts, temperature, max_new, seed,
+                                                       **grouped.get((name, kind), {})))
         reference = runs["none", kinds[0]][0]["outputs"]
         for (name, kind), rs in runs.items():
             if name != "hf_generate":
                 assert all(r["outputs"] == reference for r in rs), f"{phase} {name}: tokens differ from plain decoding"
             row = median_row(rs, phase=phase, name=name, temperature=temperature, scheme="gumbel", kv_cache=kind)
+            if name in ROLLOUT_ROWS:
+                row["history"] = bool(history)
+                row["rollout"] = {k: statistics.median(r["rollout"][k] for r in rs) for k in rs[0]["rollout"]
+                                  if isinstance(rs[0]["rollout"][k], (int, float))}
             if name != "hf_generate":
                 row["selection_overhead_frac"] = statistics.median(summarize(r["log"])["selection_overhead_frac"]
                                                                    for r in rs)
@@ -376,7 +436,7 @@ def main(argv=None) -> dict:
         probe = SpeculativeEngine(world[2], world[3], strategy="none", max_slots=64, max_len=160)
         cal = resolve_calibration(probe, args.calibration)
         rows, adaptive_logs = bench_phases(world, ["none"] + fixed + ["adaptive", "adaptive:device"], 1.0, repeats,
-                                           args.quick, cal, args.seed, log, kinds)
+                                           args.quick, cal, args.seed, log, kinds, list(ROLLOUT_ROWS))
         result["rows"] += rows
         result["step_model_cv_error"] = cal.step_cv_error
         result["step_model"] = {"families": cal.families, "cv_error": cal.cv_error, "file": cal.path}

@@ -262,6 +262,15 @@ def _quiet_engine(engine):
         engine.stages.eos = saved[1]
 
 
+def stand_in(engine) -> Engine:
+    """A twin of a draft-less engine that drafts with its own target, so that the profile's verify steps get their
+    trees. Without a draft model only the plain and verify rows are read (rollout chains alone: no draft runs), so
+    what the stand-in drafts with does not matter; the calibration is keyed by the target alone."""
+    return Engine(engine.target, engine.target, strategy="none", max_slots=engine.max_slots, max_len=engine.max_len,
+                  device=engine.device, dtype=engine.dtype, cuda_graphs=engine.graphs.enabled,
+                  kv_cache="dense" if engine.pool is None else "paged")
+
+
 class ProfileRun:
     """One profile of `engine` (idle; `ProfileRun.beside(engine)` makes a second engine sharing its weights),
     advanced in slices (`advance`) so a caller can interleave it with other work, or run to the end (`run`)."""
@@ -271,8 +280,9 @@ class ProfileRun:
                  every_s: float = PROGRESS_EVERY_S):
         if engine.live or engine.queue:
             raise RuntimeError("profile_engine needs an idle engine (no live or queued requests)")
-        if engine.draft is None:
-            raise ValueError("profiling needs a draft model (the calibration describes a target/draft pair)")
+        self.key = engine.calibration_key()
+        if engine.draft is None:  # a target alone (rollout drafts): see `stand_in`
+            engine = stand_in(engine)
         S, L = engine.max_slots, engine.max_len
         if ctx_grid and (max(ctx_grid) > L - 24 or min(ctx_grid) < PROMPT):
             raise ValueError(f"profile contexts {ctx_grid} must lie in [{PROMPT}, max_len - 24 = {L - 24}]: a forced "
@@ -469,7 +479,9 @@ class ProfileRun:
             meta["probe_s"] = {k: round(v, 1) for k, v in self.probe_s.items()}
             meta["full_grid_estimate_s"] = round(self.full_grid_s, 1)
         fit_start = time.perf_counter()
-        cal = Calibration(e.calibration_key(), samples, meta=meta).fit()
+        if self.key != e.calibration_key():
+            meta["draft"] = "stand-in: the target itself (root and level rows unused without a draft model)"
+        cal = Calibration(self.key, samples, meta=meta).fit()
         cal.meta["fit_seconds"] = round(time.perf_counter() - fit_start, 1)
         cal.meta["cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # < wall x threads: a busy machine
         self.calibration = cal

@@ -173,7 +173,8 @@ class AdaptiveHost(AdaptivePolicy):
         self._policy_ms, self._score_s = 0.0, 0.0  # this policy's own time per drafted level (EMA), last scoring
         self._policy_spent = 0.0  # the part of _spent_ms that is this policy's own time
         # the tree's path acceptance / own acceptance / depth / sibling rank as numpy (small arrays: cheaper)
-        self._score = self._cond = np.zeros((0, 0))
+        self._score = self._cond = self._path = np.zeros((0, 0))  # (_score: _path less duplicates of chain nodes)
+        self._dup = np.zeros((0, 0), dtype=bool)
         self._depth = self._rank = np.zeros(0, dtype=np.int64)
         self._chain = 0  # this step's rollout chain nodes (the tree's first), never expanded
 
@@ -184,7 +185,7 @@ class AdaptiveHost(AdaptivePolicy):
         """Draft if the best predicted drafting rate beats plain decoding. The draft's catch-up on tokens it
         missed during plain steps is left out of the comparison: it is paid whenever drafting resumes."""
         B, ctx = self._B, self._ctx = view.live, view.context
-        self._score = self._cond = np.zeros((B, 0))  # a new tree
+        self._score = self._cond = self._path = np.zeros((B, 0))  # a new tree
         self._bar, self._per_token = None, 0.0
         self._policy_spent = 0.0
         self._spent_ms = self.cal.root_ms(B, max(view.draft_lag, 1), ctx)  # the draft's catch-up forward
@@ -202,7 +203,9 @@ class AdaptiveHost(AdaptivePolicy):
         draft = max(spec_rate, chain_rate) > plain_rate or probe
         self._plain_run = 0 if draft else self._plain_run + 1
         self.decision = {"plain_rate": plain_rate, "spec_rate": spec_rate, "chain_rate": chain_rate}
-        if draft and (chain_rate > spec_rate or not self.has_model):
+        # the model's tree holds the chains too (its curve learnt from such trees): the chains alone only where
+        # the model's drafting does not pay (or there is no model)
+        if draft and (spec_rate <= plain_rate and not probe or not self.has_model):
             if not view.chains:
                 return False
             self._spent_ms = 0.0  # no draft model runs
@@ -224,7 +227,7 @@ class AdaptiveHost(AdaptivePolicy):
         feats[..., 3], feats[..., 4] = depth[done:], rank[done:]
         feats[..., 5] = _np(view.temperature)[:, None]
         cond = np.concatenate([self._cond, self.predictor.predict(feats.reshape(-1, 6)).reshape(B, M)], 1)
-        score = np.concatenate([self._score, cond[:, done:]], 1)
+        score = np.concatenate([self._path, cond[:, done:]], 1)
         parents, rows = _np(tree.parents), np.arange(B)[:, None]
         for d in range(int(depth[done]), int(depth[-1]) + 1):  # new levels, parents before children
             idx = np.arange(done, N) if depth[done] == depth[-1] else done + np.nonzero(depth[done:] == d)[0]
@@ -234,13 +237,34 @@ class AdaptiveHost(AdaptivePolicy):
             score[:, :D] = view.chain_score
             cond[:, :D] = view.chain_score / np.maximum(np.concatenate([np.ones((B, 1)), view.chain_score[:, :-1]],
                                                                        1), 1e-9)
-        self._score, self._cond, self._depth, self._rank = score, cond, depth, rank
+        self._path, self._cond, self._depth, self._rank = score, cond, depth, rank
+        self._score = self._without_duplicates(tree, view, score, done, D)
         tree.score.copy_(torch.from_numpy(score))  # into the drafter's buffers: the next level reads them there
         if tree.cond is None:
             tree.cond = torch.from_numpy(cond).to(tree.score.device)
         else:
             tree.cond.copy_(torch.from_numpy(cond))
         self._score_s = time.perf_counter() - t0
+
+    def _without_duplicates(self, tree: DraftTree, view: StepView, path: np.ndarray, done: int, D: int) -> np.ndarray:
+        """The scores `select` ranks by: a model node whose path spells the chain's first tokens is the chain's node
+        again (one event, whichever is verified), so it counts nothing; its children still count (alternatives to
+        the chain's next token)."""
+        if not D or view.chain_tokens is None or path.shape[1] == D:
+            return path
+        B, N = path.shape
+        tokens, parents, depth = _np(tree.tokens), _np(tree.parents), _np(tree.depth)
+        dup = np.concatenate([self._dup, np.zeros((B, N - done), dtype=bool)], 1) if done else np.zeros((B, N), bool)
+        rows = np.arange(B)
+        for i in range(max(done, D), N):  # parents come first
+            d = depth[i]
+            if d > D:
+                continue
+            p = parents[:, i]
+            above = np.where(p < 0, True, dup[rows, np.maximum(p, 0)])
+            dup[:, i] = above & (tokens[:, i] == view.chain_tokens[:, d - 1])
+        self._dup = dup
+        return np.where(dup, 0.0, path)
 
     def deeper(self, tree: DraftTree, view: StepView) -> bool:
         """Marginal analysis: another level of width w pays if the expected tokens of the nodes it would add that
@@ -272,7 +296,7 @@ class AdaptiveHost(AdaptivePolicy):
         for j in range(self.topk):
             c = np.sort(self._cond[:, newest & (self._rank == j)], axis=None)  # (np.quantile: 30x slower here)
             keep[j] = c[int(0.9 * (c.size - 1))] if c.size else 0.0
-        p_new = -np.sort(-score[:, newest], axis=1)  # [B, M] best first
+        p_new = -np.sort(-self._path[:, newest], axis=1)  # [B, M] best first (duplicates of chain nodes too)
         best_w, best_rate = 0, now
         for w in self.widths:
             if w > p_new.shape[1]:

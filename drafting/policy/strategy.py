@@ -27,6 +27,8 @@ class StepView:
     node_cap: int = 1 << 30  # tree nodes per sample the K/V memory has room for this step
     chains: int = 0  # live samples with a rollout chain this step (`drafting.runtime.rollout_drafts`)
     chain_score: np.ndarray | None = None  # [B, chain depth] its nodes' predicted path acceptance (0: no node)
+    chain_max: int = 0  # the longest of this step's chains
+    chain_tokens: np.ndarray | None = None  # [B, chain depth] their tokens (past a row's chain: 0)
 
 
 @dataclass(frozen=True)

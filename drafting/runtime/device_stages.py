@@ -85,8 +85,8 @@ class DeviceStages:
         host, D = counts is not None, self.stages.chain
         if host:
             T = 1 + int(counts.max())
-        elif self.policy.kind == "static":  # its best shape.nodes model nodes and the whole chain
-            T = 1 + min(shape.nodes, size - D) + D
+        elif self.policy.kind == "static":  # its best shape.nodes model nodes and the whole chain (the longest row's)
+            T = 1 + min(shape.nodes, size - D) + min(view.chain_max, D)
         else:
             T = 1 + min(shape.nodes, size)
         # on the device path the verify sees every node slot (the tree's size is on the device), so its graph

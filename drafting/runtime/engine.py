@@ -117,7 +117,8 @@ class Engine:
             strategy = adaptive(self.load_calibration(), mode=self.adaptive_mode)
             strategy.has_model = self.draft is not None
         s = parse_strategy(strategy)
-        check_strategy(s, self.draft is not None, self.target.shape.vocab_size, self.scratch - self.stages.chain)
+        check_strategy(s, self.draft is not None or not getattr(s, "has_model", True), self.target.shape.vocab_size,
+                       self.scratch - self.stages.chain)
         self.strategy = self.stages.policy = self.backend.policy = s
         if s.max_depth > 0 or self.rollout is not None:
             self.stages.ensure_drafter()
@@ -233,7 +234,8 @@ class Engine:
             self.admit()
         if not self.slots.live:
             return []
-        want = min(self.strategy.pool + self.stages.chain, self.scratch - 1) if self.strategy.max_depth else 0
+        drafts = self.strategy.max_depth and self.draft is not None  # (the model's nodes come after the chain's)
+        want = min(self.strategy.pool + self.stages.chain, self.scratch - 1) if drafts else 0
         view = self.slots.view(admission.make_room(self.slots, max(want, self.stages.chain), self._preempt))
         if self.rollout is not None:
             with timer.host("rollout"):
@@ -348,6 +350,8 @@ class Engine:
         self._steps = self._sample_steps = self._accepted = self._tokens = 0
         self._time = 0.0
         self._counts = collections.Counter(preemptions=0, resumed=0, prefill_tokens=0, shared_tokens=0)
+        if getattr(self, "rollout", None) is not None:
+            self.rollout.reset_counts()
 
     def stats(self) -> EngineStats:
         ss = max(self._sample_steps, 1)

@@ -33,6 +33,10 @@ class RolloutDrafts:
         self.h_score = torch.zeros(S, self.depth, dtype=torch.float32, pin_memory=pinned)
         self.h_len = torch.zeros(S, dtype=torch.long, pin_memory=pinned)
         self._drafts: list = []  # this step's chains, by row
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Zero the counts `summary` reports (with the engine's stats); the index and the predictor stay."""
         self.counts = {"steps": 0, "sample_steps": 0, "chains": 0, "verified": 0, "matched": 0, "accepted": 0,
                        **{f"accepted_{s}": 0 for s in SOURCES}, **{f"chains_{s}": 0 for s in SOURCES}}
         self.lookup_s = 0.0
@@ -74,7 +78,8 @@ class RolloutDrafts:
         st.chain_tok[:B].copy_(self.h_tok[:B], non_blocking=True)
         st.chain_score[:B].copy_(self.h_score[:B], non_blocking=True)
         st.chain_len[:B].copy_(self.h_len[:B], non_blocking=True)
-        view.chains, view.chain_score = chains, score.copy()
+        view.chains, view.chain_score, view.chain_max = chains, score.copy(), int(length.max()) if B else 0
+        view.chain_tokens = np.where(np.arange(D)[None, :] < length[:, None], tok, -1)
         self.lookup_s += time.perf_counter() - t0
 
     def commit(self, live: list[GenRequest], out: np.ndarray, W: int, emitted: np.ndarray) -> None:

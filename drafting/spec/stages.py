@@ -261,7 +261,7 @@ class Stages:
         last = torch.minimum(t, (width - 1).clamp(min=0)[:, None])  # [B, W]
         tail = torch.arange(W, device=self.device)[None, None, :] <= last[:, :, None]  # [B, W, W]
         at = (width - 1).clamp(min=0)[:, None] if want_logits else None
-        if model is self.draft:  # the draft source catches up (a head also keeps its feature at the root)
+        if cache is self.dcache:  # the draft source catches up (a head also keeps its feature at the root)
             return self.source.catch_up(rows, tokens, positions, write_pos, start, tail, kv_len, at, want_logits)
         return model.forward(tokens, positions, cache, rows, write_pos=write_pos, prefix=start, tail=tail,
                              kv_len=kv_len, logits_at=at, want_logits=want_logits)
