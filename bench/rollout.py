@@ -149,6 +149,7 @@ def median_row(runs: list[dict], **fields) -> dict:
                 "mean_tokens_per_step": statistics.median(r.get("mean_tokens_per_step", 0.0) for r in runs),
                 "acceptance_rate": statistics.median(r["acceptance_rate"] for r in runs),
                 "steps": statistics.median(r["steps"] for r in runs), "tokens": runs[0]["tokens"],
+                "seconds": statistics.median(r["seconds"] for r in runs),
                 "repeats": len(runs)})
     return row
 
@@ -493,6 +494,25 @@ def ratios(rows: list[dict]) -> dict:
         out[f"{phase}/adaptive_over_best_fixed"] = by["adaptive"] / by["oracle"]
         out[f"{phase}/adaptive_over_none"] = by["adaptive"] / by["none"]
         out[f"{phase}/adaptive_over_best_of_fixed_and_none"] = by["adaptive"] / max(by["oracle"], by["none"])
+        out.update(rollout_draft_ratios(phase, {r["name"]: r for r in rows if r["phase"] == phase}))
+    return out
+
+
+def rollout_draft_ratios(phase: str, row: dict) -> dict:
+    """Rollout drafts' targets within one phase: tokens per step alone and beside the model's chain, wall-clock
+    under adaptive, and the host time of their lookups and index updates against a plain step's."""
+    out = {}
+    if "adaptive+rollout_drafts" in row and "adaptive" in row:
+        out[f"{phase}/adaptive+rollout_drafts_over_adaptive"] = (row["adaptive+rollout_drafts"]["tokens_per_s"]
+                                                                 / row["adaptive"]["tokens_per_s"])
+    if "chain:4+rollout_drafts" in row and "chain:4" in row:
+        out[f"{phase}/chain:4+rollout_drafts_over_chain:4_tokens_per_step"] = (
+            row["chain:4+rollout_drafts"]["mean_tokens_per_step"] / row["chain:4"]["mean_tokens_per_step"])
+    if "rollout_drafts" in row:
+        out[f"{phase}/rollout_drafts_tokens_per_step"] = row["rollout_drafts"]["mean_tokens_per_step"]
+        plain_ms = row["none"]["seconds"] * 1000 / max(row["none"]["steps"], 1)
+        out[f"{phase}/rollout_drafts_lookup_share_of_plain_step"] = (
+            row["rollout_drafts"]["rollout"]["lookup_ms_per_step"] / plain_ms)
     return out
 
 

@@ -80,6 +80,17 @@ def test_tokens_do_not_depend_on_strategy_batch_or_rollout_drafts(models, calibr
         assert summary["chain_accepted"] > 0, (name, summary)  # chains really were accepted
 
 
+def test_a_chain_never_costs_the_model_its_nodes(models):  # noqa: F811
+    """Rows with short chains or none beside rows with long ones: each still verifies all of the model's chain."""
+    target, draft = models
+    reqs = requests(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=14))  # no history: chains vary
+    alone = SpeculativeEngine(target, draft, strategy="chain:4", max_slots=64, max_len=32)
+    both = SpeculativeEngine(target, draft, strategy="chain:4", max_slots=64, max_len=32, rollout_drafts=SuffixConfig())
+    assert run(both, reqs) == run(alone, reqs)
+    assert 0 < both.rollout_summary()["chain_accepted"]
+    assert both.stats().mean_tokens_per_step >= alone.stats().mean_tokens_per_step
+
+
 def test_sampled_tokens_have_target_distribution_with_chains(models):  # noqa: F811
     """The chain drafts a fixed token (from the history) at the first position: accepted when the target samples
     it, rejected otherwise; the first token is ~ p either way, and so is the one after an accepted chain node."""

@@ -200,8 +200,9 @@ class Stages:
                             self._chain_outcome(vt, target, acc, allowed) if D else None)
 
     def _device_choice(self, tree, B: int, T: int, policy: str) -> torch.Tensor:
-        """Each row's nodes on the device path: its T - 1 best by score; a static strategy verifies its T - 1 -
-        chain best model nodes and its whole chain. A chain's nodes past the row's chain are never verified."""
+        """Each row's nodes on the device path: its T - 1 best by score; a static strategy verifies its whole chain
+        and fills the rest of the width with its best model nodes (T - 1 = the strategy's nodes and the longest
+        chain). A chain's nodes past the row's chain are never verified."""
         D = self.chain
         if not D:
             return close_under_ancestors(tree, top_per_sample(tree.score, T - 1))
@@ -210,7 +211,8 @@ class Stages:
         invalid = (j[None, :] < D) & ~in_chain
         if policy == "static":
             model = tree.score.masked_fill(j[None, :] < D, float("-inf"))
-            chosen = top_per_sample(model, T - 1 - D) & (j[None, :] >= D) & (model > float("-inf")) | in_chain
+            room = (T - 1 - self.chain_len[:B]).clamp(min=0)
+            chosen = top_per_sample(model, room) & (j[None, :] >= D) & (model > float("-inf")) | in_chain
         else:
             chosen = top_per_sample(tree.score.masked_fill(invalid, float("-inf")), T - 1)
             chosen &= (tree.score > float("-inf")) & ~invalid
