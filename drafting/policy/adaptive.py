@@ -175,6 +175,7 @@ class AdaptiveHost(AdaptivePolicy):
         # the tree's path acceptance / own acceptance / depth / sibling rank as numpy (small arrays: cheaper)
         self._score = self._cond = self._path = np.zeros((0, 0))  # (_score: _path less duplicates of chain nodes)
         self._dup = np.zeros((0, 0), dtype=bool)
+        self._chain_cond = np.zeros((0, 0))  # this step's chains' own estimates (`ChainPredictor`)
         self._depth = self._rank = np.zeros(0, dtype=np.int64)
         self._chain = 0  # this step's rollout chain nodes (the tree's first), never expanded
 
@@ -234,11 +235,10 @@ class AdaptiveHost(AdaptivePolicy):
             if d > 1:
                 score[:, idx] *= score[rows, parents[:, idx]]
         if done == 0 and D:  # the rollout chains, scored by their own predictor (`RolloutDrafts.stage`)
-            score[:, :D] = view.chain_score
-            cond[:, :D] = view.chain_score / np.maximum(np.concatenate([np.ones((B, 1)), view.chain_score[:, :-1]],
-                                                                       1), 1e-9)
+            self._chain_cond = view.chain_score / np.maximum(
+                np.concatenate([np.ones((B, 1)), view.chain_score[:, :-1]], 1), 1e-9)
         self._path, self._cond, self._depth, self._rank = score, cond, depth, rank
-        self._score = self._without_duplicates(tree, view, score, done, D)
+        self._score = self._with_chains(tree, view, score, cond, done, D)
         tree.score.copy_(torch.from_numpy(score))  # into the drafter's buffers: the next level reads them there
         if tree.cond is None:
             tree.cond = torch.from_numpy(cond).to(tree.score.device)
@@ -246,25 +246,47 @@ class AdaptiveHost(AdaptivePolicy):
             tree.cond.copy_(torch.from_numpy(cond))
         self._score_s = time.perf_counter() - t0
 
-    def _without_duplicates(self, tree: DraftTree, view: StepView, path: np.ndarray, done: int, D: int) -> np.ndarray:
-        """The scores `select` ranks by: a model node whose path spells the chain's first tokens is the chain's node
-        again (one event, whichever is verified), so it counts nothing; its children still count (alternatives to
-        the chain's next token)."""
-        if not D or view.chain_tokens is None or path.shape[1] == D:
+    def _with_chains(self, tree: DraftTree, view: StepView, path: np.ndarray, cond: np.ndarray, done: int,
+                     D: int) -> np.ndarray:
+        """The chains' nodes scored against the model's tree so far (written into `path` and `cond`), and the scores
+        `select` ranks by. Where a model node's path spells the chain's first tokens it is the chain's node again:
+        one event, which the model's predictor (reading the draft's probabilities) estimates better than the chain's
+        cell rate, so the chain node takes its estimate and the model node counts nothing (its children still
+        count: alternatives to the chain's next token). Where the chain's token differs from the model's children
+        of the same node, the children's estimates bound the chain's: the target picks one token there."""
+        if not D or view.chain_tokens is None:
             return path
         B, N = path.shape
         tokens, parents, depth = _np(tree.tokens), _np(tree.parents), _np(tree.depth)
         dup = np.concatenate([self._dup, np.zeros((B, N - done), dtype=bool)], 1) if done else np.zeros((B, N), bool)
         rows = np.arange(B)
-        for i in range(max(done, D), N):  # parents come first
-            d = depth[i]
-            if d > D:
-                continue
-            p = parents[:, i]
-            above = np.where(p < 0, True, dup[rows, np.maximum(p, 0)])
-            dup[:, i] = above & (tokens[:, i] == view.chain_tokens[:, d - 1])
+        chain = self._chain_cond.copy()
+        for d in range(1, D + 1):
+            idx = D + np.nonzero(depth[D:] == d)[0]  # the model's nodes at this depth
+            if not idx.size:
+                break
+            p = parents[:, idx]
+            on_chain = np.where(p < 0, True, dup[rows[:, None], np.maximum(p, 0)])  # children of the chain's node
+            same = on_chain & (tokens[:, idx] == view.chain_tokens[:, d - 1:d])
+            dup[:, idx] |= same
+            c = cond[:, idx]
+            other = np.where(on_chain & ~same, c, 0.0).sum(1)
+            chain[:, d - 1] = np.where(same.any(1), np.where(same, c, 0.0).max(1),
+                                       np.minimum(chain[:, d - 1], np.clip(1.0 - other, 0.0, 1.0)))
         self._dup = dup
+        live = view.chain_tokens >= 0
+        cond[:, :D] = np.where(live, chain, 0.0)
+        path[:, :D] = np.cumprod(cond[:, :D], axis=1)
         return np.where(dup, 0.0, path)
+
+    def _model_scores(self) -> np.ndarray:
+        """The model's nodes alone (their own estimates, the chains left out): what the level decisions weigh, so
+        that the model's tree grows as it would without rollout drafts; `select` then ranks both."""
+        if not self._chain:
+            return self._score
+        score = self._path.copy()
+        score[:, :self._chain] = 0.0
+        return score
 
     def deeper(self, tree: DraftTree, view: StepView) -> bool:
         """Marginal analysis: another level of width w pays if the expected tokens of the nodes it would add that
@@ -277,7 +299,7 @@ class AdaptiveHost(AdaptivePolicy):
         if self._depth[-1] >= self.max_depth:
             return False
         t0 = time.perf_counter()
-        B, ctx, score, corr = self._B, self._ctx, self._score, self.correction
+        B, ctx, score, corr = self._B, self._ctx, self._model_scores(), self.correction
         if self._bar is None:  # the first level: the exact best prefix sets the bar
             best = self._best_prefix(score)
             n_tok, width = B + best["k"], best["width"]
