@@ -36,6 +36,42 @@ class InstanceStats:
     step_ms: float = 0.0  # mean wall time of one engine step so far
 
 
+# the rollout drafts' summary (`Engine.rollout_summary`): sizes of the index now, whose peak over a rollout is its
+# figure; every other number is a count since the engine started, or a ratio of counts
+ROLLOUT_GAUGES = ("index_docs", "index_index_tokens", "index_index_entries", "index_groups", "index_live")
+
+
+def _sample_steps(summary: dict) -> float:
+    """The summary's sample-steps since the engine started: its own count, or chains / chains_per_step."""
+    if "sample_steps" in summary:
+        return summary["sample_steps"]
+    chains = sum(v for k, v in summary.items() if k.startswith("chains_") and k != "chains_per_step")
+    per_step = summary.get("chains_per_step", 0)
+    return chains / per_step if per_step else 0.0
+
+
+def rollout_window(now: dict, last: dict, peaks: dict | None = None) -> dict:
+    """The rollout drafts' work between two summaries of one engine, as numbers that add up over instances: counts
+    as differences; a per-sample-step ratio `X_per_step[_Y]` as its count `X[_Y]` (the ratio times the sample-steps,
+    `sample_steps` the window's); other ratios (`*_rate`, `lookup_ms_per_step`) left out, made again from the counts;
+    the index's sizes as their peaks (`peaks`: the largest seen since `last`, sampled during the rollout)."""
+    out: dict = {}
+    ss_now, ss_last = _sample_steps(now), _sample_steps(last)
+    for key, value in now.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key in ROLLOUT_GAUGES:
+            out[key] = max(value, (peaks or {}).get(key, value))
+        elif key.endswith("_rate") or key.startswith("lookup_ms"):
+            continue
+        elif "_per_step" in key:
+            out[key.replace("_per_step", "")] = value * ss_now - last.get(key, 0) * ss_last
+        elif key != "sample_steps":
+            out[key] = value - last.get(key, 0)
+    out["sample_steps"] = ss_now - ss_last
+    return out
+
+
 class GenerationInstance:
     """Thin actor: requests in, finished rollouts out; all decoding logic lives in `drafting/`."""
 
@@ -43,11 +79,14 @@ class GenerationInstance:
                  max_len: int, device: str = "cpu", threads: int = 1, dtype: str = "float32",
                  calibration: str | None = "auto", attention: str = "auto", cuda_graphs: bool = True,
                  compile: bool = True, profile_budget_s: float | None = None, profile_fallback: str = "none",
-                 kv: dict | None = None):
+                 kv: dict | None = None, rollout_drafts=None):
         """profile_budget_s, profile_fallback: with strategy adaptive, calibration 'auto' and no profile of the
         pair here yet, the engine decodes with the fallback strategy while the pair is profiled (within the
         budget) between its steps, then switches (`drafting.calibrate.first_use.FirstUse`). kv: the engine's K/V
-        cache settings (kv_cache, kv_block, kv_bytes, swap_bytes)."""
+        cache settings (kv_cache, kv_block, kv_bytes, swap_bytes). rollout_drafts: a `drafting.spec.suffix.
+        SuffixConfig` (chains from the rollout itself: the sample's text, its request group, the history each
+        request brings) or None (off). The history itself is the driver's: it comes with the requests, so a
+        replaced instance loses nothing."""
         torch.set_num_threads(threads)
         self.index = index
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
@@ -55,6 +94,10 @@ class GenerationInstance:
                                  calibration=calibration, attention=attention, cuda_graphs=cuda_graphs,
                                  compile=compile, profile_budget_s=profile_budget_s, profile_fallback=profile_fallback,
                                  kv=kv or {})
+        self._rollout_drafts = rollout_drafts
+        self._rollout_last: dict = {}  # the engine's rollout-draft counts at the last rollout_summary
+        self._rollout_peaks: dict = {}  # the index's largest sizes since then (sampled at each collect)
+        self._rollout_sample_at = 0.0  # when they are sampled next
         self._start_engine(strategy, max_slots)
         self._lock = threading.Lock()
         self._work = threading.Event()
@@ -82,29 +125,37 @@ class GenerationInstance:
     def _start_engine(self, strategy: str, max_slots: int) -> None:
         """A new engine from the model files (the weights of no push), and what a new instance starts with."""
         a = self._engine_args
-        first_use = bool(a["draft_path"]) and profile_needed(strategy, a["calibration"])
+        # drafts come from a draft model, or from the rollout alone (model.draft null, rollout drafts on)
+        drafts = bool(a["draft_path"]) or self._rollout_drafts is not None
+        first_use = drafts and profile_needed(strategy, a["calibration"])
         self.engine = SpeculativeEngine(a["actor_path"], a["draft_path"],
                                         strategy=a["profile_fallback"] if first_use else strategy,
                                         max_slots=max_slots, max_len=a["max_len"], device=self.device,
                                         dtype=getattr(torch, a["dtype"]),
-                                        calibration=a["calibration"] if a["draft_path"] else None,
+                                        calibration=a["calibration"] if drafts else None,
                                         attention=a["attention"], cuda_graphs=a["cuda_graphs"], compile=a["compile"],
-                                        **a["kv"])
+                                        **a["kv"], **self._rollout_kwargs())
         self._first_use = FirstUse.start(self.engine, strategy, a["profile_fallback"], a["profile_budget_s"],
                                          report=self._say) if first_use else None
         self.weight_version = self.draft_version = 0
         self.saturation_live: int | None = None  # resolve_saturation() reads it when a balancer needs it
 
-    def restart(self, strategy: str, max_slots: int) -> int:
+    def _rollout_kwargs(self) -> dict:
+        """The engine's rollout_drafts argument; left out when off (the same as None)."""
+        return {} if self._rollout_drafts is None else {"rollout_drafts": self._rollout_drafts}
+
+    def restart(self, strategy: str, max_slots: int, rollout_drafts=None) -> int:
         """Start over as a new instance would, in this process (benchmarks run many short runs on one set of
-        actors): a new engine from the model files with this strategy and slot count; the groups stay. Only
-        between runs: it refuses while a sample is in flight, so none is dropped."""
+        actors): a new engine from the model files with this strategy, slot count and rollout drafts (a
+        SuffixConfig or None); the groups stay. Only between runs: it refuses while a sample is in flight, so none
+        is dropped."""
         self._check()
         with self._lock:
             busy = len(self.engine.live) + len(self.engine.queue) + len(self._finished) + len(self._withheld)
             if busy or self._orders or self._first_use is not None:
                 raise RuntimeError(f"generation instance {self.index}: restart with {busy} samples in flight, "
                                    f"{len(self._orders)} migration orders open or a first-use profile running")
+            self._rollout_drafts, self._rollout_last, self._rollout_peaks = rollout_drafts, {}, {}
             self._start_engine(strategy, max_slots)
             self._recent.clear()
             self._tokens_seen = 0
@@ -189,6 +240,8 @@ class GenerationInstance:
         while True:
             self._check()
             with self._lock:
+                if time.monotonic() > self._rollout_sample_at:  # the fleet polls while a rollout runs
+                    self._note_rollout_peaks()
                 if self._finished or time.monotonic() >= deadline:
                     out, self._finished = self._finished, []
                     return out
@@ -214,6 +267,30 @@ class GenerationInstance:
         out = {k: v - last.get(k, 0) for k, v in now.items()}
         out["kv_peak_frac"] = s.kv_blocks_peak / s.kv_blocks if s.kv_blocks else 0.0
         return out
+
+    def rollout_summary(self) -> dict:
+        """The rollout drafts' figures since the last call (`rollout_window`): chains and the tokens they had
+        accepted, by source, history hits, lookups and their time, the index's size; {} when they are off."""
+        if self._rollout_drafts is None or not hasattr(self.engine, "rollout_summary"):
+            return {}
+        with self._lock:
+            now = dict(self.engine.rollout_summary() or {})
+        out = rollout_window(now, self._rollout_last, self._rollout_peaks)
+        self._rollout_last, self._rollout_peaks = now, {}
+        return out
+
+    def _note_rollout_peaks(self) -> None:
+        """The index's sizes now (under the step lock): their peaks are the rollout's figures (a group's index goes
+        when its last sample leaves, so after a rollout it is empty)."""
+        if self._rollout_drafts is None or not hasattr(self.engine, "rollout_summary"):
+            return
+        start = time.monotonic()
+        now = self.engine.rollout_summary() or {}
+        # a summary walks the index, and the step loop waits meanwhile: at most 2% of the time, 5 times a second
+        self._rollout_sample_at = time.monotonic() + max(0.2, 50 * (time.monotonic() - start))
+        for key in ROLLOUT_GAUGES:
+            if key in now:
+                self._rollout_peaks[key] = max(self._rollout_peaks.get(key, 0), now[key])
 
     def drafting_summary(self) -> dict:
         """What the draft strategy did since the last call (plain steps, nodes, levels, predicted vs realised

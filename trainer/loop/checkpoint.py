@@ -1,6 +1,7 @@
 """Checkpoints every k iterations: DeepSpeed states (weights + optimizer) for policy and critic, the actor
 in Hugging Face format, the draft trainer's weights and optimizer (online draft adaptation), and the driver's
-own state (data cursor, RNG, reward statistics, W&B run id).
+own state (data cursor, RNG, reward statistics, W&B run id, and with rollout drafts the history of earlier
+epochs' responses per prompt, in history.json beside driver.json).
 
 A checkpoint cannot lie: it is written aside (`.iter_NNNNN.partial`), its manifest of file sizes last, and only
 then renamed into place; resume takes the newest checkpoint whose files match its manifest and names any it
@@ -21,6 +22,7 @@ import torch
 from trainer.loop.deadline import wait
 
 MANIFEST = "manifest.json"
+HISTORY = "history.json"  # the driver's HistoryStore (rollout drafts), apart from driver.json: it may run to MBs
 NAME = re.compile(r"^iter_(\d{5,})$")
 
 
@@ -53,9 +55,11 @@ def damage(path: Path) -> str | None:
 
 class CheckpointManager:
     def __init__(self, root: str, every: int, policy, critic, draft=None, keep: int = 0,
-                 timeout_s: float | None = None, log=print):
-        """keep: the newest `keep` checkpoints stay on disk (0: all); timeout_s: the deadline of a save or load."""
+                 timeout_s: float | None = None, log=print, history=None):
+        """keep: the newest `keep` checkpoints stay on disk (0: all); timeout_s: the deadline of a save or load;
+        history: the driver's HistoryStore (rollout drafts on), saved with each checkpoint and restored from it."""
         self.root, self.every, self.keep, self.timeout_s, self.log = Path(root) / "checkpoints", every, keep, timeout_s, log
+        self.history = history
         self.attach(policy, critic, draft)
 
     def attach(self, policy, critic, draft=None) -> None:
@@ -72,8 +76,7 @@ class CheckpointManager:
         path.mkdir(parents=True)
         wait(self.trainer_calls("save_checkpoint", path) + [self.policy.actors[0].save_hf.remote(str(path / "actor_hf"))],
              self.timeout_s, f"checkpoint save of {final.name}")
-        state = driver_state(iteration + 1, sampler, reward_moments, run_id)
-        (path / "driver.json").write_text(json.dumps(state))
+        write_driver_state(path, driver_state(iteration + 1, sampler, reward_moments, run_id, self.history))
         write_manifest(path)
         if final.exists():  # the same iteration saved before a rewind: the redone one is the same state
             shutil.rmtree(final)
@@ -129,15 +132,18 @@ class CheckpointManager:
         path = path or self.latest(report=True)
         if path is None:
             raise FileNotFoundError(f"trainer.resume=true but no complete checkpoint under {self.root}")
-        state = json.loads((path / "driver.json").read_text())
+        state = read_driver_state(path)
         wait(self.trainer_calls("load_checkpoint", path), self.timeout_s, f"checkpoint load of {path.name}")
-        load_driver_state(state, sampler, reward_moments)
+        load_driver_state(state, sampler, reward_moments, self.history)
+        state.pop("history", None)
         return {**state, "path": str(path)}
 
 
-def driver_state(completed: int, sampler, reward_moments, run_id: str | None) -> dict:
-    """What the driver itself needs to go on from here: the data cursor, reward statistics, RNGs."""
-    return {
+def driver_state(completed: int, sampler, reward_moments, run_id: str | None, history=None) -> dict:
+    """What the driver itself needs to go on from here: the data cursor, reward statistics, RNGs, and the
+    rollout drafts' history (a HistoryStore's state, when given): a rewind to this state redoes the iterations
+    after it with the same drafts, so exactly (the tokens never depend on drafts; the steps and times do)."""
+    state = {
         "completed_iterations": completed,
         "data": sampler.state(),
         "reward_moments": reward_moments.state_dict(),
@@ -145,11 +151,35 @@ def driver_state(completed: int, sampler, reward_moments, run_id: str | None) ->
         "rng": {"python": list(random.getstate()[1]), "numpy": _numpy_state(),
                 "torch": torch.get_rng_state().tolist()},
     }
+    if history is not None:
+        state["history"] = history.state_dict()
+    return state
 
 
-def load_driver_state(state: dict, sampler, reward_moments) -> None:
+def write_driver_state(path: Path, state: dict) -> None:
+    """driver.json, and the history (if the state holds one) in history.json beside it."""
+    state = dict(state)
+    history = state.pop("history", None)
+    if history is not None:
+        (path / HISTORY).write_text(json.dumps(history, separators=(",", ":")))
+    (path / "driver.json").write_text(json.dumps(state))
+
+
+def read_driver_state(path: Path) -> dict:
+    """A checkpoint's driver state as `write_driver_state` wrote it (with "history" when it saved one)."""
+    state = json.loads((path / "driver.json").read_text())
+    if (path / HISTORY).is_file():
+        state["history"] = json.loads((path / HISTORY).read_text())
+    return state
+
+
+def load_driver_state(state: dict, sampler, reward_moments, history=None) -> None:
+    """The driver's state back in place; `history` (the run's HistoryStore, rollout drafts on) becomes the state's,
+    or empty when the state has none (saved with rollout drafts off)."""
     sampler.load_state(state["data"])
     reward_moments.load_state_dict(state["reward_moments"])
+    if history is not None:
+        history.load_state_dict(state.get("history") or type(history)(history.cfg).state_dict())
     rng = state["rng"]
     random.setstate((3, tuple(rng["python"]), None))
     keys, pos, has_gauss, gauss = rng["numpy"]

@@ -17,7 +17,8 @@ from trainer.loop.checkpoint import CheckpointManager
 from trainer.loop.data import Prompt, PromptSampler
 from trainer.loop.deadline import wait
 from trainer.core.experience import Experience, make_sequences
-from trainer.loop.rollout import RolloutFleet
+from trainer.loop.rollout import RolloutFleet, rollout_draft_metrics
+from trainer.loop.rollout import history_store as new_history_store
 from trainer.loop.tracking import Tracking
 
 
@@ -45,10 +46,52 @@ def request_seed(seed: int, iteration: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, position]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def prompt_id(prompt: Prompt) -> int:
+    """The key of a prompt's history (earlier epochs' responses): its row in the prompt file. Stable across
+    shuffles, epochs and resumes (a checkpoint's data cursor refuses another file), small to keep and to save; two
+    rows of the same text keep separate histories, which costs only drafts."""
+    return prompt.index
+
+
+def training_requests(cfg: Config, prompts: list[Prompt], iteration: int, history=None) -> tuple[list, dict]:
+    """An iteration's requests, samples_per_prompt per prompt, adjacent, and {request id: (prompt, sample)}. The
+    samples of prompt i form request group "iteration:i" (rollout drafts: siblings draft from each other), and each
+    brings the prompt's history from the driver's HistoryStore (None: rollout drafts off)."""
+    g, k = cfg.generation, cfg.trainer.samples_per_prompt
+    requests, owners = [], {}
+    for i, prompt in enumerate(prompts):
+        earlier = history.get(prompt_id(prompt)) if history is not None else None
+        for s in range(k):
+            rid = f"{iteration}:{i}:{s}"
+            sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                      max_new_tokens=g.max_new_tokens,
+                                      seed=request_seed(cfg.seed, iteration, i * k + s))
+            requests.append(GenRequest(rid, list(prompt.token_ids), sampling, group=f"{iteration}:{i}",
+                                       history=earlier))
+            owners[rid] = (prompt, s)
+    return requests, owners
+
+
+def eval_requests(cfg: Config, eval_prompts: list[Prompt]) -> list:
+    """The held-out prompts, greedy then one sample each with seeds fixed across evaluations. No request group and
+    no history: an evaluation drafts from its own text only, and its outputs never feed the history."""
+    g = cfg.generation
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=g.max_new_tokens, seed=0)
+    requests = [GenRequest(f"eval:{i}", list(p.token_ids), greedy) for i, p in enumerate(eval_prompts)]
+    requests += [GenRequest(f"eval-sampled:{i}", list(p.token_ids),
+                            SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                           max_new_tokens=g.max_new_tokens,
+                                           seed=request_seed(cfg.seed, EVAL_STREAM, i)))
+                 for i, p in enumerate(eval_prompts)]
+    return requests
+
+
 class Driver:
     def __init__(self, cfg: Config, actors, tokenizer, sampler: PromptSampler, tracking: Tracking,
                  checkpoints: CheckpointManager, reward_moments: algo.RunningMoments,
-                 eval_prompts: list[Prompt] = ()):
+                 eval_prompts: list[Prompt] = (), history_store=None):
+        """history_store: the run's HistoryStore (rollout drafts on; `trainer/loop/run.py:train` keeps it across
+        rewinds and the checkpoints save it); None with rollout drafts on makes one for this driver."""
         self.cfg, self.tokenizer, self.sampler = cfg, tokenizer, sampler
         self.fleet: RolloutFleet = actors.fleet
         self.policy, self.critic = actors.policy, actors.critic
@@ -60,6 +103,8 @@ class Driver:
         self.reference, self.reward = actors.reference, actors.reward  # Restartable: made again if they die
         self.restarts = getattr(actors, "restarts", None)
         self.history: list[dict] = []  # the iterations done so far (a rewind keeps those before its checkpoint)
+        # earlier epochs' responses per prompt (rollout drafts), the driver's: an instance may be replaced
+        self.history_store = history_store if history_store is not None else new_history_store(cfg.generation)
         self.iteration: int | None = None  # the one in progress
         self.tracking, self.checkpoints = tracking, checkpoints
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -114,16 +159,9 @@ class Driver:
     def evaluate(self) -> dict:
         """The fixed held-out prompts, scored like the training rewards: greedy, and one sample each at the
         rollout temperature (the policy RL optimises) with seeds fixed across evaluations."""
-        g = self.cfg.generation
-        greedy = SamplingParams(temperature=0.0, max_new_tokens=g.max_new_tokens, seed=0)
-        requests = [GenRequest(f"eval:{i}", list(p.token_ids), greedy) for i, p in enumerate(self.eval_prompts)]
-        requests += [GenRequest(f"eval-sampled:{i}", list(p.token_ids),
-                                SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                               max_new_tokens=g.max_new_tokens,
-                                               seed=request_seed(self.cfg.seed, EVAL_STREAM, i)))
-                     for i, p in enumerate(self.eval_prompts)]
-        outputs = self.fleet.run(requests)  # request order: greedy outputs first, then sampled
+        outputs = self.fleet.run(eval_requests(self.cfg, self.eval_prompts))  # greedy outputs first, then sampled
         self.fleet.drafting_metrics()  # the evaluation's steps stay out of the next rollout's drafting figures
+        self.fleet.rollout_summaries()  # ... and out of its rollout-draft figures
         n, prompts = len(self.eval_prompts), self.eval_prompts * 2
         seqs, attn, _ = make_sequences([p.token_ids for p in prompts], [o.token_ids for o in outputs], self.pad_id)
         texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
@@ -141,16 +179,8 @@ class Driver:
     # --- phases --------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], iteration: int) -> tuple[list[Rollout], dict]:
         """Every prompt x sample goes out once and comes back once, spread over the instances."""
-        g, k = self.cfg.generation, self.cfg.trainer.samples_per_prompt
-        requests, owners = [], {}
-        for i, prompt in enumerate(prompts):
-            for s in range(k):
-                rid = f"{iteration}:{i}:{s}"
-                sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                          max_new_tokens=g.max_new_tokens,
-                                          seed=request_seed(self.cfg.seed, iteration, i * k + s))
-                requests.append(GenRequest(rid, list(prompt.token_ids), sampling))
-                owners[rid] = (prompt, s)
+        k = self.cfg.trainer.samples_per_prompt
+        requests, owners = training_requests(self.cfg, prompts, iteration, self.history_store)
         t0 = time.perf_counter()
         outputs = self.fleet.run(requests, progress=self.cfg.tracking.progress, group_size=k)
         elapsed = time.perf_counter() - t0
@@ -166,6 +196,9 @@ class Driver:
         if stale:
             raise RuntimeError(f"{len(stale)} rollouts of iteration {iteration} were decoded with weight version "
                                f"{stale[0].stats['weight_version']}, not the pushed {self.weight_version}")
+        if self.history_store is not None:  # after the whole rollout: this iteration's siblings drafted live
+            for r in rollouts:
+                self.history_store.add(prompt_id(r.prompt), r.token_ids)
         steps = sum(r.stats.get("steps", 0) for r in rollouts)
         accepted = sum(r.stats.get("accepted", 0) for r in rollouts)
         drafted = sum(r.stats.get("drafted", 0) for r in rollouts)
@@ -182,7 +215,11 @@ class Driver:
             **self.fleet.balance_metrics(),  # migrations, samples moved, bytes, frozen time (balancer on)
             **self.fleet.drafting_metrics(),  # plain steps, nodes, levels, predicted vs realised acceptance
             **self.fleet.kv_metrics(),  # preemptions, prompt tokens prefilled and shared, pool occupancy
+            # rollout drafts: chain tokens accepted per step by source, hit rates, index size, lookup time
+            **rollout_draft_metrics(self.fleet.rollout_summaries(), steps, elapsed, len(self.fleet.alive)),
         }
+        if self.history_store is not None:
+            metrics.update({f"history/{key}": v for key, v in self.history_store.stats().items()})
         return rollouts, metrics
 
     def make_experience(self, rollouts: list[Rollout]) -> tuple[Experience, dict]:
@@ -295,8 +332,8 @@ class Driver:
         acceptance = metrics.get("draft/acceptance")
         if acceptance is None and metrics.get("rollout/acceptance_rate"):
             acceptance = metrics["rollout/acceptance_rate"]
-        if acceptance is None or self.cfg.generation.strategy == "none":
-            return {}
+        if acceptance is None or self.cfg.generation.strategy == "none" or self.cfg.model.draft is None:
+            return {}  # (no draft model: rollout drafts alone, nothing for a draft verdict to judge)
         g, t = self.cfg.generation, self.cfg.trainer
         live = metrics.get("drafting/live_mean") or t.prompts_per_iteration * t.samples_per_prompt / g.num_instances
         ctx = self._mean_prompt_len + metrics.get("response/length_mean", 0.0) / 2

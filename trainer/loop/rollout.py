@@ -14,7 +14,7 @@ from tqdm import tqdm
 from actors.generation import GenerationInstanceActor
 from actors.load_balancer import LoadBalancerActor, OrderResult, order_line
 from actors.weight_sync import ACTOR_SRC, DRAFT_SRC
-from configs.schema import BalancerConfig, GenerationConfig
+from configs.schema import BalancerConfig, GenerationConfig, rollout_drafts_on
 from migration.planner import MigrationOrder
 from trainer.loop.deadline import Stuck, wait
 from trainer.loop.recovery import probe, ray_reason
@@ -24,14 +24,18 @@ class RolloutError(RuntimeError):
     pass
 
 
-def assign(n: int, workers: int, assignment: str, group_size: int = 1) -> list[list[int]]:
-    """Request positions per worker. round_robin: request k to worker k % workers. chunk: contiguous slices of
-    whole groups (the samples of one prompt stay together, as Verl splits a batch), sizes differing by one group."""
+def assign(n: int, workers: int, assignment: str, group_size: int = 1, whole_groups: bool = False) -> list[list[int]]:
+    """Request positions per worker; the `group_size` samples of one prompt are adjacent. round_robin: request k to
+    worker k % workers, or with `whole_groups` (rollout drafts on: siblings draft from each other, so a group stays
+    on one instance) group g to worker g % workers. chunk: contiguous slices of whole groups (the samples of one
+    prompt stay together, as Verl splits a batch), sizes differing by one group."""
+    groups = [list(range(g, min(g + group_size, n))) for g in range(0, n, max(group_size, 1))]
     if assignment == "round_robin":
-        return [list(range(w, n, workers)) for w in range(workers)]
+        if not whole_groups or group_size <= 1:
+            return [list(range(w, n, workers)) for w in range(workers)]
+        return [[i for grp in groups[w::workers] for i in grp] for w in range(workers)]
     if assignment != "chunk":
         raise ValueError(f"generation.assignment: {assignment!r} is not one of round_robin, chunk")
-    groups = [list(range(g, min(g + group_size, n))) for g in range(0, n, group_size)]
     base, extra = divmod(len(groups), workers)
     out, g = [], 0
     for w in range(workers):
@@ -60,6 +64,56 @@ def kv_settings(gen: GenerationConfig) -> dict:
             "kv_bytes": None if gen.kv_memory_gb is None else int(gen.kv_memory_gb * GiB)}
 
 
+def suffix_config(gen: GenerationConfig):
+    """The engine's rollout drafts (`drafting.spec.suffix.SuffixConfig`) from the generation config; None when
+    generation.rollout_drafts resolves to off."""
+    if not rollout_drafts_on(gen):
+        return None
+    from drafting.spec.suffix import SuffixConfig
+
+    r = gen.rollout
+    return SuffixConfig(min_match=r.min_match, max_match=r.max_match, max_depth=r.max_depth, min_count=r.min_count,
+                        history_per_prompt=r.history_per_prompt,
+                        history_bytes=int(r.history_mb * (1 << 20))).validate("generation.rollout")
+
+
+def history_store(gen: GenerationConfig):
+    """The run's HistoryStore (earlier epochs' responses per prompt, kept by the driver across iterations and
+    checkpoints, never by an instance), or None when rollout drafts are off."""
+    cfg = suffix_config(gen)
+    if cfg is None:
+        return None
+    from drafting.spec.suffix import HistoryStore
+
+    return HistoryStore(cfg)
+
+
+SOURCES = ("self", "sibling", "history")  # drafting.spec.suffix.SOURCES: where a rollout chain came from
+
+
+def rollout_draft_metrics(sums: dict, sample_steps: int, seconds: float, instances: int) -> dict:
+    """`rollout/*` of the rollout drafts from the instances' summed windows (`GenerationInstance.rollout_summary`):
+    the counts as they are, chain tokens accepted per sample-step (in all and by source), the hit rates of the
+    lookups (any chain, a history chain), the index's peak size, and the share of the instances' rollout time spent
+    in lookups and index updates."""
+    if not sums:
+        return {}
+    out = {f"rollout/{k.replace('index_index_', 'index_')}": v for k, v in sums.items()}
+    steps = max(sums.get("sample_steps") or sample_steps, 1)  # the engines' own count, else the outputs'
+    if "chain_tokens" in sums:
+        out["rollout/chain_tokens_per_step"] = sums["chain_tokens"] / steps
+    for src in SOURCES:
+        if f"chain_tokens_{src}" in sums:
+            out[f"rollout/chain_tokens_per_step_{src}"] = sums[f"chain_tokens_{src}"] / steps
+    lookups = sums.get("index_lookups", 0)
+    if lookups:
+        out["rollout/hit_rate"] = sums.get("index_hits", 0) / lookups
+        out["rollout/history_hit_rate"] = sums.get("chains_history", 0) / lookups
+    if "index_lookup_s" in sums and seconds > 0:
+        out["rollout/lookup_frac"] = sums["index_lookup_s"] / (seconds * max(instances, 1))
+    return out
+
+
 class RolloutFleet:
     def __init__(self, gen: GenerationConfig, actor_path: str, draft_path: str, dtype: str = "float32",
                  balancer: BalancerConfig | None = None, restarts=None, sync_timeout_s: float = 120.0,
@@ -67,13 +121,14 @@ class RolloutFleet:
         """restarts: the run's Restarts (a replaced instance spends one); sync_timeout_s: the weight group's op
         timeout; call_timeout_s: the deadline of every wait on an instance."""
         device = "cuda" if gen.gpus_per_instance > 0 else "cpu"
+        self.rollout_drafts = suffix_config(gen)  # None: off; on, a request group stays on one instance
         # threads for collect, the balancer's polls, and both ends of migration orders beside the step loop
         cls = GenerationInstanceActor.options(num_cpus=gen.cpus_per_instance, num_gpus=gen.gpus_per_instance,
                                               max_concurrency=8)
         self._make = lambda i: cls.remote(i, actor_path, draft_path, gen.strategy, gen.max_slots, gen.max_len,  # noqa: E731
                                           device, gen.threads_per_instance, dtype, gen.calibration, gen.attention,
                                           gen.cuda_graphs, gen.compile, gen.profile_budget_s, gen.profile_fallback,
-                                          kv_settings(gen))
+                                          kv_settings(gen), self.rollout_drafts)
         self.restarts, self.sync_timeout_s, self.timeout_s = restarts, sync_timeout_s, call_timeout_s
         self.instances = [self._make(i) for i in range(gen.num_instances)]
         wait([inst.ping.remote() for inst in self.instances], self.timeout_s, "generation instance start-up")
@@ -99,7 +154,9 @@ class RolloutFleet:
         paths, instance count and devices stay those the fleet was made with."""
         if not self.alive or len(self.alive) != gen.num_instances:
             raise RolloutError(f"restart: {len(self.alive)} live instances, the run wants {gen.num_instances}")
-        ray.get([self.instances[i].restart.remote(gen.strategy, gen.max_slots) for i in self.alive])
+        self.rollout_drafts = suffix_config(gen)
+        ray.get([self.instances[i].restart.remote(gen.strategy, gen.max_slots, self.rollout_drafts)
+                 for i in self.alive])
         self.assignment = gen.assignment
         self._weight_group_ready = False
         self._saturation_read = False
@@ -121,7 +178,8 @@ class RolloutFleet:
         if len(by_id) != len(requests):
             raise RolloutError("duplicate request ids in one rollout")
         owner = {}  # request id -> the instance that holds it, until its output is in
-        split = assign(len(requests), len(self.alive), self.assignment, group_size)
+        # (positional: bench/faults.py swaps `assign` for a split of its own)
+        split = assign(len(requests), len(self.alive), self.assignment, group_size, self.rollout_drafts is not None)
         for inst, positions in zip(self.alive, split):
             owner.update({requests[k].request_id: inst for k in positions})
         balancing = self.balancer_cfg.enabled and len(self.alive) > 1
@@ -343,6 +401,19 @@ class RolloutFleet:
                                                                   "shared_tokens")}
         out["rollout/kv_peak_frac"] = max((p["kv_peak_frac"] for p in parts), default=0.0)
         return out
+
+    def rollout_summaries(self) -> dict:
+        """The rollout drafts' windows since the last call (`GenerationInstance.rollout_summary`), summed over the
+        live instances ({} when they are off); `rollout_draft_metrics` makes the tracker's `rollout/*` of them."""
+        if self.rollout_drafts is None:
+            return {}
+        parts = wait([self.instances[i].rollout_summary.remote() for i in self.alive], self.timeout_s,
+                     "rollout draft summaries")
+        sums: dict = {}
+        for part in parts:
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0) + v
+        return sums
 
     def stats(self) -> list:
         return ray.get([self.instances[i].stats.remote() for i in self.alive])

@@ -107,7 +107,7 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
     """`adaptive` without a profile of this pair here profiles it on first use. When the draft's distillation
     record (DRAFT/distill.json) says drafting cannot pay on any hardware, adaptive could only ever decode plain:
     the run decodes plain from the start (generation.strategy none, so no draft trainer either), with one line.
-    True when it did."""
+    True when it did (rollout drafts on auto go off with adaptive; the line says so)."""
     from drafting.calibrate.first_use import profile_needed
     from drafting.policy.verdict import distilled_acceptance, forward_cost, upper_bound
 
@@ -128,7 +128,9 @@ def skip_hopeless_profile(cfg: Config, paths: RunPaths, log=print) -> bool:
     log(f"draft verdict: acceptance {acceptance:.2f} per drafted token ({paths.draft}/distill.json): drafting "
         f"cannot pay on any hardware (at most x{bound:.2f}), so adaptive would only decode plain -> this "
         f"run skips the first-use profile and decodes plain (generation.strategy=none); train the draft longer, "
-        f"or use another kind of draft (fewer layers, or a head)", flush=True)
+        f"or use another kind of draft (fewer layers, or a head)"
+        + ("; rollout drafts (generation.rollout_drafts auto) go off with adaptive" if g.rollout_drafts == "auto"
+           else ""), flush=True)
     g.strategy = "none"
     return True
 
@@ -167,11 +169,13 @@ def train(cfg: Config, actors: RLActors, checked) -> list[dict]:
     from trainer.loop.data import PromptSampler
     from trainer.loop.driver import Driver
     from trainer.loop.recovery import RestartsExhausted
+    from trainer.loop.rollout import history_store
     from trainer.loop.tracking import Tracking
 
     t = cfg.trainer
+    history = history_store(cfg.generation)  # rollout drafts' earlier responses per prompt (None: off), the run's
     checkpoints = CheckpointManager(t.output_dir, t.save_every, actors.policy, actors.critic, actors.draft,
-                                    keep=t.keep_checkpoints, timeout_s=t.call_timeout_s)
+                                    keep=t.keep_checkpoints, timeout_s=t.call_timeout_s, history=history)
     sampler = PromptSampler(checked.prompts, cfg.seed, cfg.data.shuffle)
     tokenizer, eval_prompts = checked.tokenizer, checked.eval_prompts
     reward_moments = algo.RunningMoments()
@@ -182,13 +186,14 @@ def train(cfg: Config, actors: RLActors, checked) -> list[dict]:
         print(f"resumed from {state['path']} after {start} iterations", flush=True)
     # the run's start is a checkpoint too: a death before the first save rewinds here (trainers from the
     # initial weights, or from the checkpoint resumed)
-    origin = json.loads(json.dumps(driver_state(start, sampler, reward_moments, run_id)))
+    origin = json.loads(json.dumps(driver_state(start, sampler, reward_moments, run_id, history)))
     tracking = Tracking(cfg.tracking.project, cfg.tracking.run_name, cfg.to_dict(), cfg.tracking.wandb,
                         cfg.tracking.wandb_mode, t.output_dir, resume_id=run_id)
     rows: dict[int, dict] = {}  # iteration -> its metrics, each iteration once
     try:
         while True:
-            driver = Driver(cfg, actors, tokenizer, sampler, tracking, checkpoints, reward_moments, eval_prompts)
+            driver = Driver(cfg, actors, tokenizer, sampler, tracking, checkpoints, reward_moments, eval_prompts,
+                            history_store=history)
             try:
                 driver.sync_weights(start)  # instances start from exactly the trainers' weights (resumed ones too)
                 driver.fit(start)
@@ -240,6 +245,6 @@ def rewind(cfg: Config, paths: RunPaths, actors: RLActors, checkpoints, origin: 
     if path is not None:
         checkpoints.restore(sampler, reward_moments, path)
     else:
-        load_driver_state(origin, sampler, reward_moments)
+        load_driver_state(origin, sampler, reward_moments, checkpoints.history)  # (the history as at the start)
     actors.fleet.reset_weight_group()  # new senders: the next push forms the group anew
     return completed

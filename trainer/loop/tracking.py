@@ -6,10 +6,12 @@ import sys
 
 from tqdm import tqdm
 
-CONSOLE = {"eval/score": "eval_score", "eval/exact": "eval_exact", "score/mean": "score", "reward/mean": "reward", "kl/mean": "kl", "loss/policy": "pg_loss",
-           "loss/value": "v_loss", "response/length_mean": "len", "rollout/tokens_per_s": "gen_tok/s",
-           "rollout/mean_accepted": "acc/step", "draft/loss": "draft_loss", "time/iteration": "s/iter", "time/generate": "gen_s",
-           "time/make_experience": "exp_s", "time/update": "upd_s", "time/weight_sync": "sync_s"}
+CONSOLE = {"eval/score": "eval_score", "eval/exact": "eval_exact", "score/mean": "score", "reward/mean": "reward",
+           "kl/mean": "kl", "loss/policy": "pg_loss", "loss/value": "v_loss", "response/length_mean": "len",
+           "rollout/tokens_per_s": "gen_tok/s", "rollout/mean_accepted": "acc/step",
+           "rollout/chain_tokens_per_step": "chain/step", "draft/loss": "draft_loss", "time/iteration": "s/iter",
+           "time/generate": "gen_s", "time/make_experience": "exp_s", "time/update": "upd_s",
+           "time/weight_sync": "sync_s"}
 
 
 class Tracking:
