@@ -65,7 +65,7 @@ def rollout_window(now: dict, last: dict, peaks: dict | None = None) -> dict:
         elif key.endswith("_rate") or key.startswith("lookup_ms"):
             continue
         elif "_per_step" in key:
-            out[key.replace("_per_step", "")] = value * ss_now - last.get(key, 0) * ss_last
+            out[key.replace("_per_step", "")] = round(value * ss_now - last.get(key, 0) * ss_last, 6)  # float noise
         elif key != "sample_steps":
             out[key] = value - last.get(key, 0)
     out["sample_steps"] = ss_now - ss_last
@@ -96,7 +96,7 @@ class GenerationInstance:
                                  kv=kv or {})
         self._rollout_drafts = rollout_drafts
         self._rollout_last: dict = {}  # the engine's rollout-draft counts at the last rollout_summary
-        self._rollout_peaks: dict = {}  # the index's largest sizes since then (sampled at each collect)
+        self._rollout_peaks: dict = {}  # the index's largest sizes since then (sampled between steps)
         self._rollout_sample_at = 0.0  # when they are sampled next
         self._start_engine(strategy, max_slots)
         self._lock = threading.Lock()
@@ -211,6 +211,8 @@ class GenerationInstance:
                         out.stats.update(weight_version=self.weight_version, draft_version=self.draft_version,
                                          instance=self.index)  # where it finished (migrations move samples)
                         (self._withheld if out.request_id in self._unconfirmed else self._finished).append(out)
+                    if busy and time.monotonic() > self._rollout_sample_at:
+                        self._note_rollout_peaks()
                     stats = self.engine.stats()
                     self._note_tokens(stats.tokens)
                     with self._calls_lock:
@@ -240,8 +242,6 @@ class GenerationInstance:
         while True:
             self._check()
             with self._lock:
-                if time.monotonic() > self._rollout_sample_at:  # the fleet polls while a rollout runs
-                    self._note_rollout_peaks()
                 if self._finished or time.monotonic() >= deadline:
                     out, self._finished = self._finished, []
                     return out
@@ -286,8 +286,8 @@ class GenerationInstance:
             return
         start = time.monotonic()
         now = self.engine.rollout_summary() or {}
-        # a summary walks the index, and the step loop waits meanwhile: at most 2% of the time, 5 times a second
-        self._rollout_sample_at = time.monotonic() + max(0.2, 50 * (time.monotonic() - start))
+        # a summary walks the index, and the next step waits meanwhile: at most 2% of the time, 10 times a second
+        self._rollout_sample_at = time.monotonic() + max(0.1, 50 * (time.monotonic() - start))
         for key in ROLLOUT_GAUGES:
             if key in now:
                 self._rollout_peaks[key] = max(self._rollout_peaks.get(key, 0), now[key])
