@@ -28,7 +28,7 @@ import torch
 from drafting.policy.calibration import Calibration
 from drafting.policy.predictor import AcceptancePredictor, DevicePredictor
 from drafting.policy.strategy import DraftStrategy, StepShape, StepView
-from drafting.spec.tree import DraftTree
+from drafting.spec.tree import DraftTree, graft_chain
 
 CURVE = 24  # nodes per sample the plain-or-draft estimate looks at
 PROBE_AFTER = 16  # plain steps in a row after which one drafting step refreshes what drafting would gain
@@ -85,7 +85,8 @@ class AdaptivePolicy(DraftStrategy):
         # profile's times drift with the machine and the workload (on the tiny world, steps at 64 live samples
         # ran 10-40% over the profile, steps at a few live samples matched it), and the nodes a selection picks
         # are those the predictor likes most, so at a full batch it likes them too much (the winner's curse)
-        self.corrections = {k: np.ones(CORRECTION_BUCKETS) for k in ("plain_ms", "draft_ms", "accepted")}
+        # ("chain": the rollout chains' accepted tokens over their prediction, apart from the model's nodes)
+        self.corrections = {k: np.ones(CORRECTION_BUCKETS) for k in ("plain_ms", "draft_ms", "accepted", "chain")}
         self.correction = {k: 1.0 for k in self.corrections}  # this step's bucket
 
     @property
@@ -119,7 +120,7 @@ class AdaptivePolicy(DraftStrategy):
         runs): the best prefix of all chain nodes by predicted path acceptance, as `select` would pick it."""
         if not view.chains or view.chain_score is None:
             return 0.0
-        score = view.chain_score
+        score = view.chain_score * self.correction["chain"]
         B = score.shape[0]
         order = np.argsort(-score.ravel(), kind="stable")
         K = int((score > 0).sum())
@@ -140,6 +141,9 @@ class AdaptivePolicy(DraftStrategy):
             ratios["draft_ms"] = real_ms / max(log["plan_predicted_ms"], 1e-6)
             if log["plan_predicted_accepted"] > 0.5:
                 ratios["accepted"] = log["accepted"] / log["plan_predicted_accepted"]
+            if log.get("plan_predicted_chain", 0.0) > 0.5:  # (its own correction is already in the prediction)
+                ratios["chain"] = (self.correction["chain"] * log.get("chain_accepted", 0)
+                                   / log["plan_predicted_chain"])
         b = bucket(log["live"])
         for k, r in ratios.items():
             self.corrections[k][b] = 0.9 * self.corrections[k][b] + 0.1 * min(max(r, 0.5), 2.0)
@@ -174,7 +178,6 @@ class AdaptiveHost(AdaptivePolicy):
         self._policy_spent = 0.0  # the part of _spent_ms that is this policy's own time
         # the tree's path acceptance / own acceptance / depth / sibling rank as numpy (small arrays: cheaper)
         self._score = self._cond = self._path = np.zeros((0, 0))  # (_score: _path less duplicates of chain nodes)
-        self._dup = np.zeros((0, 0), dtype=bool)
         self._chain_cond = np.zeros((0, 0))  # this step's chains' own estimates (`ChainPredictor`)
         self._depth = self._rank = np.zeros(0, dtype=np.int64)
         self._chain = 0  # this step's rollout chain nodes (the tree's first), never expanded
@@ -222,12 +225,14 @@ class AdaptiveHost(AdaptivePolicy):
         D = self._chain = 0 if view.chain_score is None else view.chain_score.shape[1]
         depth, rank = _np(tree.depth).copy(), _np(tree.rank)
         depth[:D] = 1  # a chain needs no model level: for planning, its nodes are all at the first
-        feats = np.empty((B, M, 6))
+        lo = max(done, D)  # the model's new nodes (a chain's are scored by its own predictor, below)
+        feats = np.empty((B, N - lo, 6))
         for j, t in enumerate((tree.value, tree.q, tree.margin)):
-            feats[..., j] = _np(t)[:, done:]
-        feats[..., 3], feats[..., 4] = depth[done:], rank[done:]
+            feats[..., j] = _np(t)[:, lo:]
+        feats[..., 3], feats[..., 4] = depth[lo:], rank[lo:]
         feats[..., 5] = _np(view.temperature)[:, None]
-        cond = np.concatenate([self._cond, self.predictor.predict(feats.reshape(-1, 6)).reshape(B, M)], 1)
+        cond = np.concatenate([self._cond, np.zeros((B, lo - done)),
+                               self.predictor.predict(feats.reshape(-1, 6)).reshape(B, N - lo)], 1)
         score = np.concatenate([self._path, cond[:, done:]], 1)
         parents, rows = _np(tree.parents), np.arange(B)[:, None]
         for d in range(int(depth[done]), int(depth[-1]) + 1):  # new levels, parents before children
@@ -237,8 +242,10 @@ class AdaptiveHost(AdaptivePolicy):
         if done == 0 and D:  # the rollout chains, scored by their own predictor (`RolloutDrafts.stage`)
             self._chain_cond = view.chain_score / np.maximum(
                 np.concatenate([np.ones((B, 1)), view.chain_score[:, :-1]], 1), 1e-9)
+            cond[:, :D] = self._chain_cond
+            score[:, :D] = view.chain_score * self.correction["chain"]  # (until `_merge_chains`)
         self._path, self._cond, self._depth, self._rank = score, cond, depth, rank
-        self._score = self._with_chains(tree, view, score, cond, done, D)
+        self._score = score
         tree.score.copy_(torch.from_numpy(score))  # into the drafter's buffers: the next level reads them there
         if tree.cond is None:
             tree.cond = torch.from_numpy(cond).to(tree.score.device)
@@ -246,38 +253,50 @@ class AdaptiveHost(AdaptivePolicy):
             tree.cond.copy_(torch.from_numpy(cond))
         self._score_s = time.perf_counter() - t0
 
-    def _with_chains(self, tree: DraftTree, view: StepView, path: np.ndarray, cond: np.ndarray, done: int,
-                     D: int) -> np.ndarray:
-        """The chains' nodes scored against the model's tree so far (written into `path` and `cond`), and the scores
-        `select` ranks by. Where a model node's path spells the chain's first tokens it is the chain's node again:
-        one event, which the model's predictor (reading the draft's probabilities) estimates better than the chain's
-        cell rate, so the chain node takes its estimate and the model node counts nothing (its children still
-        count: alternatives to the chain's next token). Where the chain's token differs from the model's children
-        of the same node, the children's estimates bound the chain's: the target picks one token there."""
-        if not D or view.chain_tokens is None:
-            return path
+    def _merge_chains(self, tree: DraftTree, view: StepView) -> None:
+        """The chains against the model's finished tree. Where the model's nodes spell a chain's first r tokens the
+        two are one branch: the chain goes on from the model's node (`graft_chain`), whose estimate (read off the
+        draft's probabilities) stands for the shared prefix, and the chain's own first r nodes drop out. The first
+        node the chain adds there is bounded by the model's other children of that node (the target picks one
+        token), and the chain's nodes are scored as that node's path times their own acceptance, times what the
+        chains realised over their predictions lately."""
+        D, path, cond = self._chain, self._path, self._cond
         B, N = path.shape
+        if not D or N == D or view.chain_tokens is None:
+            return
         tokens, parents, depth = _np(tree.tokens), _np(tree.parents), _np(tree.depth)
-        dup = np.concatenate([self._dup, np.zeros((B, N - done), dtype=bool)], 1) if done else np.zeros((B, N), bool)
         rows = np.arange(B)
-        chain = self._chain_cond.copy()
+        spelled, other = np.full((B, D), -1), np.zeros((B, D))
+        prev, alive = np.full(B, -1), np.ones(B, dtype=bool)
         for d in range(1, D + 1):
-            idx = D + np.nonzero(depth[D:] == d)[0]  # the model's nodes at this depth
+            idx = D + np.nonzero(depth[D:] == d)[0]  # the model's nodes at depth d
             if not idx.size:
                 break
-            p = parents[:, idx]
-            on_chain = np.where(p < 0, True, dup[rows[:, None], np.maximum(p, 0)])  # children of the chain's node
-            same = on_chain & (tokens[:, idx] == view.chain_tokens[:, d - 1:d])
-            dup[:, idx] |= same
-            c = cond[:, idx]
-            other = np.where(on_chain & ~same, c, 0.0).sum(1)
-            chain[:, d - 1] = np.where(same.any(1), np.where(same, c, 0.0).max(1),
-                                       np.minimum(chain[:, d - 1], np.clip(1.0 - other, 0.0, 1.0)))
-        self._dup = dup
-        live = view.chain_tokens >= 0
-        cond[:, :D] = np.where(live, chain, 0.0)
-        path[:, :D] = np.cumprod(cond[:, :D], axis=1)
-        return np.where(dup, 0.0, path)
+            under = parents[:, idx] == prev[:, None]  # children of the chain's prefix so far (the root at first)
+            same = under & (tokens[:, idx] == view.chain_tokens[:, d - 1:d]) & alive[:, None]
+            has = same.any(1)
+            other[:, d - 1] = np.where(under & ~same, cond[:, idx], 0.0).sum(1)
+            spelled[:, d - 1] = np.where(has, idx[same.argmax(1)], -1)
+            alive &= has
+            prev = np.where(has, spelled[:, d - 1], prev)
+            if not alive.any():
+                break
+        r = np.cumprod(spelled >= 0, axis=1).sum(1)  # the prefix the model spells
+        at = np.where(r > 0, spelled[rows, np.maximum(r - 1, 0)], -1)
+        j = np.arange(D)[None, :]
+        chain = self._chain_cond.copy()
+        first = np.minimum(r, D - 1)
+        chain[rows, first] = np.where(r < D, np.minimum(chain[rows, first], np.clip(1.0 - other[rows, first], 0, 1)),
+                                      chain[rows, first])
+        own = j >= r[:, None]
+        base = np.where(r > 0, path[rows, np.maximum(at, 0)], 1.0)
+        scores = np.where(own & (view.chain_tokens >= 0),
+                          base[:, None] * np.cumprod(np.where(own, chain, 1.0), axis=1), 0.0)
+        self._score = path.copy()
+        self._score[:, :D] = scores * self.correction["chain"]
+        cond[:, :D] = np.where(own, chain, 0.0)
+        graft_chain(tree, torch.from_numpy(at).to(tree.parents.device), torch.from_numpy(r).to(tree.parents.device),
+                    D)
 
     def _model_scores(self) -> np.ndarray:
         """The model's nodes alone (their own estimates, the chains left out): what the level decisions weigh, so
@@ -342,11 +361,14 @@ class AdaptiveHost(AdaptivePolicy):
     def select(self, tree: DraftTree, view: StepView) -> torch.Tensor:
         if self._score.shape[1] != tree.size:  # the rollout chains alone: no level asked for scores yet
             self.score(tree, view)
+        self._merge_chains(tree, view)
         B, N = self._score.shape
         best = self._best_prefix(self._score)
         chosen = np.zeros(B * N, dtype=bool)
         chosen[best["order"][:best["k"]]] = True
+        chain = chosen.reshape(B, N)[:, :self._chain]
         self.decision.update({"rate": best["rate"], "nodes": best["k"],
+                              "predicted_chain": float(self._score[:, :self._chain][chain].sum()),
                               "predicted_accepted": best["gain"] / self.correction["accepted"],  # uncorrected
                               "predicted_ms": self._spent_ms - self._policy_spent + best["verify_ms"],  # models
                               "levels": tree.levels})

@@ -31,13 +31,14 @@ class ChainPredictor:
         a, t = self.accepted[c][:length], self.tested[c][:length]
         return (a + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
 
-    def observe(self, source: int, match: int, count: int, verified: int, matched: int) -> None:
-        """A verified chain's outcome: its first `matched` of `verified` nodes were the target's tokens. Those are
-        tested and accepted; the next one, if verified, tested and rejected; deeper ones untested."""
+    def observe(self, source: int, match: int, count: int, verified: int, matched: int, first: int = 0) -> None:
+        """A verified chain's outcome: of its `verified` nodes from node `first` on (those before it were the model's
+        nodes again: `drafting.spec.tree.graft_chain`), the first `matched` were the target's tokens. Those are tested
+        and accepted; the next one, if verified, tested and rejected; deeper ones untested."""
         c = self._cell(source, match, count)
         ok = min(matched, verified)
-        self.accepted[c][:ok] += 1
-        self.tested[c][:min(ok + 1, verified)] += 1
+        self.accepted[c][first:first + ok] += 1
+        self.tested[c][first:first + min(ok + 1, verified)] += 1
 
     def rates(self) -> dict:
         """Observed acceptance given the parent, per source (over all its cells): for metrics and notes."""

@@ -120,6 +120,8 @@ class Engine:
         check_strategy(s, self.draft is not None or not getattr(s, "has_model", True), self.target.shape.vocab_size,
                        self.scratch - self.stages.chain)
         self.strategy = self.stages.policy = self.backend.policy = s
+        if self.rollout is not None:  # adaptive verifies chains where they pay: where they never do, skip lookups
+            self.rollout.gate = s.kind == "adaptive"
         if s.max_depth > 0 or self.rollout is not None:
             self.stages.ensure_drafter()
 
@@ -288,6 +290,7 @@ class Engine:
         if self.rollout is not None:
             with timer.host("rollout"):
                 self.rollout.commit(self.slots.live, out, W, emitted)
+            timer.log["chain_accepted"] = self.rollout.last_accepted
         self._steps, self._sample_steps = self._steps + 1, self._sample_steps + len(out)
         self._accepted, self._tokens = self._accepted + int(accepted.sum()), self._tokens + int(emitted.sum())
         timer.log["accepted"] = int(accepted.sum())

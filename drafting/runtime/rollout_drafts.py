@@ -19,6 +19,12 @@ from drafting.spec.stages import Stages
 from drafting.spec.suffix import SOURCES, RolloutDrafter, SuffixConfig
 
 
+# with `gate` (the adaptive policy, which verifies a chain only where it pays): while the chains' accepted tokens
+# per sample-step stay below GATE_MIN (an EMA over the steps that looked them up), most steps skip the lookups,
+# which then cost more than the chains bring; every GATE_PROBE-th step still looks, so a change is seen
+GATE_MIN, GATE_PROBE = 0.02, 16
+
+
 class RolloutDrafts:
     """One per engine: the suffix index of its samples and groups, and the chains it stages for each step."""
 
@@ -33,6 +39,8 @@ class RolloutDrafts:
         self.h_score = torch.zeros(S, self.depth, dtype=torch.float32, pin_memory=pinned)
         self.h_len = torch.zeros(S, dtype=torch.long, pin_memory=pinned)
         self._drafts: list = []  # this step's chains, by row
+        self.gate = False  # skip lookups while the chains do not pay (set with the adaptive strategy)
+        self._yield, self._skipped, self._looked = 1.0, 0, False  # chain tokens per sample-step (EMA), skips
         self.reset_counts()
 
     def reset_counts(self) -> None:
@@ -62,7 +70,9 @@ class RolloutDrafts:
         buffers, and tell the policy through `view` (`chains`, `chain_score`)."""
         t0 = time.perf_counter()
         B, D = len(live), self.depth
-        self._drafts = self.index.drafts([q.request_id for q in live])
+        self._looked = not (self.gate and self._yield < GATE_MIN and self._skipped < GATE_PROBE)
+        self._skipped = 0 if self._looked else self._skipped + 1
+        self._drafts = self.index.drafts([q.request_id for q in live]) if self._looked else [None] * B
         tok, score, length = self.h_tok[:B].numpy(), self.h_score[:B].numpy(), self.h_len[:B].numpy()
         tok.fill(0), score.fill(0.0), length.fill(0)
         chains = 0
@@ -87,6 +97,7 @@ class RolloutDrafts:
         chain's outcome (the stage's extra columns: verified, matched, accepted; zeros after a plain step) into the
         predictor and the counts."""
         t0 = time.perf_counter()
+        before = self.counts["accepted"]
         self.counts["steps"] += 1
         self.counts["sample_steps"] += len(live)
         for b, q in enumerate(live):
@@ -97,14 +108,17 @@ class RolloutDrafts:
             src = SOURCES[d.source]
             self.counts["chains"] += 1
             self.counts[f"chains_{src}"] += 1
-            verified, matched, accepted = (int(x) for x in out[b, W + 4:W + 7])
+            verified, matched, accepted, first = (int(x) for x in out[b, W + 4:W + 8])
             if verified:
-                self.predictor.observe(d.source, d.match, d.count, verified, matched)
+                self.predictor.observe(d.source, d.match, d.count, verified, matched, first)
             self.counts["verified"] += verified
             self.counts["matched"] += min(matched, verified)
             self.counts["accepted"] += accepted
             self.counts[f"accepted_{src}"] += accepted
         self._drafts = []
+        self.last_accepted = self.counts["accepted"] - before  # this step's chain tokens on the emitted paths
+        if self._looked and live:
+            self._yield = 0.9 * self._yield + 0.1 * self.last_accepted / len(live)
         self.lookup_s += time.perf_counter() - t0
 
     def summary(self) -> dict:
@@ -114,7 +128,7 @@ class RolloutDrafts:
         ss = max(c["sample_steps"], 1)
         out = {"chain_tokens_per_step": c["accepted"] / ss, "chains_per_step": c["chains"] / ss,
                "chain_verified": c["verified"], "chain_matched": c["matched"], "chain_accepted": c["accepted"],
-               "lookup_ms_per_step": 1000.0 * self.lookup_s / max(c["steps"], 1)}
+               "lookup_ms_per_step": 1000.0 * self.lookup_s / max(c["steps"], 1), "sample_steps": c["sample_steps"]}
         for s in SOURCES:
             out[f"chain_tokens_per_step_{s}"] = c[f"accepted_{s}"] / ss
             out[f"chains_{s}"] = c[f"chains_{s}"]

@@ -34,8 +34,9 @@ if TYPE_CHECKING:  # passed in: the models and their caches belong to the runtim
 
 MAX_DEPTH = 64  # RoPE table headroom beyond max_len for draft/verify node positions
 # per-row output columns after the emitted tokens: drafted, accepted, emitted, finish code, then the rollout chain's
-# nodes verified, matched (its leading nodes that equal the target's tokens) and accepted on the emitted path
-OUT_EXTRA = 7
+# nodes verified, matched (its leading nodes that equal the target's tokens), accepted on the emitted path, and the
+# depth - 1 of its first verified node (past the prefix the model's nodes spelled: `graft_chain`)
+OUT_EXTRA = 8
 RECORD_FEATURES = 6  # a verified node's record: path value, own probability, margin, depth, sibling rank, temperature
 
 
@@ -197,7 +198,7 @@ class Stages:
         self._record(tree, vt, acc)
         self.policy.summarize(tree, vt, acc, r["max_new"][:B] > 0, depth)
         self._write_outputs(acc.tokens, logp, vt.counts, acc.count - 1, allowed, finish,
-                            self._chain_outcome(vt, target, acc, allowed) if D else None)
+                            self._chain_outcome(tree, vt, target, acc, allowed) if D else None)
 
     def _device_choice(self, tree, B: int, T: int, policy: str) -> torch.Tensor:
         """Each row's nodes on the device path: its T - 1 best by score; a static strategy verifies its whole chain
@@ -218,18 +219,26 @@ class Stages:
             chosen &= (tree.score > float("-inf")) & ~invalid
         return close_under_ancestors(tree, chosen)
 
-    def _chain_outcome(self, vt, target: torch.Tensor, acc, allowed: torch.Tensor) -> torch.Tensor:
-        """[B, 3]: the chain's nodes verified, matched (its leading nodes whose tokens are the target's: chosen nodes
-        sort first, so chain node j is verify index j + 1) and accepted on the emitted path."""
-        D = self.chain
-        T = vt.tokens.shape[1]
-        j = torch.arange(min(D, T - 1), device=self.device)
-        verified = (vt.valid[:, 1:] & (vt.node < D)).sum(1)
-        ok = (vt.tokens[:, 1:1 + j.numel()] == target[:, :j.numel()]) & (j[None, :] < verified[:, None])
+    def _chain_outcome(self, tree, vt, target: torch.Tensor, acc, allowed: torch.Tensor) -> torch.Tensor:
+        """[B, 4]: the chain's nodes verified, matched (the leading ones whose tokens are the target's at their
+        parents), accepted on the emitted path, and the first one's index in the chain. Chosen nodes sort by tree
+        index, so the chain's verified nodes are verify indices 1..verified."""
+        D, dev = self.chain, self.device
+        B, T = vt.tokens.shape
+        c = T - 1
+        is_chain = vt.valid[:, 1:] & (vt.node < D)
+        verified = is_chain.sum(1)
+        inv = torch.zeros(B, tree.size + 1, dtype=torch.long, device=dev)  # tree index -> verify index
+        inv.scatter_(1, torch.where(vt.valid[:, 1:], vt.node, tree.size),
+                     torch.arange(1, T, device=dev).expand(B, c).contiguous())
+        par = tree.parents.gather(1, vt.node)  # [B, c]
+        pv = torch.where(par < 0, torch.zeros_like(par), inv.gather(1, par.clamp(min=0)))
+        ok = (vt.tokens[:, 1:] == target.gather(1, pv)) & is_chain
         matched = ok.long().cumprod(1).sum(1)
-        p = torch.arange(acc.path.shape[1], device=self.device)
+        p = torch.arange(acc.path.shape[1], device=dev)
         on_path = (acc.path >= 1) & (acc.path <= verified[:, None]) & (p[None, :] < (allowed - 1)[:, None])
-        return torch.stack([verified, matched, on_path.sum(1)], 1)
+        first = torch.where(verified > 0, vt.node[:, 0], 0)
+        return torch.stack([verified, matched, on_path.sum(1), first], 1)
 
     def prefill(self, row0: int, widths: list[int]) -> None:
         """Rows row0.. take their prompts' K/V in both caches (all but the last token: the next step's root), in
@@ -318,8 +327,8 @@ class Stages:
                        chain: torch.Tensor | None = None) -> None:
         B, W = tokens.shape
         self.out_tok[:B, :W] = tokens
-        self.out_tok[:B, -OUT_EXTRA:-3] = torch.stack([drafted, accepted, emitted, finish], dim=1)
-        self.out_tok[:B, -3:] = 0 if chain is None else chain
+        self.out_tok[:B, -OUT_EXTRA:-4] = torch.stack([drafted, accepted, emitted, finish], dim=1)
+        self.out_tok[:B, -4:] = 0 if chain is None else chain
         self.out_lp[:B, :W] = logp
 
     def _record(self, tree, vt, acc) -> None:

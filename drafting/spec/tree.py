@@ -98,6 +98,10 @@ class TreeDrafter:
         """The rows' chains into nodes [0, chain): tokens [B, D], score [B, D] their predicted path acceptance (0
         past a row's chain: a node never worth verifying)."""
         D = self.chain
+        j = torch.arange(D, device=tokens.device)
+        self.parents[:B, :D] = j - 1  # the chain's own shape (a step may have grafted it: `graft_chain`)
+        self.anc[:B, :D] = False
+        self.anc[:B, :D, :D] = j[None, :] <= j[:, None]
         self.tokens[:B, :D], self.score[:B, :D], self.value[:B, :D] = tokens, score, score
         self.cond[:B, :D] = score / torch.cat([torch.ones_like(score[:, :1]), score[:, :-1]], 1).clamp(min=1e-9)
         self.q[:B, :D], self.margin[:B, :D] = 1.0, 0.0
@@ -178,6 +182,26 @@ class TreeDrafter:
         self.anc[:B, new, new] |= torch.eye(M, dtype=torch.bool, device=dev)
         self.source_id[:B, new] = self.source.id
         return self.view(B, size + M, width)
+
+
+def graft_chain(tree: DraftTree, at: torch.Tensor, r: torch.Tensor, chain: int) -> None:
+    """Where the model's nodes spell the first r[b] tokens of row b's chain (the last of them model node at[b]),
+    the chain goes on from there: its node r[b] becomes a child of at[b], so the model's path and the chain's
+    continuation are verified once, as one branch (the chain's first r[b] nodes, the model's again, are left out).
+    r [B] (0: the chain stays on the root; chain: all of it is the model's), at [B] draft-tree indices."""
+    B, N = tree.parents.shape
+    dev = tree.parents.device
+    j = torch.arange(chain, device=dev)
+    rows = (r > 0) & (r < chain)
+    if not bool(rows.any()):
+        return
+    tree.parents[:, :chain] = torch.where(rows[:, None] & (j[None, :] == r[:, None]), at[:, None],
+                                          tree.parents[:, :chain])
+    base = tree.anc[torch.arange(B, device=dev), at.clamp(min=0)]  # [B, N] the graft point and its ancestors
+    col = torch.arange(N, device=dev)
+    own = (col[None, None, :] >= r[:, None, None]) & (col[None, None, :] <= j[None, :, None])  # [B, D, N]
+    moved = (rows[:, None] & (j[None, :] >= r[:, None]))[..., None]
+    tree.anc[:, :chain] = torch.where(moved, base[:, None, :] | own, tree.anc[:, :chain])
 
 
 def close_under_ancestors(tree: DraftTree, chosen: torch.Tensor) -> torch.Tensor:
