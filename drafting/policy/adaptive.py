@@ -221,7 +221,6 @@ class AdaptiveHost(AdaptivePolicy):
         t0 = time.perf_counter()
         done = self._score.shape[1]
         B, N = tree.tokens.shape
-        M = N - done
         D = self._chain = 0 if view.chain_score is None else view.chain_score.shape[1]
         depth, rank = _np(tree.depth).copy(), _np(tree.rank)
         depth[:D] = 1  # a chain needs no model level: for planning, its nodes are all at the first
@@ -337,7 +336,7 @@ class AdaptiveHost(AdaptivePolicy):
         for j in range(self.topk):
             c = np.sort(self._cond[:, newest & (self._rank == j)], axis=None)  # (np.quantile: 30x slower here)
             keep[j] = c[int(0.9 * (c.size - 1))] if c.size else 0.0
-        p_new = -np.sort(-self._path[:, newest], axis=1)  # [B, M] best first (duplicates of chain nodes too)
+        p_new = -np.sort(-self._path[:, newest], axis=1)  # [B, M] best first
         best_w, best_rate = 0, now
         for w in self.widths:
             if w > p_new.shape[1]:

@@ -16,7 +16,7 @@ import torch
 from drafting.policy.strategy import StepView
 from drafting.records import GenOutput, GenRequest, SampleState, SamplingParams
 from drafting.runtime.memory import DenseMemory, PagedMemory
-from drafting.spec.stages import OUT_EXTRA, Flags, Stages
+from drafting.spec.stages import Flags, Stages
 
 HOST_COUNTS = ("n", "dlen", "plen", "max_new", "steps", "drafted", "accepted")
 
@@ -135,7 +135,7 @@ class Slots:
                 for b, q in enumerate(self.live)]
 
     def commit(self, out: np.ndarray, lp: np.ndarray, W: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What a step emitted (its one read: tokens [B, W] then the OUT_EXTRA counts, log-probs [B, W]) into the
+        """What a step emitted (its one read: tokens [B, W] then the stages' OUT_EXTRA counts, log-probs [B, W]) into the
         host mirrors. Returns (accepted, emitted, finish code) per row."""
         B, h = len(out), self.h
         drafted, accepted, emitted, finish = (out[:, W + i] for i in range(4))
