@@ -1,5 +1,6 @@
 """The engine on one GPU, in one prepared call: speed against the roofline, kernels and host syncs per step,
-per-forward cost of speculative steps, correctness on CUDA, and the tiny world on the GPU.
+per-forward cost of speculative steps, correctness on CUDA, the tiny world on the GPU, and rollout drafts (chains
+from the rollout itself, alone and with the draft model) on the tiny world at 1, 16 and 64 live samples.
 
     RLHFSPEC_CACHE=DIR python -m bench.gpu --out FILE.json [--quick] [--budget-s 480]
     python -m bench.gpu --smoke --out /tmp/gpu.json     # the same script on CPU with small shapes (a test run)
@@ -17,6 +18,7 @@ that fails or runs out of time leaves the others' results."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -782,6 +784,136 @@ def section_head(b: Bench) -> None:
         b.save()
 
 
+# ---- rollout drafts --------------------------------------------------------------------------------------------
+ROLLOUT_ROWS = ["none", "rollout_drafts", "chain:4", "chain:4+rollout_drafts", "adaptive", "adaptive+rollout_drafts"]
+ROLLOUT_SAMPLES = 4  # a GRPO group: samples per prompt
+HISTORY_SEED_OFFSET, WARM_SEED_OFFSET = 10**6, 2 * 10**6
+
+
+def rollout_row_spec(name: str) -> dict:
+    """A rollout row's engine: the draft model or none, the strategy, rollout drafts on or off."""
+    base, rollout = name.split("+")[0], name.endswith("rollout_drafts")
+    if base in ("none", "rollout_drafts"):
+        return {"draft": False, "strategy": "none", "rollout": rollout}
+    return {"draft": True, "strategy": base, "rollout": rollout}
+
+
+def rollout_run(eng: SpeculativeEngine, prompts, live: int, new: int, seed: int, history=None,
+                tag: str = "run") -> dict:
+    """Every prompt x ROLLOUT_SAMPLES samples (group = prompt index, tagged by `tag` so that runs on one engine never
+    draft from each other's samples), at most `live` in flight (the next request added as one finishes, as a rollout's
+    queue feeds its slots), seeded sampling at temperature 1, to completion. `history`: prompt index -> earlier
+    responses. Whole-rollout figures (admissions and prefills included, the same in every row)."""
+    eng.reset_stats()
+    eng.step_log.clear()
+    pending = [(i, j) for i in range(len(prompts)) for j in range(ROLLOUT_SAMPLES)][::-1]
+    done, inflight = {}, 0
+    t0 = time.perf_counter()
+    while pending or inflight:
+        while pending and inflight < live:
+            i, j = pending.pop()
+            sp = SamplingParams(temperature=1.0, max_new_tokens=new, seed=seed + 1000 * i + j)
+            eng.add(GenRequest((tag, i, j), list(prompts[i]), sp, group=(tag, i),
+                               history=history.get(i) if history is not None else None))
+            inflight += 1
+        for o in eng.step():
+            done[o.request_id[1:]] = list(o.token_ids)
+            inflight -= 1
+    wall = time.perf_counter() - t0
+    log, st, rs = list(eng.step_log), eng.stats(), eng.rollout_summary()
+    total = sum(s["t_total"] for s in log)
+    tokens = sum(len(t) for t in done.values())
+    step_ms = 1000 * total / max(len(log), 1)
+    row = {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "steps": len(log), "step_ms": step_ms,
+           "live_mean": sum(s["live"] for s in log) / max(len(log), 1),
+           "mean_tokens_per_step": st.mean_tokens_per_step,
+           "plain_frac": 1 - len([s for s in log if not s.get("plain")]) / max(len(log), 1),
+           "chain_tokens_per_step": rs.get("chain_tokens_per_step", 0.0),
+           "chains_per_step": rs.get("chains_per_step", 0.0),
+           "lookup_ms_per_step": rs.get("lookup_ms_per_step", 0.0)}
+    row["lookup_share"] = row["lookup_ms_per_step"] / step_ms if step_ms else 0.0
+    for src in ("self", "sibling", "history"):
+        if f"chain_tokens_per_step_{src}" in rs:
+            row[f"chain_tokens_per_step_{src}"] = rs[f"chain_tokens_per_step_{src}"]
+    row["outputs"] = done
+    return row
+
+
+def section_rollout_drafts(b: Bench) -> None:
+    """Rollout drafts (chains looked up in the rollout itself: the sample's prompt and response, its GRPO group's
+    siblings, earlier responses to the same prompt) on the tiny world, alone and in one tree with the draft model's
+    nodes, at 1, 16 and 64 live samples (smoke: 1 and 4). live/4 prompts (at least one) x 4 samples, group = prompt;
+    history = the responses of one earlier plain rollout of the same prompts with other seeds (seed offset), as the
+    driver's HistoryStore hands them in. One engine per row, shared by the live counts (each run's groups its own);
+    each run is preceded by a warm-up on the same prompts with other seeds (graphs captured, adaptive learns).
+    `identical`: the row's tokens are plain decoding's (seeded sampling at temperature 1 is exact: all must be)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drafting.spec.suffix import HistoryStore, SuffixConfig
+    from trainer.tiny.bootstrap import world_at
+
+    world = world_at(tiny_dir())
+    tok = AutoTokenizer.from_pretrained(world.tokenizer_path)
+    with open(world.eval_prompts) as f:
+        rows = [json.loads(line) for line in f]
+    lives = [1, 4] if b.smoke else ([1, 64] if b.args.quick else [1, 16, 64])
+    new, repeats, seed = (16, 1, 11) if b.smoke else (72, 2, 11)
+    n_prompts = max(1, max(lives) // ROLLOUT_SAMPLES)
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows[:n_prompts]]
+    dt = torch.float32
+    actor = AutoModelForCausalLM.from_pretrained(world.actor_path, dtype=dt).to(b.dev).eval()
+    draft = AutoModelForCausalLM.from_pretrained(world.draft_path, dtype=dt).to(b.dev).eval()
+    t = time.perf_counter()
+    cal = tiny_calibration(actor, draft, b.dev, dt)
+    cal_s = time.perf_counter() - t
+    cfg = SuffixConfig()
+    engines = {}
+    for name in ROLLOUT_ROWS:
+        s = rollout_row_spec(name)
+        engines[name] = SpeculativeEngine(actor, draft if s["draft"] else None, strategy=s["strategy"],
+                                          max_slots=max(lives), max_len=160, device=b.dev, dtype=dt,
+                                          eos_token_id=tok.eos_token_id,
+                                          calibration=cal if s["strategy"] == "adaptive" else None,
+                                          rollout_drafts=cfg if s["rollout"] else None)
+    # history: one earlier plain rollout of every prompt (other seeds), kept as the driver's HistoryStore keeps it
+    t = time.perf_counter()
+    h = rollout_run(engines["none"], prompts, max(lives), new, seed + HISTORY_SEED_OFFSET, tag="history")
+    store = HistoryStore(cfg)
+    for (i, j), toks in sorted(h["outputs"].items()):
+        store.add(i, toks)
+    history = {i: store.get(i) for i in range(n_prompts)}
+    out = {"config": {"lives": lives, "samples_per_prompt": ROLLOUT_SAMPLES, "max_new_tokens": new,
+                      "temperature": 1.0, "repeats": repeats, "suffix": dataclasses.asdict(cfg),
+                      "calibration_s": round(cal_s, 2)},
+           "history": {"seed_offset": HISTORY_SEED_OFFSET, "responses_per_prompt": [len(v) for v in history.values()],
+                       "tokens": h["tokens"], "seconds": round(time.perf_counter() - t, 2)},
+           "table": []}
+    b.res["rollout_drafts"] = out
+    for L in lives:
+        if not b.smoke and out["table"] and b.left() < 20:
+            out["stopped"] = f"budget: {b.left():.0f} s left before live {L}"
+            break
+        ps = prompts[:max(1, L // ROLLOUT_SAMPLES)]
+        ref = None
+        for name in ROLLOUT_ROWS:
+            eng = engines[name]
+            rollout_run(eng, ps, L, new, seed + WARM_SEED_OFFSET, history, tag=f"warm{L}")
+            runs = [rollout_run(eng, ps, L, new, seed, history, tag=f"live{L}.{k}") for k in range(repeats)]
+            if ref is None:
+                ref = runs[0]["outputs"]
+            best = max(runs, key=lambda r: r["tok_s"])
+            row = {"live": L, "row": name, **rollout_row_spec(name), "prompts": len(ps),
+                   **{k: v for k, v in best.items() if k != "outputs"},
+                   "tok_s_runs": [r["tok_s"] for r in runs],
+                   "identical": all(r["outputs"] == ref for r in runs)}
+            base = next((r for r in out["table"] if r["live"] == L and r["row"] == "none"), None)
+            if base is not None:
+                row["x_none_tok_s"] = row["tok_s"] / base["tok_s"]
+            out["table"].append(row)
+            b.save()
+    out["all_identical"] = all(r["identical"] for r in out["table"])
+
+
 def plot(res: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -812,6 +944,14 @@ def plot(res: dict, path: Path) -> str | None:
     return str(path)
 
 
+# run order (importance), with the seconds of budget each needs to start
+SECTIONS = [("env", section_env, 0), ("attention", section_attention, 20), ("speed", section_speed, 90),
+            ("calibration", section_calibration, 40), ("adaptive", section_adaptive, 30),
+            ("syncs", section_syncs, 20), ("correctness", section_correctness, 30),
+            ("tiny", section_tiny, 30), ("rollout_drafts", section_rollout_drafts, 40), ("head", section_head, 30),
+            ("eagle", section_eagle, 30), ("compile", section_compile, 40)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/gpu.json")
@@ -836,13 +976,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     b = Bench(args)
-    sections = [("env", section_env, 0), ("attention", section_attention, 20), ("speed", section_speed, 90),
-                ("calibration", section_calibration, 40), ("adaptive", section_adaptive, 30),
-                ("syncs", section_syncs, 20), ("correctness", section_correctness, 30),
-                ("tiny", section_tiny, 30), ("head", section_head, 30), ("eagle", section_eagle, 30),
-                ("compile", section_compile, 40)]
     only = set(args.only.split(",")) if args.only else None
-    for name, fn, need in sections:
+    for name, fn, need in SECTIONS:
         if only is None or name in only:
             b.section(name, fn, need)
     b.res["plot"] = plot(b.res, b.out.with_suffix(".png"))
@@ -867,6 +1002,12 @@ def summary_table(res: dict) -> str:
         lines.append(f"  syncs {r['strategy']:<24} live {r['live']:>3}: {r['host_syncs_per_step']:.1f} syncs, "
                      f"{r['kernels_per_step']:.0f} kernels, {r['graph_launches_per_step']:.1f} graph launches "
                      f"per step")
+    for r in res.get("rollout_drafts", {}).get("table", []):
+        lines.append(f"  rollout live {r['live']:>3} {r['row']:<24} {r['tok_s']:8.0f} tok/s "
+                     f"(x{r.get('x_none_tok_s', 1.0):.2f} none), {r['step_ms']:6.2f} ms/step, "
+                     f"{r['mean_tokens_per_step']:.2f} tok/step (chains {r['chain_tokens_per_step']:.2f}), "
+                     f"lookup {r['lookup_ms_per_step']:.3f} ms ({r['lookup_share']:.1%})"
+                     + ("" if r["identical"] else "  NOT IDENTICAL"))
     if res.get("errors"):
         lines.append(f"errors in: {', '.join(res['errors'])}")
     return "\n".join(lines)

@@ -189,3 +189,31 @@ def test_every_stage_compiles_into_one_graph(models, monkeypatch, calibrate, str
     assert [o.token_ids for o in outs] == hf_greedy(target, PROMPTS, 12)
     assert compiled == ({"plain"} if strategy == "none" else {"root", "level", "verify"} | (
         {"plain"} if strategy == "adaptive" and any(s["plain"] for s in eng.step_log) else set()))
+
+
+def test_bench_gpu_rollout_drafts_smoke(tiny_world, tmp_path, monkeypatch):
+    """bench.gpu's rollout_drafts section (--smoke: CPU, live 1 and 4) on the tiny world: it is in the run order,
+    runs without error, every row emits plain decoding's tokens, and the rollout rows verify chains."""
+    import argparse
+    from pathlib import Path
+
+    from bench import gpu
+
+    monkeypatch.setattr(gpu, "tiny_dir", lambda: Path(tiny_world.root))
+    assert "rollout_drafts" in [name for name, _, _ in gpu.SECTIONS]
+    args = argparse.Namespace(smoke=True, quick=False, out=str(tmp_path / "gpu.json"), budget_s=600.0,
+                              compile=None, kv_cache="paged")
+    b = gpu.Bench(args)
+    b.section("rollout_drafts", gpu.section_rollout_drafts)
+    assert not b.res["errors"], b.res["errors"]
+    table = b.res["rollout_drafts"]["table"]
+    assert [(r["live"], r["row"]) for r in table] == [(L, n) for L in (1, 4) for n in gpu.ROLLOUT_ROWS]
+    assert all(r["identical"] for r in table)
+    for r in table:
+        assert r["tokens"] > 0 and r["tok_s"] > 0 and r["live_mean"] <= r["live"]
+        if r["row"] == "none":
+            assert r["mean_tokens_per_step"] == 1.0 and r["chains_per_step"] == 0
+        if r["row"] == "rollout_drafts":  # chains verified every step, and the history gives them something to match
+            assert r["chains_per_step"] > 0 and r["chain_tokens_per_step"] > 0
+            assert 0 <= r["lookup_share"] < 1
+    assert "rollout live" in gpu.summary_table(b.res)
