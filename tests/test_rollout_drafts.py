@@ -164,3 +164,35 @@ def test_walk_follows_the_longer_of_two_equal_token_branches():
     shorter = walk(swapped, target, 3, longest=False)  # the model's branch first: the old rule stops sooner
     assert shorter.tokens[0, :int(shorter.count)].tolist() == [5, 6]
     assert first.tokens[0].tolist() == [5, 6, 7, 8]
+
+
+def test_graft_puts_the_chain_after_the_model_prefix_it_repeats():
+    """Chain [5, 6, 7] (nodes 0-2) and the model's nodes 3 (token 5, a root child) and 4 (token 6, its child): the
+    model spells the chain's first two tokens, so the chain goes on from node 4: node 2's parent is 4, and its
+    ancestors are 3, 4 and itself (not the chain's own 0 and 1, which are the model's nodes again)."""
+    from drafting.spec.tree import TreeDrafter, graft_chain
+
+    drafter = TreeDrafter(None, 1, 8, chain=3, device=torch.device("cpu"))
+    drafter.place_chain(1, torch.tensor([[5, 6, 7]]), torch.tensor([[0.9, 0.8, 0.7]]))
+    drafter.parents[0, 3:5] = torch.tensor([-1, 3])
+    drafter.anc[0, 3, 3] = drafter.anc[0, 4, 3] = drafter.anc[0, 4, 4] = True
+    tree = drafter.view(1, 5)
+    graft_chain(tree, torch.tensor([4]), torch.tensor([2]), 3)
+    assert drafter.parents[0, :5].tolist() == [-1, 0, 4, -1, 3]
+    assert drafter.anc[0, 2, :5].tolist() == [False, False, True, True, True]
+    assert drafter.anc[0, 1, :5].tolist() == [True, True, False, False, False]  # untouched
+    drafter.place_chain(1, torch.tensor([[5, 6, 7]]), torch.tensor([[0.9, 0.8, 0.7]]))  # the next step: reset
+    assert drafter.parents[0, :3].tolist() == [-1, 0, 1] and drafter.anc[0, 2, :5].tolist() == [True] * 3 + [False] * 2
+
+
+def test_chain_predictor_learns_per_source_from_the_first_verified_node():
+    from drafting.policy.chain_predictor import PRIOR, ChainPredictor
+
+    p = ChainPredictor(3, 6)
+    assert p.cond(1, 4, 2, 3).tolist() == pytest.approx([PRIOR] * 3)
+    for _ in range(50):  # siblings: nodes 2.. verified (0, 1 were the model's), the first two of them right
+        p.observe(1, 4, 2, verified=3, matched=2, first=2)
+    cond = p.cond(1, 4, 2, 6)
+    assert cond[2] > 0.9 and cond[3] > 0.9 and cond[4] < 0.1  # accepted, accepted, rejected
+    assert cond[0] == pytest.approx(PRIOR) and cond[5] == pytest.approx(PRIOR)  # never tested
+    assert p.cond(2, 4, 2, 3).tolist() == pytest.approx([PRIOR] * 3)  # another source learns apart

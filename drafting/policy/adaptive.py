@@ -261,7 +261,7 @@ class AdaptiveHost(AdaptivePolicy):
         chains realised over their predictions lately."""
         D, path, cond = self._chain, self._path, self._cond
         B, N = path.shape
-        if not D or N == D or view.chain_tokens is None:
+        if not D or N == D or not view.chains:
             return
         tokens, parents, depth = _np(tree.tokens), _np(tree.parents), _np(tree.depth)
         rows = np.arange(B)
@@ -297,10 +297,10 @@ class AdaptiveHost(AdaptivePolicy):
         graft_chain(tree, torch.from_numpy(at).to(tree.parents.device), torch.from_numpy(r).to(tree.parents.device),
                     D)
 
-    def _model_scores(self) -> np.ndarray:
+    def _model_scores(self, view: StepView) -> np.ndarray:
         """The model's nodes alone (their own estimates, the chains left out): what the level decisions weigh, so
         that the model's tree grows as it would without rollout drafts; `select` then ranks both."""
-        if not self._chain:
+        if not self._chain or not view.chains:  # (no chain this step: its nodes score 0)
             return self._score
         score = self._path.copy()
         score[:, :self._chain] = 0.0
@@ -317,7 +317,7 @@ class AdaptiveHost(AdaptivePolicy):
         if self._depth[-1] >= self.max_depth:
             return False
         t0 = time.perf_counter()
-        B, ctx, score, corr = self._B, self._ctx, self._model_scores(), self.correction
+        B, ctx, score, corr = self._B, self._ctx, self._model_scores(view), self.correction
         if self._bar is None:  # the first level: the exact best prefix sets the bar
             best = self._best_prefix(score)
             n_tok, width = B + best["k"], best["width"]

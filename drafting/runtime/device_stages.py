@@ -57,7 +57,7 @@ class DeviceStages:
         fits = lag <= MIN_SCRATCH  # catch-up widths a graph covers
         W = pow2_bucket(lag) if graphed and fits else lag
         kv_len = self._kv_len(int((h["dlen"][:B] + W).max()), graphed and fits)
-        self.graphs.run(self.stages.root, Bb, W, kv_len, k, self.slots.flags(), self.policy.kind,
+        self.graphs.run(self.stages.root, Bb, W, kv_len, k, self.slots.flags(), self.policy.kind, view.chains > 0,
                         capturable=graphed and fits)
         if k:  # (a rollout chain alone leaves the draft behind, as a plain step does)
             h["dlen"][:B] = h["n"][:B]
@@ -94,5 +94,5 @@ class DeviceStages:
         depth = max(levels if host else self.policy.max_depth, D)
         self.graphs.run(self.stages.verify, Bb, T, size if host else None, depth, self.policy.topk,
                         self._kv_len(view.context - 1 + T, graphed), self.slots.flags(), self.policy.kind,
-                        capturable=graphed)
+                        view.chains > 0, capturable=graphed)
         return depth + 1, T, int(counts.sum()) if host else view.live * (T - 1)

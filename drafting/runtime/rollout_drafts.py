@@ -22,7 +22,7 @@ from drafting.spec.suffix import SOURCES, RolloutDrafter, SuffixConfig
 # with `gate` (the adaptive policy, which verifies a chain only where it pays): while the chains' accepted tokens
 # per sample-step stay below GATE_MIN (an EMA over the steps that looked them up), most steps skip the lookups,
 # which then cost more than the chains bring; every GATE_PROBE-th step still looks, so a change is seen
-GATE_MIN, GATE_PROBE = 0.02, 16
+GATE_MIN, GATE_PROBE, GATE_EMA = 0.02, 16, 0.3
 
 
 class RolloutDrafts:
@@ -40,7 +40,7 @@ class RolloutDrafts:
         self.h_len = torch.zeros(S, dtype=torch.long, pin_memory=pinned)
         self._drafts: list = []  # this step's chains, by row
         self.gate = False  # skip lookups while the chains do not pay (set with the adaptive strategy)
-        self._yield, self._skipped, self._looked = 1.0, 0, False  # chain tokens per sample-step (EMA), skips
+        self._yield, self._skipped, self._looked = 0.1, 0, False  # chain tokens per sample-step (EMA), skips
         self.reset_counts()
 
     def reset_counts(self) -> None:
@@ -72,7 +72,13 @@ class RolloutDrafts:
         B, D = len(live), self.depth
         self._looked = not (self.gate and self._yield < GATE_MIN and self._skipped < GATE_PROBE)
         self._skipped = 0 if self._looked else self._skipped + 1
-        self._drafts = self.index.drafts([q.request_id for q in live]) if self._looked else [None] * B
+        if not self._looked:  # (nothing to stage: the stages leave the chain's nodes out)
+            self._drafts = [None] * B
+            view.chains, view.chain_score, view.chain_max = 0, np.zeros((B, D)), 0
+            view.chain_tokens = np.full((B, D), -1)
+            self.lookup_s += time.perf_counter() - t0
+            return
+        self._drafts = self.index.drafts([q.request_id for q in live])
         tok, score, length = self.h_tok[:B].numpy(), self.h_score[:B].numpy(), self.h_len[:B].numpy()
         tok.fill(0), score.fill(0.0), length.fill(0)
         chains = 0
@@ -118,7 +124,7 @@ class RolloutDrafts:
         self._drafts = []
         self.last_accepted = self.counts["accepted"] - before  # this step's chain tokens on the emitted paths
         if self._looked and live:
-            self._yield = 0.9 * self._yield + 0.1 * self.last_accepted / len(live)
+            self._yield = (1 - GATE_EMA) * self._yield + GATE_EMA * self.last_accepted / len(live)
         self.lookup_s += time.perf_counter() - t0
 
     def summary(self) -> dict:

@@ -115,13 +115,15 @@ class Stages:
         zero = torch.zeros_like(n)
         self._write_outputs(tok[:, None], lp[:, None], zero, zero, allowed, finish)
 
-    def root(self, B: int, W: int, kv_len: int, k: int, flags: Flags, policy: str) -> None:
-        """The rows' rollout chains (with a chain), then the draft's catch-up on up to W pending tokens per row
-        and the tree's first level (k nodes; 0: the chain alone). policy: the strategy kind whose `score_nodes`
-        runs in here."""
+    def root(self, B: int, W: int, kv_len: int, k: int, flags: Flags, policy: str, chained: bool = True) -> None:
+        """The rows' rollout chains (chained: some row has one this step; else the chain's nodes only score 0),
+        then the draft's catch-up on up to W pending tokens per row and the tree's first level (k nodes; 0: the
+        chain alone). policy: the strategy kind whose `score_nodes` runs in here."""
         D = self.chain
-        if D:
+        if D and chained:
             self.drafter.place_chain(B, self.chain_tok[:B], self.chain_score[:B])
+        elif D:
+            self.drafter.score[:B, :D] = 0.0
         self.tree_size.fill_(D + k)
         if k:
             self._root_level(B, W, kv_len, k, flags)
@@ -151,13 +153,15 @@ class Stages:
         self.policy.score_nodes(self.drafter, B, size, size + width * k, r["temp"][:B])
 
     def verify(self, B: int, T: int, size: int | None, depth: int, k: int, kv_len: int, flags: Flags,
-               policy: str) -> None:
+               policy: str, chained: bool = True) -> None:
         """Verify the chosen nodes of every row in one target forward (tree K/V right after each row's committed
         columns), walk the tree on the target's own tokens, commit, and move the accepted nodes' K/V to their
         committed columns. size: the tree's nodes, with the host's selection in `chosen`; None: every node slot,
         those past the tree's size (on the device) masked, each row verifying its T - 1 best nodes. depth: the
-        deepest level the walk may accept."""
-        r, dev, D = self.rows, self.device, self.chain
+        deepest level the walk may accept. chained: some row has a rollout chain this step (else the chain's nodes
+        are never chosen, and the walk and the outcome skip them)."""
+        r, dev = self.rows, self.device
+        D = self.chain if chained else 0  # (the chain's nodes stay in the buffers, never chosen)
         n = r["n"][:B]
         host = size is not None
         if host:
@@ -166,7 +170,7 @@ class Stages:
             tree = self.drafter.view(B, self.drafter.max_nodes)
             stale = torch.arange(tree.size, device=dev) >= self.tree_size  # slots past this step's tree
             tree.score.masked_fill_(stale, float("-inf"))
-            chosen = self._device_choice(tree, B, T, policy)
+            chosen = self._device_choice(tree, B, T, policy, D)
         root = r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1)
         # the root has the chain's first node beside the model's k children
         vt = verify_tree(tree, chosen, root, k + (1 if D else 0), width=T)
@@ -200,14 +204,16 @@ class Stages:
         self._write_outputs(acc.tokens, logp, vt.counts, acc.count - 1, allowed, finish,
                             self._chain_outcome(tree, vt, target, acc, allowed) if D else None)
 
-    def _device_choice(self, tree, B: int, T: int, policy: str) -> torch.Tensor:
+    def _device_choice(self, tree, B: int, T: int, policy: str, D: int) -> torch.Tensor:
         """Each row's nodes on the device path: its T - 1 best by score; a static strategy verifies its whole chain
         and fills the rest of the width with its best model nodes (T - 1 = the strategy's nodes and the longest
         chain). A chain's nodes past the row's chain are never verified."""
-        D = self.chain
-        if not D:
-            return close_under_ancestors(tree, top_per_sample(tree.score, T - 1))
         j = torch.arange(tree.size, device=self.device)
+        if not D:  # (no chain this step: the chain's nodes, if any, out of the choice)
+            score = tree.score if not self.chain else tree.score.masked_fill(j[None, :] < self.chain, float("-inf"))
+            chosen = top_per_sample(score, T - 1) & (score > float("-inf"))
+            return close_under_ancestors(tree, chosen if self.chain else top_per_sample(tree.score, T - 1))
+        D = self.chain
         in_chain = j[None, :] < self.chain_len[:B, None]
         invalid = (j[None, :] < D) & ~in_chain
         if policy == "static":
