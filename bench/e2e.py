@@ -5,7 +5,9 @@ nothing around it loses.
 
 Configurations: `none` (plain decoding), `static` (the best fixed strategy of bench.rollout's rollout phase, read
 from bench/results/rollout.json), `adaptive`, `adaptive+balancer`, and `all` (adds online draft adaptation,
-draft.online; the others keep it off). Workloads: `default` = configs/tiny.yaml as it is; `sorted` = the tiny train
+draft.online; the others keep it off); `adaptive+rollout_drafts` and `rollout_drafts` (strategy none: the rollout's
+chains alone, verified every step) add rollout drafts (generation.rollout_drafts on; the others off). Workload
+`returning`: 32 training prompts, 8 per iteration, so that they come back every 4 iterations (history). Workloads: `default` = configs/tiny.yaml as it is; `sorted` = the tiny train
 prompts in blocks of one iteration's batch, each block ordered by prompt length, read in file order (data.shuffle
 false) and split over the instances in contiguous chunks (generation.assignment chunk) with slots for a quarter of a
 chunk as in bench.reallocation, so one instance gets the long samples and queues form: the case reallocation is for.
@@ -33,8 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("none", "static", "adaptive", "adaptive+balancer", "all")
-WORKLOADS = ("default", "sorted")
+CONFIGS = ("none", "static", "adaptive", "adaptive+balancer", "all", "adaptive+rollout_drafts", "rollout_drafts")
+WORKLOADS = ("default", "sorted", "returning")
+RETURNING = (32, 8)  # the returning workload: 32 training prompts, 8 per iteration: they come back every 4
 ROLLOUT_JSON = Path(__file__).resolve().parent / "results" / "rollout.json"
 SLOTS_PER_CHUNK = 0.25  # sorted: bench.reallocation's slots per instance, a quarter of its chunk: queues form
 PHASES = ("generate", "make_experience", "update", "weight_sync")  # time/iteration is their sum (+ ~0)
@@ -110,10 +113,24 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "final_sampled_score": statistics.median(r["final_sampled_score"] for r in own),
                 "tokens_differing": worst["tokens_differing"], "first_difference": worst["first_difference"],
                 "rollout_tokens": own[0]["rollout_tokens"],
+                **rollout_draft_figures(own),
                 "spread": {"iteration_s": [r["phase_s"]["iteration"] for r in own],
                            "rollout_s": [r["phase_s"]["generate"] for r in own]},
                 "repeats": len(own)})
     return rows
+
+
+def rollout_draft_figures(runs: list[dict]) -> dict:
+    """Rollout drafts' figures of a configuration's runs (medians over repeats), by iteration: chain tokens per
+    sample-step (in all and from the history) and the history hit rate; {} where they were off."""
+    per = [r.get("per_iteration", []) for r in runs]
+    if not any("rollout/chain_tokens_per_step" in m for p in per for m in p):
+        return {}
+    out = {}
+    for key in ("rollout/chain_tokens_per_step", "rollout/chain_tokens_per_step_history", "rollout/history_hit_rate"):
+        out[key.split("/")[1] + "_by_iteration"] = [statistics.median(p[i].get(key, 0.0) for p in per)
+                                                    for i in range(min(len(p) for p in per))]
+    return out
 
 
 def check_targets(rows: list[dict]) -> dict:
@@ -141,9 +158,11 @@ def static_strategy(path: Path = ROLLOUT_JSON) -> str:
 
 
 def config_overrides(name: str, static: str) -> list[str]:
-    strategy = {"none": "none", "static": static}.get(name, "adaptive")
+    """Rollout drafts only where the configuration names them (tiny.yaml's `auto` would turn them on with adaptive)."""
+    strategy = {"none": "none", "static": static, "rollout_drafts": "none"}.get(name, "adaptive")
     return [f"generation.strategy={strategy}", f"balancer.enabled={name in ('adaptive+balancer', 'all')}".lower(),
-            f"draft.online={name == 'all'}".lower()]
+            f"draft.online={name == 'all'}".lower(),
+            f"generation.rollout_drafts={'on' if name.endswith('rollout_drafts') else 'off'}"]
 
 
 def write_sorted_prompts(path: Path, batches: int, batch_size: int) -> None:
@@ -167,6 +186,8 @@ def write_sorted_prompts(path: Path, batches: int, batch_size: int) -> None:
 def workload_overrides(workload: str, prompt_file: Path, prompts: int, instances: int = 2) -> list[str]:
     if workload == "default":
         return []
+    if workload == "returning":  # an epoch of 4 iterations: history from the first epoch on
+        return [f"data.train.size={RETURNING[0]}", f"trainer.prompts_per_iteration={RETURNING[1]}"]
     slots = max(1, int(prompts * 4 / instances * SLOTS_PER_CHUNK))
     return [f"data.train.path={prompt_file}", "data.shuffle=false", "generation.assignment=chunk",
             f"generation.max_slots={slots}"]
@@ -193,7 +214,8 @@ def recording_rollouts():
 
 
 RESTARTABLE = ("generation.strategy", "generation.max_slots", "generation.assignment", "balancer.enabled",
-               "draft.online", "data.train.path", "data.shuffle", "trainer.output_dir")
+               "draft.online", "data.train.path", "data.shuffle", "trainer.output_dir", "generation.rollout_drafts",
+               "data.train.size", "trainer.prompts_per_iteration")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -72,16 +72,20 @@ def test_summary_rows_use_medians_and_the_workloads_none():
 
 def test_config_overrides_name_what_differs():
     assert e2e.config_overrides("none", "chain:2") == ["generation.strategy=none", "balancer.enabled=false",
-                                                       "draft.online=false"]
+                                                       "draft.online=false", "generation.rollout_drafts=off"]
     assert e2e.config_overrides("static", "chain:2")[0] == "generation.strategy=chain:2"
     assert e2e.config_overrides("adaptive+balancer", "x") == ["generation.strategy=adaptive",
-                                                              "balancer.enabled=true", "draft.online=false"]
+                                                              "balancer.enabled=true", "draft.online=false",
+                                                              "generation.rollout_drafts=off"]
     assert e2e.config_overrides("all", "x") == ["generation.strategy=adaptive", "balancer.enabled=true",
-                                                "draft.online=true"]
+                                                "draft.online=true", "generation.rollout_drafts=off"]
+    assert e2e.config_overrides("rollout_drafts", "x") == ["generation.strategy=none", "balancer.enabled=false",
+                                                           "draft.online=false", "generation.rollout_drafts=on"]
+    assert e2e.config_overrides("adaptive+rollout_drafts", "x")[-1] == "generation.rollout_drafts=on"
 
 
 def test_runs_on_one_set_of_actors_may_differ_only_in_what_a_restart_resets():
-    """The five configurations and both workloads restart one set of actors; a run that changed anything a
+    """Every configuration and workload restarts one set of actors; a run that changed anything a
     restart keeps (the algorithm, the models, the instance count) would measure the actors' run, not its own."""
     from configs.schema import load_config
 
