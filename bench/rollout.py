@@ -221,8 +221,9 @@ def bench_phases(world, strategies, temperature, repeats, quick, calibration, se
         for kind in kinds:
             fixed = [r for r in rows if r["phase"] == phase and r["name"] in FIXED + QUICK_FIXED
                      and r["kv_cache"] == kind]
-            best = max(fixed, key=lambda r: r["tokens_per_s"])
-            rows.append({**best, "name": "oracle", "oracle_of": best["name"]})
+            if fixed:  # (none with --only)
+                best = max(fixed, key=lambda r: r["tokens_per_s"])
+                rows.append({**best, "name": "oracle", "oracle_of": best["name"]})
         if ("adaptive", kinds[0]) in engines:
             adaptive_logs[phase] = {"log": runs["adaptive", kinds[0]][-1]["log"],
                                     "predictor": engines["adaptive", kinds[0]].strategy.predictor.calibration()}
@@ -404,6 +405,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--calibration", default="auto", help="calibration file for adaptive (default: auto)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: phases, schemes, flips, noise")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated rows to run of the phases (none always runs: "
+                    "the reference), e.g. none,adaptive,adaptive+rollout_drafts")
     ap.add_argument("--kv-cache", default="paged", help="K/V cache kinds to run, comma-separated: paged, dense "
                                                          "(the first one's rows give the ratios)")
     args = ap.parse_args(argv)
@@ -436,8 +439,11 @@ def main(argv=None) -> dict:
 
         probe = SpeculativeEngine(world[2], world[3], strategy="none", max_slots=64, max_len=160)
         cal = resolve_calibration(probe, args.calibration)
-        rows, adaptive_logs = bench_phases(world, ["none"] + fixed + ["adaptive", "adaptive:device"], 1.0, repeats,
-                                           args.quick, cal, args.seed, log, kinds, list(ROLLOUT_ROWS))
+        names, extra = ["none"] + fixed + ["adaptive", "adaptive:device"], list(ROLLOUT_ROWS)
+        if args.only:
+            keep = {"none"} | set(args.only.split(","))
+            names, extra = [n for n in names + extra if n in keep], []
+        rows, adaptive_logs = bench_phases(world, names, 1.0, repeats, args.quick, cal, args.seed, log, kinds, extra)
         result["rows"] += rows
         result["step_model_cv_error"] = cal.step_cv_error
         result["step_model"] = {"families": cal.families, "cv_error": cal.cv_error, "file": cal.path}
@@ -489,11 +495,10 @@ def ratios(rows: list[dict]) -> dict:
     out = {}
     for phase in PHASES:
         by = {r["name"]: r["tokens_per_s"] for r in rows if r["phase"] == phase}
-        if "adaptive" not in by:
-            continue
-        out[f"{phase}/adaptive_over_best_fixed"] = by["adaptive"] / by["oracle"]
-        out[f"{phase}/adaptive_over_none"] = by["adaptive"] / by["none"]
-        out[f"{phase}/adaptive_over_best_of_fixed_and_none"] = by["adaptive"] / max(by["oracle"], by["none"])
+        if "adaptive" in by and "oracle" in by:
+            out[f"{phase}/adaptive_over_best_fixed"] = by["adaptive"] / by["oracle"]
+            out[f"{phase}/adaptive_over_none"] = by["adaptive"] / by["none"]
+            out[f"{phase}/adaptive_over_best_of_fixed_and_none"] = by["adaptive"] / max(by["oracle"], by["none"])
         out.update(rollout_draft_ratios(phase, {r["name"]: r for r in rows if r["phase"] == phase}))
     return out
 
