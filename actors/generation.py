@@ -423,7 +423,9 @@ class GenerationInstance:
         return self._at_boundary(take)
 
     def reserve(self, order_id: int, slots: int, peer: int, two_stage: bool) -> bool:
-        """Destination: hold slots for an order from KV-group rank `peer`; False = refused, nothing was sent."""
+        """Destination: hold slots for an order from KV-group rank `peer`; False = refused, nothing was sent. (The
+        K/V blocks are reserved by the transfer itself, from the source's plan, before any K/V moves: a pool that
+        cannot spare them refuses there, `TransferRecord.refused`.)"""
         self._check()
         order = Immigration(order_id, slots, peer, two_stage, self._kv_group, self.engine, self._at_boundary,
                             self._unconfirmed.add, self._fault)
@@ -441,10 +443,10 @@ class GenerationInstance:
             self._transferring.discard(("in", order_id))
 
     def finish_in(self, order_id: int) -> TransferRecord:
-        """Destination: the move is recorded; outputs of the imported samples may leave. Slots still reserved (an
-        order whose transfer never ran: its balancer died) are given back."""
+        """Destination: the move is recorded; outputs of the imported samples may leave. Slots and blocks still
+        reserved (an order whose transfer never ran or ended: its balancer died) are given back."""
         order = self._orders.pop(("in", order_id))
-        if order.held:
+        if order.held or order.kv is not None:
             order.abort(RuntimeError("its balancer died before the transfer"))
         if order.record.request_ids:
             order.confirm()

@@ -108,6 +108,40 @@ def test_an_import_the_pool_cannot_take_is_refused_and_nothing_is_held(models):
     assert not dst.live and dst.stats().kv_blocks_used == 0
 
 
+def test_a_migrations_reservation_holds_its_blocks_until_the_import(models):
+    """Blocks set aside for a sample arriving by migration (its tokens and a block of margin): admission cannot
+    take them (a request that needs them waits, with nothing live too: the slot held says a sample is coming), the
+    import draws the row's blocks from them, what it did not take goes back, and the sample ends as at home."""
+    target, draft = models
+    sp = SamplingParams(temperature=1.0, max_new_tokens=20, seed=1)
+    src = SpeculativeEngine(target, draft, strategy="chain:2", max_slots=2, max_len=96)
+    src.add(GenRequest("r", list(range(3, 40)), sp))
+    src.step()
+    state = src.export_sample("r")
+    n = len(state.prompt_token_ids) + len(state.token_ids)  # 38 to 40 tokens: 3 blocks, 4 with the margin
+    dst = SpeculativeEngine(target, draft, strategy="chain:2", max_slots=2, max_len=96,
+                            kv_bytes=pool_bytes(src, 6 * 16))
+    assert dst.reserve_slots(1)
+    res = dst.reserve_kv([("r", state.prompt_token_ids, n, 37 + 20)], margin=16)
+    assert len(res.blocks) == 4 and dst.stats().kv_blocks_used == 4 and res.skip == {"r": (0, None)}
+    assert dst.reserve_kv([("x", [1] * 30, 30, 40)]) is None  # 2 more: not with 2 free and a sample coming
+    dst.add(GenRequest("q", list(range(50)), SamplingParams(temperature=1.0, max_new_tokens=4, seed=2)))
+    dst.step()  # its prompt needs 4 blocks of the 2 free: it waits
+    assert [q.request_id for q in dst.queue] == ["q"] and not dst.live
+    dst.release_slots(1)
+    dst.import_sample(state, reservation=res)
+    assert dst.stats().kv_blocks_used == 4 and len(res.blocks) == 1  # its 3 blocks came from the reservation
+    dst.release_kv(res)
+    assert dst.stats().kv_blocks_used == 3 and res.blocks == []
+    moved = {}
+    while dst.live or dst.queue:
+        moved.update((o.request_id, o.token_ids) for o in dst.step())
+    home = {}
+    while src.live:
+        home.update((o.request_id, o.token_ids) for o in src.step())
+    assert moved["r"] == home["r"] and len(moved["q"]) == 4 and dst.stats().kv_blocks_used == 0
+
+
 @pytest.mark.parametrize("strategy", ["none", "tree:3,2,6"])
 def test_the_triton_kernel_reads_pages_through_the_table(models, strategy):
     """The GPU path's attention (here in Triton's interpreter) over the paged pool in place: HF's tokens."""

@@ -1,8 +1,9 @@
 """The migration protocol without Ray: two engines (or two GenerationInstance objects) in one process joined by a
 real two-rank gloo group, each side of an order in its own thread. A moved sample continues exactly as it would
 have (two-stage with decoding between the stages, and stop-and-copy); when the destination fails the source
-resumes its copy and nothing is lost; a destination with too few free slots refuses before anything is sent; a
-moved sample's output leaves the destination only once the move is confirmed."""
+resumes its copy and nothing is lost; a destination with too few free slots, or a K/V pool that cannot set aside
+the samples' blocks, refuses before any K/V is sent; a GRPO group's prompt blocks travel once; a moved sample's
+output leaves the destination only once the move is confirmed."""
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
+from drafting.runtime.engine import position_bytes
 from migration.collective import CollectiveGroup, free_port
 from migration.transfer import DestState, Emigration, Immigration, SourceState, pack, unpack
 
@@ -29,9 +31,10 @@ def models():
     return lm(2, 64, 0), lm(1, 32, 1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def groups():
-    """Ranks 0 and 1 of one gloo group, both in this process; a short timeout so failures end fast."""
+    """Ranks 0 and 1 of one gloo group, both in this process; a short timeout so failures end fast. One per test:
+    a send that timed out (a failure test) closes the pair for good."""
     port, out = free_port(), {}
     threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, CollectiveGroup(
         "127.0.0.1", port, r, 2, "kv-test", "gloo", timeout_s=1.0))) for r in (0, 1)]
@@ -42,8 +45,16 @@ def groups():
     return out[0], out[1]
 
 
-def engine(models, slots=4):
-    return SpeculativeEngine(*models, strategy=STRATEGY, max_slots=slots, max_len=64)
+def engine(models, slots=4, blocks=None, kv_cache="paged"):
+    """blocks: a paged pool of that many 16-position blocks (else the dense rows' worth)."""
+    kv = {} if blocks is None else {"kv_bytes": blocks * 16 * pos_bytes(models)}
+    return SpeculativeEngine(*models, strategy=STRATEGY, max_slots=slots, max_len=64, kv_cache=kv_cache, **kv)
+
+
+def pos_bytes(models) -> int:
+    """K/V bytes of one position (target and draft)."""
+    probe = SpeculativeEngine(*models, strategy=STRATEGY, max_slots=1, max_len=64, kv_cache="dense")
+    return position_bytes(probe.target, probe.draft, probe.head, probe.dtype)
 
 
 def reqs(temperature):
@@ -199,3 +210,161 @@ def straight_one(models, request) -> list[int]:
     eng = engine(models)
     eng.add(GenRequest(request.request_id, list(request.prompt_token_ids), SamplingParams(**vars(request.sampling))))
     return run_out(eng)[request.request_id]
+
+
+# ---- the K/V pool: blocks reserved before the transfer, a group's prompt blocks copied once ----------------------
+def used(eng) -> int:
+    return eng.stats().kv_blocks_used
+
+
+def test_a_pool_that_cannot_take_the_sample_refuses_before_any_kv_is_copied(models, groups):
+    """The destination has a free slot but its pool (4 blocks, 3 held by a 40-token prompt, 1 kept free as the
+    reserve) cannot set aside the sample's blocks: it says so in its answer to the plan, nothing is copied, and the
+    sample decodes on at the source to exactly its unmigrated tokens."""
+    expected = straight(models, 1.0)
+    src, dst = engine(models), engine(models, blocks=4)
+    dst.add(GenRequest("busy", [k % 30 + 1 for k in range(40)], SamplingParams(max_new_tokens=4, seed=1)))
+    dst.step()
+    before = used(dst)
+    for r in reqs(1.0):
+        src.add(r)
+    for _ in range(3):
+        src.step()
+    out = Emigration(10, ["r1"], peer=1, two_stage=True, group=groups[0], engine=src, at_boundary=direct)
+    inc = Immigration(10, 1, peer=0, two_stage=True, group=groups[1], engine=dst, at_boundary=direct)
+    assert inc.reserve() and dst.reserved == 1  # a slot is free: the pool is what refuses
+    sent, got = side_by_side(out.run, inc.run)
+    for record in (sent, got):
+        assert record.state == "aborted" and record.error is None and record.request_ids == []
+        assert "refused: the K/V pool" in record.refused and "cannot hold 1 samples" in record.refused
+        assert record.kv_bytes == 0 and record.stage1_ms == 0  # only the plan and the answer went over
+    assert sent.bytes == got.bytes > 0
+    assert dst.reserved == 0 and used(dst) == before and [q.request_id for q in dst.live] == ["busy"]
+    assert "r1" in src.slots.row_of and not src.slots.pinned and src.reserved == 0  # it never stopped
+    assert out.finish([]) is sent and sent.state == "aborted"  # no verdict to apply
+    assert run_out(src) == expected
+
+
+def test_reserved_blocks_are_held_through_the_transfer_and_come_back_on_abort(models, groups):
+    """From the plan on, the destination's pool holds the samples' blocks (admission cannot take them: a queued
+    request that needs them waits); when the order fails they go back and the request starts; the source resumes
+    its samples with their exact tokens."""
+    expected = straight(models, 1.0)
+    src, dst = engine(models), engine(models, blocks=7)
+    for r in reqs(1.0):
+        src.add(r)
+    src.step()
+    seen = {}
+
+    def crash(point):
+        if point == "destination:after_stage1":
+            seen["used"] = used(dst)
+            dst.add(GenRequest("late", [k % 30 + 1 for k in range(60)], SamplingParams(max_new_tokens=2, seed=2)))
+            dst.step()  # 4 blocks for its prompt: fewer are left beside the reservation, so it waits
+            seen["queued"] = [q.request_id for q in dst.queue]
+            raise ConnectionError("destination went away")
+
+    out = Emigration(11, ["r0", "r2"], peer=1, two_stage=True, group=groups[0], engine=src, at_boundary=direct)
+    inc = Immigration(11, 2, peer=0, two_stage=True, group=groups[1], engine=dst, at_boundary=direct, fault=crash)
+    assert inc.reserve()
+    _, got = side_by_side(out.run, inc.run)
+    assert seen["used"] >= 2 * 2 and seen["queued"] == ["late"]  # 2 samples, each its tokens + a block of margin
+    assert got.state == DestState.ABORTED.value and "destination went away" in got.error
+    assert used(dst) == 0 and dst.reserved == 0 and inc.kv is None  # every block back
+    dst.step()
+    assert not dst.queue  # the request started
+    assert out.finish(got.request_ids).state == SourceState.RESUMED.value
+    assert src.reserved == 0 and out.hold is None
+    assert run_out(src) == expected
+
+
+def test_the_source_holds_the_blocks_its_frozen_samples_gave_back_until_the_verdict(models, groups):
+    """Frozen samples leave the source's batch, but the blocks they gave back stay set aside (with their slots)
+    until the verdict, so a sample that did not move always has room to resume here, exactly."""
+    expected = straight(models, 1.0)
+    src, dst = engine(models), engine(models)
+    for r in reqs(1.0):
+        src.add(r)
+    for _ in range(3):
+        src.step()
+    out = Emigration(13, ["r1", "r2"], peer=1, two_stage=True, group=groups[0], engine=src, at_boundary=direct)
+    inc = Immigration(13, 2, peer=0, two_stage=True, group=groups[1], engine=dst, at_boundary=direct)
+    assert inc.reserve()
+    sent, got = side_by_side(out.run, inc.run)
+    assert sent.state == SourceState.STAGE2_SENT.value and got.request_ids == ["r1", "r2"]
+    need = sum(-(-(len(f.prompt_token_ids) + len(f.token_ids)) // 16) for f in out.frozen)
+    held = used(src)
+    assert len(out.hold.blocks) == need >= 2  # the blocks their tokens fill: not free, held
+    assert out.finish([]).state == SourceState.RESUMED.value  # (as if the import had not happened)
+    assert out.hold is None and src.reserved == 0 and used(src) == held  # they resumed into them
+    assert run_out(src) == expected
+
+
+def siblings(prompt_len=37, n=4, short=None):
+    """A GRPO group: one prompt (of 2 full blocks and a partial one at 37 tokens), its samples' own seeds."""
+    prompt = [(7 * k) % 29 + 1 for k in range(prompt_len)]
+    return [GenRequest(f"g{k}", list(prompt), SamplingParams(
+        temperature=1.0, max_new_tokens=8 if k == short else 20, seed=70 + k)) for k in range(n)]
+
+
+def straight_group(models, requests) -> dict:
+    eng = engine(models, slots=8)
+    for r in requests:
+        eng.add(GenRequest(r.request_id, list(r.prompt_token_ids), SamplingParams(**vars(r.sampling))))
+    return run_out(eng)
+
+
+@pytest.mark.parametrize("case", ["two_stage", "stop_copy", "held_there", "bringer_finishes", "dense"])
+def test_a_groups_prompt_blocks_travel_once(models, groups, case):
+    """Four siblings moved in one order: the first brings the prompt's 2 full blocks, the other three share them
+    at the destination (3 x 32 positions not copied); or (held_there) the destination holds a live sibling, and
+    all moved ones share its blocks (4 x 32). bringer_finishes: the sibling meant to bring them finishes between
+    the stages, so the others are sent whole after all; dense caches share nothing (slots only). Every sample ends
+    with exactly its unmigrated tokens."""
+    two_stage = case != "stop_copy"
+    requests = siblings(n=5 if case == "held_there" else 4, short=0 if case == "bringer_finishes" else None)
+    expected = straight_group(models, requests)
+    kind = "dense" if case == "dense" else "paged"
+    src, dst = engine(models, slots=8, kv_cache=kind), engine(models, slots=8, kv_cache=kind)
+    moving = [r.request_id for r in requests[:4]]
+    for r in requests[:4]:
+        src.add(r)
+    if case == "held_there":
+        dst.add(requests[4])
+        dst.step()
+    for _ in range(2):
+        src.step()
+    done = {}
+
+    def between(point):  # the source decodes on between the stages (until g0 is done, where it is to finish)
+        steps, done["stage1_from"] = 0, dict(out.sent_from)
+        while point == "source:after_stage1" and (steps < 2 or case == "bringer_finishes" and "g0" not in done):
+            done.update((o.request_id, o.token_ids) for o in src.step())
+            steps += 1
+
+    out = Emigration(12, moving, peer=1, two_stage=two_stage, group=groups[0], engine=src, at_boundary=direct,
+                     fault=between)
+    inc = Immigration(12, 4, peer=0, two_stage=two_stage, group=groups[1], engine=dst, at_boundary=direct)
+    assert inc.reserve()
+    sent, got = side_by_side(out.run, inc.run)
+    stage1_from = done.pop("stage1_from", {})
+    if two_stage and case not in ("held_there", "dense"):  # stage 1: g0 whole, its siblings from its 3rd block
+        assert stage1_from == {"g0": 0, "g1": 32, "g2": 32, "g3": 32}
+    arrived = [rid for rid in moving if rid not in done]
+    assert arrived == (moving[1:] if case == "bringer_finishes" else moving)
+    assert got.state == DestState.IMPORTED.value and got.request_ids == arrived
+    shared = {"two_stage": 3, "stop_copy": 3, "held_there": 4, "bringer_finishes": 0, "dense": 0}[case] * 32
+    assert sent.skipped_positions == got.skipped_positions == shared
+    assert sent.skipped_bytes == shared * pos_bytes(models)
+    if shared:
+        rows = [dst.pool.rows[dst.slots.row(rid)] for rid in arrived]
+        assert all(r[:2] == rows[0][:2] for r in rows)  # one copy of the prompt's full blocks
+        assert all(r[2] != rows[0][2] for r in rows[1:])  # each its own partial block
+    if case == "held_there":
+        assert rows[0][:2] == dst.pool.rows[dst.slots.row("g4")][:2]
+    if case == "bringer_finishes":  # stage 1 left their prompt out; stage 2 sent it after all
+        assert sent.kv_bytes > 0 and all(out.sent_from[rid] == 0 for rid in arrived)
+    assert out.finish(got.request_ids).state == SourceState.RELEASED.value
+    outputs = {**done, **run_out(src), **run_out(dst)}
+    assert outputs == expected
+    assert used(dst) == 0 and used(src) == 0  # every block back once all is done (dense: no blocks)

@@ -36,20 +36,42 @@ class BlockPool:
         """Positions [0, covered) of the row have blocks."""
         return len(self.rows[row]) * self.block
 
-    def grow(self, row: int, positions: int) -> bool:
-        """Blocks for the row's positions [0, positions) (at most the table's width); False, and nothing taken,
-        when the pool has too few free."""
+    def grow(self, row: int, positions: int, held: list[int] | None = None) -> bool:
+        """Blocks for the row's positions [0, positions) (at most the table's width), first from `held` (blocks
+        `take` set aside for it: they pass to the row as they are), then from the pool; False, and nothing taken,
+        when there are too few."""
         need = min(self.blocks_for(positions), self.width) - len(self.rows[row])
         if need <= 0:
             return True
-        if need > len(self.free):
+        held = held if held is not None else []
+        if need > len(self.free) + len(held):
             return False
-        new = [self.free.pop() for _ in range(need)]
-        self.refs[new] += 1
-        self.rows[row] += new
+        new = [held.pop() for _ in range(min(need, len(held)))]
+        fresh = [self.free.pop() for _ in range(need - len(new))]
+        self.refs[fresh] += 1
+        self.rows[row] += new + fresh
         self.peak_used = max(self.peak_used, self.used)
         self._write(row)
         return True
+
+    def take(self, n: int) -> list[int] | None:
+        """n free blocks set aside, in no row (a reservation: admission and growth cannot have them until they are
+        given back or a row's `grow` takes them); None, and nothing taken, when fewer are free."""
+        if n > len(self.free):
+            return None
+        new = [self.free.pop() for _ in range(n)]
+        self.refs[new] += 1
+        self.peak_used = max(self.peak_used, self.used)
+        return new
+
+    def hold(self, blocks: list[int]) -> None:
+        """One more reference on blocks some row holds (they stay when that row lets go)."""
+        self.refs[blocks] += 1
+
+    def give(self, blocks: list[int]) -> None:
+        """Let go of references `take` or `hold` made; blocks nothing else holds go back to the pool."""
+        self.refs[blocks] -= 1
+        self.free += [b for b in reversed(blocks) if self.refs[b] == 0]
 
     def share(self, row: int, blocks: list[int]) -> None:
         """The row (holding nothing yet) starts with these blocks of another row: a shared prefix."""

@@ -30,7 +30,7 @@ from drafting.runtime.graphs import GraphRunner
 from drafting.runtime.kv_cache import KVCache, PagedKVCache
 from drafting.runtime.memory import DenseMemory, PagedMemory
 from drafting.runtime.rollout_drafts import RolloutDrafts
-from drafting.runtime.slots import Slots
+from drafting.runtime.slots import Reservation, Slots
 from drafting.runtime.step import run_step
 from drafting.runtime.timing import StageClock, StepTimer
 from drafting.spec.sampling import derive_seed
@@ -218,7 +218,7 @@ class Engine:
             done = admission.admit(self.slots, self.stages, self._state)
             self._swapped -= done.pop("swapped_bytes")
             self._counts.update(done)
-            if not self.slots.live and self.slots.queue:
+            if not self.slots.live and not self.slots.reserved and self.slots.queue:  # (held slots: samples are coming)
                 q = self.slots.queue[0]
                 raise RuntimeError(f"request {q.request_id!r} cannot start: the K/V pool "
                                    f"({self.slots.memory.stats()}) has no room for its prompt")
@@ -324,6 +324,16 @@ class Engine:
         """Give back n reserved slots (right before the samples they were held for are imported, or on abort)."""
         self.slots.unreserve(n)
 
+    def reserve_kv(self, plan: Sequence[tuple], margin: int = 0, share: bool = True, at_most: int | None = None
+                   ) -> Reservation | None:
+        """Set aside the K/V blocks of samples arriving by migration, plan: (request id, prompt tokens, committed
+        tokens, most tokens) each; None when the pool cannot spare them (`Slots.reserve_kv`)."""
+        return self.slots.reserve_kv(plan, margin, share, at_most)
+
+    def release_kv(self, reservation: Reservation) -> None:
+        """The blocks of a reservation no import took go back to the pool (the order is over)."""
+        self.slots.release_kv(reservation)
+
     def sample_loads(self) -> list[tuple[Hashable, int, int, int]]:
         """(request id, committed target KV positions, tokens generated, max_new_tokens) of each live sample:
         what the load balancer ranks samples by when it picks which to move."""
@@ -339,8 +349,9 @@ class Engine:
                 self.rollout.export(request_id)
         return state
 
-    def import_sample(self, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
-        sample_io.import_sample(self.slots, self._state, state, prefix)
+    def import_sample(self, state: SampleState, prefix: Sequence[KVRange] = (),
+                      reservation: Reservation | None = None) -> None:
+        sample_io.import_sample(self.slots, self._state, state, prefix, reservation)
         if self.rollout is not None:
             self.rollout.load(state)
 

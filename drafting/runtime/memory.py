@@ -11,6 +11,7 @@ class DenseMemory:
     """Every slot owns max_len + scratch columns: admission is by slots alone."""
 
     sharing = False
+    block = 0  # no blocks: migration reserves slots only
 
     def __init__(self, scratch: int):
         self.scratch = scratch
@@ -21,8 +22,26 @@ class DenseMemory:
     def affordable(self, blocks: int, reserve: bool = True) -> bool:
         return True
 
-    def claim(self, row: int, positions: int) -> bool:
+    def claim(self, row: int, positions: int, held: list[int] | None = None) -> bool:
         return True
+
+    def full_blocks(self, prompt_len: int) -> int:
+        return 0
+
+    def blocks_for(self, positions: int) -> int:
+        return 0
+
+    def free_blocks(self) -> int:
+        return 0
+
+    def take(self, blocks: int, reserve: bool = True) -> list[int] | None:
+        return []
+
+    def hold(self, blocks: list[int]) -> None:
+        pass
+
+    def give(self, blocks: list[int]) -> None:
+        pass
 
     def node_cap(self, rows_n, want: int) -> int:
         return self.scratch - 1
@@ -44,6 +63,7 @@ class PagedMemory:
     def __init__(self, pool: BlockPool, caches, sharing: bool = True, watermark: float = 0.01):
         self.pool, self.caches, self.sharing = pool, [c for c in caches if c is not None], sharing
         self.reserve = max(1, int(watermark * pool.blocks))
+        self.block = pool.block
 
     def admit_cost(self, prompt_len: int, shared: bool) -> int:
         """Blocks a new sample needs for its prompt and its first write (position prompt_len - 1); a sibling of a
@@ -54,8 +74,38 @@ class PagedMemory:
         """Whether `blocks` more leave the reserve free (with nothing running, the reserve is not needed)."""
         return blocks <= len(self.pool.free) - (self.reserve if reserve else 0)
 
-    def claim(self, row: int, positions: int) -> bool:
-        return self.pool.grow(row, positions)
+    def claim(self, row: int, positions: int, held: list[int] | None = None) -> bool:
+        """Blocks for the row's positions [0, positions): from `held` (a reservation's) first, then the pool."""
+        return self.pool.grow(row, positions, held)
+
+    def full_blocks(self, prompt_len: int) -> int:
+        """The prompt's blocks a sibling shares (K/V of positions [0, prompt_len - 1) in whole blocks); 0 when
+        prompts are not shared."""
+        return (prompt_len - 1) // self.pool.block if self.sharing else 0
+
+    def blocks_for(self, positions: int) -> int:
+        return self.pool.blocks_for(positions)
+
+    def free_blocks(self) -> int:
+        return len(self.pool.free)
+
+    def blocks_of(self, row: int) -> list[int]:
+        return self.pool.rows[row]
+
+    def share_blocks(self, row: int, blocks: list[int]) -> None:
+        """The (empty) row starts with these blocks, held by another row or a reservation (a shared prefix)."""
+        self.pool.share(row, blocks)
+
+    def take(self, blocks: int, reserve: bool = True) -> list[int] | None:
+        """Set `blocks` free blocks aside (a migration's reservation), leaving the pool's reserve free; None, and
+        nothing taken, when they are not affordable."""
+        return self.pool.take(blocks) if self.affordable(blocks, reserve) else None
+
+    def hold(self, blocks: list[int]) -> None:
+        self.pool.hold(blocks)
+
+    def give(self, blocks: list[int]) -> None:
+        self.pool.give(blocks)
 
     def share(self, row: int, holder: int, prompt_len: int) -> None:
         """Row takes the holder's full prompt blocks (its K/V of positions [0, prompt_len - 1)) and a copy of the

@@ -8,7 +8,7 @@ from typing import Hashable, Sequence
 import torch
 
 from drafting.records import GenRequest, KVRange, SampleState, SamplingParams
-from drafting.runtime.slots import Slots
+from drafting.runtime.slots import Reservation, Slots
 
 
 @torch.inference_mode()
@@ -43,9 +43,13 @@ def export_sample(slots: Slots, carried, request_id: Hashable, kv_start: int = 0
 
 
 @torch.inference_mode()
-def import_sample(slots: Slots, carried, state: SampleState, prefix: Sequence[KVRange] = ()) -> None:
+def import_sample(slots: Slots, carried, state: SampleState, prefix: Sequence[KVRange] = (),
+                  reservation: Reservation | None = None) -> None:
     """Continue an exported sample here; `prefix` ranges (stage 1 copies) plus the state's own K/V must cover the
-    target's committed positions. Draft K/V not covered is recomputed by the draft."""
+    target's committed positions. Draft K/V not covered is recomputed by the draft. With a migration's
+    `reservation`, the row's blocks come from those it set aside, and positions before the first range are the
+    prompt's full blocks it pinned (shared, not copied); a sample that brings its prompt's blocks pins them there
+    for its siblings in the order."""
     rid = state.request_id
     if rid in slots:
         raise ValueError(f"import_sample: request {rid!r} is already in this engine")
@@ -56,27 +60,48 @@ def import_sample(slots: Slots, carried, state: SampleState, prefix: Sequence[KV
         raise ValueError(f"import_sample {rid!r}: {n} tokens do not fit max_len={slots.max_len}")
     if state.target_len != n - 1:
         raise ValueError(f"import_sample {rid!r}: target_len {state.target_len} != tokens - 1 = {n - 1}")
-    row = len(slots.live)
-    if not slots.memory.claim(row, n):  # the row's blocks before its K/V land in them
+    ranges = sorted(list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k,
+                                            state.draft_v, state.target_h)], key=lambda x: x.start)
+    row, key, mem = len(slots.live), tuple(state.prompt_token_ids), slots.memory
+    shared = _share(slots, row, rid, ranges[0].start, reservation.shared.get(key) if reservation else None)
+    # the row's blocks before its K/V land in them
+    if not mem.claim(row, n, reservation.blocks if reservation is not None else None):
+        mem.release(row)
         raise RuntimeError(f"import_sample {rid!r}: no room in the K/V pool for {n} positions")
     try:
-        d_cov = _load(slots, carried, row, state, prefix)
+        d_cov = _load(carried, row, state, ranges, shared)
     except Exception:
-        slots.memory.release(row)
+        mem.release(row)
         raise
     sp = SamplingParams(**vars(state.sampling))
     slots.place([GenRequest(rid, list(state.prompt_token_ids), sp, group=state.group)],
                 [(state.prompt_token_ids, state.token_ids, sp, state.seed, (state.steps, state.drafted, state.accepted),
                   state.logprobs, min(d_cov, state.draft_len, n - 1))])
+    if reservation is not None:
+        reservation.shared_positions += shared
+        full = mem.full_blocks(len(key))
+        drafted = carried[1] is None or d_cov >= full * mem.block  # (the draft's K/V too)
+        if full and key not in reservation.shared and drafted:  # it brought them: its siblings'
+            reservation.shared[key] = mem.blocks_of(row)[:full]
+            mem.hold(reservation.shared[key])
 
 
-def _load(slots: Slots, carried, row: int, state: SampleState, prefix: Sequence[KVRange]) -> int:
-    """The ranges' K/V into the row; returns the draft positions covered from 0."""
+def _share(slots: Slots, row: int, rid: Hashable, start: int, blocks: list[int] | None) -> int:
+    """Positions [0, start) of the row from shared blocks (a reservation's, pinned); returns start."""
+    block = slots.memory.block
+    if start and (not blocks or start % block or start > len(blocks) * block):
+        raise ValueError(f"import_sample {rid!r}: target KV gap at positions [0, {start})")
+    if start:
+        slots.memory.share_blocks(row, blocks[:start // block])
+    return start
+
+
+def _load(carried, row: int, state: SampleState, ranges: Sequence[KVRange], covered: int) -> int:
+    """The ranges' K/V into the row (positions [0, covered) are there already); returns the draft positions
+    covered from 0."""
     rid, (tcache, source) = state.request_id, carried
-    ranges = list(prefix) + [KVRange(state.kv_start, state.target_k, state.target_v, state.draft_k, state.draft_v,
-                                     state.target_h)]
-    covered, d_cov = 0, 0
-    for kr in sorted(ranges, key=lambda x: x.start):
+    d_cov = covered
+    for kr in ranges:
         if kr.start > covered:
             raise ValueError(f"import_sample {rid!r}: target KV gap at positions [{covered}, {kr.start})")
         tcache.load(row, kr.start, kr.target_k, kr.target_v)

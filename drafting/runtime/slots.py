@@ -1,13 +1,14 @@
 """Which sample holds which row, in terms of samples and tokens held: the live samples (rows 0..B-1, kept dense),
-the FIFO queue, slots reserved for incoming migrations, and the host mirrors of per-row lengths and tokens that
-the step decides its shapes from without reading the device.
+the FIFO queue, slots and K/V blocks reserved for incoming migrations, and the host mirrors of per-row lengths and
+tokens that the step decides its shapes from without reading the device.
 
-The API speaks of samples (`admissible`, `place`, `release`, `reserve`, `unreserve`, `tokens_held`) so that the
-storage behind a row (today a dense K/V row of `max_len` columns per model) can change without its callers."""
+The API speaks of samples (`admissible`, `place`, `release`, `reserve`, `unreserve`, `reserve_kv`, `release_kv`,
+`tokens_held`) so that the storage behind a row (today a dense K/V row of `max_len` columns per model) can change
+without its callers."""
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -29,6 +30,23 @@ class Preempted(GenRequest):
     state: SampleState | None = None
 
 
+@dataclass
+class Reservation:
+    """The K/V memory a migration holds for the samples it brings (`Slots.reserve_kv`; empty for a dense cache).
+
+    blocks: free blocks set aside from the pool (admission and growth cannot take them); the imports draw their
+    rows' blocks from them first, and what is left goes back to the pool when the order ends. shared: by prompt,
+    the prompt's full blocks pinned for the samples that share them (a live sample's here, or those of the first
+    sample of the order that brings the prompt, once imported). skip: by request id, (positions [0, skip) the
+    source need not send, the request id of the sample that brings them or None where they are here already)."""
+
+    blocks: list = field(default_factory=list)
+    shared: dict = field(default_factory=dict)
+    skip: dict = field(default_factory=dict)
+    shared_positions: int = 0  # positions the imports took from shared blocks instead of copies
+    open: bool = False  # held (until `Slots.release_kv`)
+
+
 class Slots:
     """`max_slots` rows over the stages' device state and the target/draft caches."""
 
@@ -48,6 +66,7 @@ class Slots:
         self.queue: collections.deque[GenRequest] = collections.deque()
         self.queued_ids: set = set()
         self.reserved = 0  # slots held for incoming migrations: admission of queued requests leaves them free
+        self.holds = 0  # migrations' reservations of K/V blocks outstanding (`reserve_kv`)
         self._n_sampled = self._n_top_k = self._n_top_p = 0
 
     # ---- samples ---------------------------------------------------------------------------------------------
@@ -84,6 +103,50 @@ class Slots:
             raise ValueError(f"unreserve {n}: only {self.reserved} slots are reserved")
         self.reserved -= n
 
+    def reserve_kv(self, plan: Sequence[tuple], margin: int = 0, share: bool = True, at_most: int | None = None
+                   ) -> Reservation | None:
+        """Set aside the blocks samples arriving by migration will hold: plan, per sample (request id, prompt
+        tokens, committed tokens, most tokens it may reach), each rounded up to whole blocks after `margin` more
+        tokens (what it may add while it is copied). With `share` (and shared prompts), the prompt's full blocks
+        count once: a live sample here holding the prompt lends them (pinned until the order ends), else the first
+        sample of the plan with the prompt brings them for its siblings. None, and nothing held, when the pool
+        cannot spare them (leaving its reserve free while samples run or are coming). at_most: as many as are free
+        up to that many instead (a source holding the blocks its frozen samples gave back)."""
+        mem, res, need, brings = self.memory, Reservation(), 0, {}
+        for rid, prompt, n, cap in plan:
+            key, blocks = tuple(prompt), mem.blocks_for(min(n + margin, max(cap, n)))
+            full = mem.full_blocks(len(key)) if share else 0
+            if full and key not in brings:
+                row = self.holder(key)  # a live sample here with the prompt's K/V (the draft's too)
+                if row is not None and (self.caches[1] is None or self.h["dlen"][row] >= full * mem.block) \
+                        and len(mem.blocks_of(row)) >= full:
+                    res.shared[key], brings[key] = mem.blocks_of(row)[:full], None
+                else:
+                    brings[key], full = rid, 0  # this one brings the prompt
+            res.skip[rid] = (full * mem.block, brings[key] if full else None)
+            need += blocks - full
+        if at_most is not None:
+            taken = mem.take(min(need, at_most, mem.free_blocks()), reserve=False)
+        else:
+            taken = mem.take(need, reserve=bool(self.live or self.holds))
+        if taken is None:
+            return None
+        res.blocks = taken
+        for blocks in res.shared.values():
+            mem.hold(blocks)
+        self.holds, res.open = self.holds + 1, True
+        return res
+
+    def release_kv(self, res: Reservation) -> None:
+        """The order is over: blocks no import took go back to the pool, pinned prompt blocks are let go."""
+        if not res.open:
+            return
+        self.memory.give(res.blocks)
+        for blocks in res.shared.values():
+            self.memory.give(blocks)
+        res.blocks, res.shared, res.open = [], {}, False
+        self.holds -= 1
+
     def tokens_held(self) -> int:
         """Committed tokens of the live samples (what their K/V hold)."""
         return int(self.h["n"][:len(self.live)].sum())
@@ -100,7 +163,7 @@ class Slots:
                 key = tuple(q.prompt_token_ids)
                 cost = self.memory.admit_cost(len(key), key in self.by_prompt or key in prompts)
                 prompts.add(key)
-            if not self.memory.affordable(blocks + cost, reserve=bool(self.live or new)):
+            if not self.memory.affordable(blocks + cost, reserve=bool(self.live or new or self.holds)):
                 break
             blocks += cost
             new.append(self.queue.popleft())
