@@ -260,6 +260,8 @@ class LoadBalancer:
                 result.frozen_ms = 1000 * (got.t_resume - sent.t_freeze)
         elif error:
             result.outcome = "aborted"
+        elif got is not None and getattr(got, "refused", None):  # the destination's K/V pool had no room
+            result.outcome, result.error = "refused", f"destination: {got.refused}"
         return result
 
 
