@@ -1,7 +1,7 @@
 """Paged against dense K/V at equal memory (issue 26): how many samples a long-tailed rollout keeps live, in how
 many steps it finishes; and what a GRPO group's shared prompt saves in prefill and in K/V.
 
-    python -m bench.kv --out bench/results/kv.json [--quick] [--skip capacity,sharing,blocks]
+    python -m bench.kv --out bench/results/kv.json [--quick] [--skip capacity,sharing]
     python -m bench.kv --out bench/results/kv_blocks.json --blocks 8,16,32,64 --skip capacity,sharing [--quick]
 
 Capacity (`runs`): a long-tailed workload (lengths, in new tokens, from a seeded lognormal, sigma 1, whose mean is
@@ -887,8 +887,9 @@ def main(argv=None) -> dict:
                     help=f"mean length / max_len (at most 0.25; default { {k: v[1] for k, v in WORKLOADS.items()} })")
     ap.add_argument("--max-lens", default=None, help="comma-separated (default 1024,4096; quick 1024)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: capacity, sharing, blocks")
-    ap.add_argument("--blocks", default=",".join(map(str, BLOCK_SIZES)),
-                    help="block sizes the `blocks` part compares (comma-separated)")
+    ap.add_argument("--blocks", default=None,
+                    help=f"block sizes the `blocks` part compares, comma-separated (e.g. "
+                         f"{','.join(map(str, BLOCK_SIZES))}); the part runs only when given (~15 min)")
     ap.add_argument("--blocks-repeats", type=int, default=None,
                     help=f"repeats of each block size (default {BLOCK_REPEATS}, quick {QUICK_BLOCK_REPEATS})")
     ap.add_argument("--blocks-max-len", type=int, default=BLOCK_MAX_LEN,
@@ -962,7 +963,7 @@ def main(argv=None) -> dict:
         result["sharing"].append(sharing_row("prompt512", model, None, "none", prompts, 64, [], args.seed))
         log(result["sharing"][-1])
         result["sharing_targets"] = sharing_targets(result["sharing"])
-    if "blocks" not in skip:
+    if "blocks" not in skip and args.blocks:
         result["blocks"] = blocks_part(args, plan, skip, out, log)
     result["config"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = round(time.perf_counter() - t0, 1)
