@@ -196,3 +196,21 @@ def test_chain_predictor_learns_per_source_from_the_first_verified_node():
     assert cond[2] > 0.9 and cond[3] > 0.9 and cond[4] < 0.1  # accepted, accepted, rejected
     assert cond[0] == pytest.approx(PRIOR) and cond[5] == pytest.approx(PRIOR)  # never tested
     assert p.cond(2, 4, 2, 3).tolist() == pytest.approx([PRIOR] * 3)  # another source learns apart
+
+
+def test_a_step_that_verifies_no_node_reports_no_chain(models):  # noqa: F811
+    """An adaptive step may choose no node at all (width 1) while rows have chains: the outcome is all zeros."""
+    from drafting.spec.accept import Acceptance
+
+    target, _ = models
+    st = SpeculativeEngine(target, None, strategy="none", max_slots=2, max_len=16, rollout_drafts=ROLLOUT).stages
+    st.ensure_drafter()
+    vt = VerifyTree(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
+                    torch.ones(2, 1, 1, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool),
+                    torch.full((2, 1, 1), -1), torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    acc = Acceptance(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long),
+                     torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
+                     torch.ones(2, 1, dtype=torch.bool))
+    out = st._chain_outcome(st.drafter.view(2, ROLLOUT.max_depth), vt, torch.zeros(2, 1, dtype=torch.long), acc,
+                            torch.ones(2, dtype=torch.long))
+    assert out.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]

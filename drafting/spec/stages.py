@@ -232,6 +232,8 @@ class Stages:
         D, dev = self.chain, self.device
         B, T = vt.tokens.shape
         c = T - 1
+        if not c:  # the root alone (no node chosen this step)
+            return torch.zeros(B, 4, dtype=torch.long, device=dev)
         is_chain = vt.valid[:, 1:] & (vt.node < D)
         verified = is_chain.sum(1)
         inv = torch.zeros(B, tree.size + 1, dtype=torch.long, device=dev)  # tree index -> verify index
