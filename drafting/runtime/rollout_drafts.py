@@ -45,7 +45,8 @@ class RolloutDrafts:
 
     def reset_counts(self) -> None:
         """Zero the counts `summary` reports (with the engine's stats); the index and the predictor stay."""
-        self.counts = {"steps": 0, "sample_steps": 0, "chains": 0, "verified": 0, "matched": 0, "accepted": 0,
+        self.counts = {"steps": 0, "sample_steps": 0, "looked_up": 0, "chains": 0, "verified": 0, "matched": 0,
+                       "accepted": 0,
                        **{f"accepted_{s}": 0 for s in SOURCES}, **{f"chains_{s}": 0 for s in SOURCES}}
         self.lookup_s = 0.0
 
@@ -106,6 +107,7 @@ class RolloutDrafts:
         before = self.counts["accepted"]
         self.counts["steps"] += 1
         self.counts["sample_steps"] += len(live)
+        self.counts["looked_up"] += len(live) if self._looked else 0
         for b, q in enumerate(live):
             self.index.commit(q.request_id, out[b, :int(emitted[b])].tolist())
             d = self._drafts[b] if b < len(self._drafts) else None
@@ -138,6 +140,6 @@ class RolloutDrafts:
         for s in SOURCES:
             out[f"chain_tokens_per_step_{s}"] = c[f"accepted_{s}"] / ss
             out[f"chains_{s}"] = c[f"chains_{s}"]
-        out["history_hit_rate"] = c["chains_history"] / ss
+        out["history_hit_rate"] = c["chains_history"] / max(c["looked_up"], 1)  # of the samples looked up
         out.update({f"index_{k}": v for k, v in idx.items() if isinstance(v, (int, float))})
         return out

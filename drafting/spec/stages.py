@@ -170,7 +170,7 @@ class Stages:
             tree = self.drafter.view(B, self.drafter.max_nodes)
             stale = torch.arange(tree.size, device=dev) >= self.tree_size  # slots past this step's tree
             tree.score.masked_fill_(stale, float("-inf"))
-            chosen = self._device_choice(tree, B, T, policy, D)
+            chosen = self._device_choice(tree, B, T, policy, chained)
         root = r["tokens"][:B].gather(1, (n - 1)[:, None]).squeeze(1)
         # the root has the chain's first node beside the model's k children
         vt = verify_tree(tree, chosen, root, k + (1 if D else 0), width=T)
@@ -204,25 +204,21 @@ class Stages:
         self._write_outputs(acc.tokens, logp, vt.counts, acc.count - 1, allowed, finish,
                             self._chain_outcome(tree, vt, target, acc, allowed) if D else None)
 
-    def _device_choice(self, tree, B: int, T: int, policy: str, D: int) -> torch.Tensor:
+    def _device_choice(self, tree, B: int, T: int, policy: str, chained: bool) -> torch.Tensor:
         """Each row's nodes on the device path: its T - 1 best by score; a static strategy verifies its whole chain
         and fills the rest of the width with its best model nodes (T - 1 = the strategy's nodes and the longest
-        chain). A chain's nodes past the row's chain are never verified."""
-        j = torch.arange(tree.size, device=self.device)
-        if not D:  # (no chain this step: the chain's nodes, if any, out of the choice)
-            score = tree.score if not self.chain else tree.score.masked_fill(j[None, :] < self.chain, float("-inf"))
-            chosen = top_per_sample(score, T - 1) & (score > float("-inf"))
-            return close_under_ancestors(tree, chosen if self.chain else top_per_sample(tree.score, T - 1))
-        D = self.chain
-        in_chain = j[None, :] < self.chain_len[:B, None]
-        invalid = (j[None, :] < D) & ~in_chain
+        chain). A chain's nodes are verified only where a chain was staged this step, up to its length."""
+        if not self.chain:
+            return close_under_ancestors(tree, top_per_sample(tree.score, T - 1))
+        j = torch.arange(tree.size, device=self.device)[None, :]
+        chain_len = self.chain_len[:B] if chained else torch.zeros_like(self.chain_len[:B])
+        in_chain = j < chain_len[:, None]
         if policy == "static":
-            model = tree.score.masked_fill(j[None, :] < D, float("-inf"))
-            room = (T - 1 - self.chain_len[:B]).clamp(min=0)
-            chosen = top_per_sample(model, room) & (j[None, :] >= D) & (model > float("-inf")) | in_chain
+            model = tree.score.masked_fill(j < self.chain, float("-inf"))
+            chosen = top_per_sample(model, (T - 1 - chain_len).clamp(min=0)) & (model > float("-inf")) | in_chain
         else:
-            chosen = top_per_sample(tree.score.masked_fill(invalid, float("-inf")), T - 1)
-            chosen &= (tree.score > float("-inf")) & ~invalid
+            score = tree.score.masked_fill((j < self.chain) & ~in_chain, float("-inf"))
+            chosen = top_per_sample(score, T - 1) & (score > float("-inf"))
         return close_under_ancestors(tree, chosen)
 
     def _chain_outcome(self, tree, vt, target: torch.Tensor, acc, allowed: torch.Tensor) -> torch.Tensor:
