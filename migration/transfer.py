@@ -213,7 +213,9 @@ class Emigration:
             loads = {rid: (kv + 1, kv + 1 - gen + max_new) for rid, kv, gen, max_new in self.engine.sample_loads()}
             return [(rid, list(prompts[rid]), *loads[rid]) for rid in self.request_ids if rid in loads]
 
-        self.record.bytes += send_stage(self.group, self.peer, stage_tag(self.order_id, 0), self.at_boundary(plan), [])
+        # one step boundary for the plan and stage 1's copies (a boundary more would let short samples end first)
+        planned, self._exported = self.at_boundary(lambda: (plan(), self._export() if self.two_stage else None))
+        self.record.bytes += send_stage(self.group, self.peer, stage_tag(self.order_id, 0), planned, [])
         answer, _, n = recv_stage(self.group, self.peer, stage_tag(self.order_id, 3))
         self.record.bytes += n
         if answer["refused"] is not None:
@@ -234,21 +236,7 @@ class Emigration:
         """Copy each sample's committed KV prefix (target and draft up to the shorter of the two, so stage 2 can
         start both at one position; whole blocks of a paged cache, its last one still filling) and send it, less
         the positions the destination shares, while the samples keep decoding here."""
-        def export() -> tuple[float, dict]:
-            t0, out = time.perf_counter(), {}
-            self.engine.pin(self.request_ids)
-            for rid in self.request_ids:
-                try:
-                    kv = self.engine.export_kv(rid, 0, self.engine.max_len)
-                except KeyError:
-                    continue  # finished since the plan
-                cut = kv.target_k.shape[2] if kv.draft_k is None else min(kv.target_k.shape[2], kv.draft_k.shape[2])
-                cut -= cut % self.engine.kv_block if self.engine.kv_block else 0  # whole blocks; the tail in stage 2
-                trim = lambda t: None if t is None else t[:, :, :cut]  # noqa: E731
-                out[rid] = KVRange(0, *(trim(getattr(kv, f)) for f in _KV_FIELDS))
-            return t0, out
-
-        t0, self.prefix = self.at_boundary(export)  # timed from the export, not from the wait for a boundary
+        t0, self.prefix = self._exported  # copied at the plan's boundary (timed from there)
         meta, tensors = [], []
         for rid, kr in self.prefix.items():
             fields = [getattr(kr, f) for f in _KV_FIELDS]
@@ -259,6 +247,22 @@ class Emigration:
         self.record.kv_bytes += _nbytes(tensors)
         self.record.stage1_ms = 1000 * (time.perf_counter() - t0)
         self._set(SourceState.STAGE1_SENT)
+
+    def _export(self) -> tuple[float, dict]:
+        """At a step boundary: each sample's committed K/V prefix, whole blocks (the last, still filling, goes in
+        stage 2), target and draft up to the shorter of the two."""
+        t0, out = time.perf_counter(), {}
+        self.engine.pin(self.request_ids)
+        for rid in self.request_ids:
+            try:
+                kv = self.engine.export_kv(rid, 0, self.engine.max_len)
+            except KeyError:
+                continue  # finished meanwhile
+            cut = kv.target_k.shape[2] if kv.draft_k is None else min(kv.target_k.shape[2], kv.draft_k.shape[2])
+            cut -= cut % self.engine.kv_block if self.engine.kv_block else 0  # whole blocks; the tail in stage 2
+            trim = lambda t: None if t is None else t[:, :, :cut]  # noqa: E731
+            out[rid] = KVRange(0, *(trim(getattr(kv, f)) for f in _KV_FIELDS))
+        return t0, out
 
     def _freeze(self) -> None:
         """At a step boundary: export what stage 1 did not carry plus the state (from position 0 where the sibling
