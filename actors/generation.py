@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -17,6 +18,38 @@ from actors.weight_sync import ACTOR_SRC, DRAFT_SRC, receive_broadcast
 from migration.collective import CollectiveGroup, free_port
 from migration.planner import InstanceLoad, SampleLoad
 from migration.transfer import Emigration, Immigration, TransferRecord
+
+
+class StepLock:
+    """The engine's lock, shared fairly between the step loop and callers (stats, collect, submit, migration):
+    a caller waiting for it gets it before the loop's next step. With a plain Lock the loop, re-acquiring at
+    once, could starve a caller for a whole rollout (a balancer poll answered only after the samples ended)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._turn = threading.Condition()  # guards _waiting; notified when it falls to 0
+
+    def __enter__(self):  # a caller
+        with self._turn:
+            self._waiting += 1
+        self._lock.acquire()
+        with self._turn:
+            self._waiting -= 1
+            if not self._waiting:
+                self._turn.notify_all()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def step(self):
+        """The step loop's turn: after the callers already waiting."""
+        with self._turn:
+            self._turn.wait_for(lambda: not self._waiting, timeout=1.0)
+        with self._lock:
+            yield
 
 
 @dataclass
@@ -99,7 +132,7 @@ class GenerationInstance:
         self._rollout_peaks: dict = {}  # the index's largest sizes since then (sampled between steps)
         self._rollout_sample_at = 0.0  # when they are sampled next
         self._start_engine(strategy, max_slots)
-        self._lock = threading.Lock()
+        self._lock = StepLock()
         self._work = threading.Event()
         self._finished = []
         self._error: BaseException | None = None
@@ -201,7 +234,7 @@ class GenerationInstance:
             try:
                 if self._first_use is not None:
                     self._profile_slice()
-                with self._lock:
+                with self._lock.step():
                     self._run_boundary_calls()
                     t, busy = time.perf_counter(), bool(self.engine.live or self.engine.queue)
                     done = self.engine.step()
