@@ -133,6 +133,7 @@ class GenerationInstance:
         self._rollout_sample_at = 0.0  # when they are sampled next
         self._start_engine(strategy, max_slots)
         self._lock = StepLock()
+        self._step_floor_s = 0.0  # slow_steps (tests)
         self._work = threading.Event()
         self._finished = []
         self._error: BaseException | None = None
@@ -251,6 +252,8 @@ class GenerationInstance:
                     with self._calls_lock:
                         if stats.live == 0 and stats.queued == 0 and not self._calls and self._first_use is None:
                             self._work.clear()
+                if busy and self._step_floor_s:  # outside the lock: callers go on meanwhile
+                    time.sleep(max(0.0, t + self._step_floor_s - time.perf_counter()))
             except BaseException as e:  # noqa: BLE001 - surfaced to the driver on its next call
                 self._error = e
                 self._work.clear()
@@ -368,6 +371,35 @@ class GenerationInstance:
 
     def ping(self) -> int:
         return self.index
+
+    def _models(self) -> list:
+        return [m for m in (self.engine.target, self.engine.draft) if m is not None]
+
+    def send_weights_to(self, dst: int) -> int:
+        """A replacement joins a rollout: this instance's weights (actor, then draft; every HF-named tensor in
+        order) to KV-group rank `dst`, point to point. They change only between rollouts, so the step loop goes
+        on meanwhile. Returns the tensors sent."""
+        group, count = self._kv_group, 0
+        for model in self._models():
+            for tensor in model.views.values():
+                group.send(tensor.detach().to(group.device), dst)
+                count += 1
+        return count
+
+    def receive_weights_from(self, src: int, version: int, draft_version: int) -> int:
+        """The other end of `send_weights_to` (a new instance, holding no sample yet); returns tensors loaded."""
+        group, count = self._kv_group, 0
+        for model in self._models():
+            named = {name: group.recv(torch.empty(view.shape, dtype=view.dtype, device=group.device), src)
+                     for name, view in model.views.items()}
+            with self._lock:
+                count += model.load_weights(named)
+        self.weight_version, self.draft_version = version, draft_version
+        return count
+
+    def slow_steps(self, seconds: float) -> None:
+        """Fault injection for tests: each engine step takes at least this long (0: as fast as it goes)."""
+        self._step_floor_s = seconds
 
     # --- sample reallocation: the instances' KV group and both ends of a migration order ---------
     def _run_boundary_calls(self) -> None:

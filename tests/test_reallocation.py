@@ -277,3 +277,34 @@ def test_instance_dies_mid_rollout_balancer_off(shared_fleet, model_dirs, one_th
     check_outputs(result["outs"], reqs, expected)
     assert fleet.alive == [0] and all(o.stats["instance"] == 0 for o in result["outs"])
     assert fleet.last_balance == {}  # the balancer took no part
+
+
+def test_instance_dies_mid_rollout_replacement_joins_it_with_balancer(shared_fleet, model_dirs, one_thread, capsys):
+    fleet = shared_fleet()  # balancer on: threshold 1, so an idle instance is a destination
+    fleet.assignment = "round_robin"
+    reqs = requests(1.0, short=0, long=12)
+    expected = reference(model_dirs, reqs)
+    ray.get(fleet.instances[0].slow_steps.remote(0.2))  # instance 0 still holds work when the replacement is up
+    steps0 = ray.get(fleet.instances[1].stats.remote()).steps
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(outs=fleet.run(reqs)))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while ray.get(fleet.instances[1].stats.remote()).steps < steps0 + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    killed = fleet.instances[1]
+    ray.kill(killed)
+    while fleet.instances[1] is killed or fleet.alive != [0, 1]:  # replaced, and the replacement joined this rollout
+        assert runner.is_alive() and time.monotonic() < deadline + 60, fleet.alive
+        time.sleep(0.05)
+    ray.get(fleet.instances[0].slow_steps.remote(0.0))
+    runner.join(timeout=120)
+    outs = result["outs"]
+    check_outputs(outs, reqs, expected)  # every sample once, exactly the tokens of one engine
+    assert "joined the rollout with instance 0's weights" in capsys.readouterr().out
+    # it worked in this rollout: samples moved to it and finished there (the old instance 1 had run 2-3 steps)
+    report = fleet.last_balance
+    assert any(m[2] == 1 for m in report["moves"]), report["orders"]
+    assert sum(o.stats["instance"] == 1 for o in outs) >= 1
+    assert {o.stats["weight_version"] for o in outs} == {ray.get(fleet.instances[0].stats.remote()).weight_version}

@@ -57,6 +57,17 @@ def balance_totals(report: dict) -> dict:
             "balance/failed_orders": sum(r["outcome"] == "aborted" for r in orders)}
 
 
+def merge_reports(parts: list[dict]) -> dict:
+    """One rollout's balancer report from the reports of the balancers it ran (a new one after a replacement
+    joined): orders and moves in order, the latest thresholds, every quarantined instance."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else {}
+    return {"orders": [o for p in parts for o in p["orders"]], "moves": [m for p in parts for m in p["moves"]],
+            "thresholds": {k: v for p in parts for k, v in p["thresholds"].items()},
+            "quarantined": sorted({q for p in parts for q in p["quarantined"]})}
+
+
 def kv_settings(gen: GenerationConfig) -> dict:
     """The engine's K/V cache arguments from the generation config."""
     GiB = 1 << 30
@@ -134,6 +145,8 @@ class RolloutFleet:
         wait([inst.ping.remote() for inst in self.instances], self.timeout_s, "generation instance start-up")
         self.alive = list(range(len(self.instances)))
         self.joining: list[int] = []  # replacements of dead instances, alive from the next weight push
+        self._join_pings: dict = {}  # their start-up pings
+        self._reports: list[dict] = []
         self.backend = "nccl" if device == "cuda" else "gloo"
         self._weight_group_ready = False
         self._weight_senders = 0  # policy rank 0, plus the draft trainer when the draft adapts online
@@ -184,6 +197,7 @@ class RolloutFleet:
             owner.update({requests[k].request_id: inst for k in positions})
         balancing = self.balancer_cfg.enabled and len(self.alive) > 1
         self._moves_applied = 0
+        self._reports = []  # balancer reports of this rollout before a replacement joined it
         if balancing:
             self._start_balancer()
         wait([self.instances[i].submit.remote([requests[k] for k in positions])
@@ -195,6 +209,8 @@ class RolloutFleet:
                     if balancing and (reason := self._balancer_died()):
                         self._settle_without_balancer(owner, reason)
                         balancing = False  # a new balancer from the next rollout on
+                    if balancing and self._joining_ready():
+                        self._join_rollout(owner)
                     polls = {i: self.instances[i].collect.remote(0.2) for i in self.alive}
                     for i, ref in polls.items():
                         try:
@@ -209,8 +225,37 @@ class RolloutFleet:
                             owner.pop(out.request_id, None)
                         bar.update(len(done))
         finally:
-            self.last_balance = self._stop_balancer() if balancing else {}
+            self.last_balance = merge_reports(self._reports + [self._stop_balancer()]) if balancing else {}
         return [outputs[r.request_id] for r in requests]
+
+    def _joining_ready(self) -> bool:
+        """Every replacement started (one ping each in flight, checked without waiting)."""
+        if not self.joining:
+            return False
+        pings = [self._join_pings[i] for i in self.joining]
+        return len(ray.wait(pings, num_returns=len(pings), timeout=0)[0]) == len(pings)
+
+    def _join_rollout(self, owner: dict) -> None:
+        """Replacements join the rollout under way (the balancer is on, so they get work by its moves): the
+        balancer stops (its orders end, its moves go into the ownership record), the KV group re-forms with
+        them, a live instance sends them its weights (and draft) over it, and a new balancer starts over all."""
+        report = self._stop_balancer()
+        for rid, _, destination in report.get("moves", [])[self._moves_applied:]:
+            if rid in owner:
+                owner[rid] = destination
+        self._reports.append(report)
+        self._moves_applied = 0
+        new, donor = list(self.joining), self.alive[0]
+        self._admit_joining()
+        ranks = self._ensure_kv_group()
+        st = wait(self.instances[donor].stats.remote(), self.timeout_s, f"generation instance {donor}")
+        for i in new:  # one at a time: the donor's sends to one peer are one ordered stream
+            wait([self.instances[donor].send_weights_to.remote(ranks[i]),
+                  self.instances[i].receive_weights_from.remote(ranks[donor], st.weight_version, st.draft_version)],
+                 self.timeout_s, "weights for a new instance")
+        print(f"generation instance{'s' * (len(new) > 1)} {', '.join(map(str, new))} (new) joined the rollout "
+              f"with instance {donor}'s weights", flush=True)
+        self._start_balancer()
 
     def _balancer_died(self) -> str | None:
         """Ray's reason when the balancer died during this rollout (one ping in flight at a time), else None."""
@@ -285,8 +330,9 @@ class RolloutFleet:
         orphans = [rid for rid in by_id if owner.get(rid) == dead]  # request order: a reproducible schedule
         if not self.alive:
             raise RolloutError(f"every generation instance died; {len(orphans)} samples could not finish")
+        joins = "joins this rollout once started" if balancing else "takes work from the next weight push on"
         self._replace(dead, reason, f"its {len(orphans)} samples resubmitted to the live instances; a new instance "
-                                    f"takes work from the next weight push on")
+                                    f"{joins}")
         for n, rid in enumerate(orphans):
             target = self.alive[n % len(self.alive)]
             wait(self.instances[target].submit.remote([by_id[rid]]), self.timeout_s, "rollout resubmit")
@@ -301,13 +347,14 @@ class RolloutFleet:
         ray.kill(self.instances[dead])  # a stuck one; a dead one is gone already
         self.instances[dead] = self._make(dead)
         self.joining.append(dead)
+        self._join_pings[dead] = self.instances[dead].ping.remote()  # ready when it answers
 
     def _admit_joining(self) -> None:
         """Replacements join before a weight push: the push forms the groups anew and gives them the weights."""
         if not self.joining:
             return
         wait([self.instances[i].ping.remote() for i in self.joining], self.timeout_s, "new generation instance")
-        self.alive, self.joining = sorted(self.alive + self.joining), []
+        self.alive, self.joining, self._join_pings = sorted(self.alive + self.joining), [], {}
         self._weight_group_ready = False
         self._kv_ranks = None
         self._saturation_read = False
