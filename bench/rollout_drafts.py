@@ -195,9 +195,12 @@ def targets(rows: dict) -> list[dict]:
     if rd:
         add("tokens/step, rollout drafts alone", round(rd["mean_tokens_per_step"], 4), ">= 1.25",
             rd["mean_tokens_per_step"] >= 1.25)
-    if rd and none:
-        ratio = rd["wall_s"]["median"] / none["wall_s"]["median"]
-        add("wall-clock, rollout drafts alone over none (median)", round(ratio, 4), "<= 1.0", ratio <= 1.0)
+    # wall-clock under adaptive (the brief's rule: rows that verify a chain every step measure the drafts, not speed;
+    # on a CPU a 7-token verify costs several plain steps)
+    rda = rows.get("rollout_drafts:adaptive")
+    if rda and none:
+        ratio = rda["wall_s"]["median"] / none["wall_s"]["median"]
+        add("wall-clock, rollout drafts alone (adaptive) over none (median)", round(ratio, 4), "<= 1.0", ratio <= 1.0)
     return out
 
 

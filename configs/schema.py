@@ -59,11 +59,11 @@ class DataConfig:
 class RolloutDraftsConfig:
     """Rollout drafts' knobs (`drafting.spec.suffix.SuffixConfig`): chains drafted from token matches against the
     sample's own prompt and response, its GRPO group's siblings and earlier epochs' responses to its prompt."""
-    min_match: int = 2  # shortest context suffix that may match (vLLM's prompt_lookup_min)
-    max_match: int = 8  # longest suffix compared; the longest match wins (prompt_lookup_max)
+    min_match: int = 1  # shortest context suffix that may match (vLLM's prompt_lookup_min)
+    max_match: int = 8  # longest suffix compared; the longest match wins, equally long ones vote (prompt_lookup_max)
     max_depth: int = 6  # tokens per drafted chain, 1..16 (num_speculative_tokens)
     min_count: int = 1  # the drafted next token must follow at least this many of the matching occurrences
-    history_per_prompt: int = 4  # earlier responses kept per prompt (0 = no history)
+    history_per_prompt: int = 8  # earlier responses kept per prompt (0 = no history): a GRPO group of 8
     history_mb: float = 64.0  # the history's cap in all (tokens as int32), kept by the driver and checkpointed
 
 

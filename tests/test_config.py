@@ -58,7 +58,7 @@ def test_cluster_example_is_valid():
     ("generation.rollout_drafts=maybe", "generation.rollout_drafts: 'maybe' is not one of auto, on, off"),
     ("generation.rollout_drafts=1", "generation.rollout_drafts: expected str, got int 1"),
     ("generation.rollout.min_match=0", "generation.rollout.min_match: must be positive, got 0"),
-    ("generation.rollout.max_match=1", "generation.rollout.max_match: 1 is below generation.rollout.min_match=2"),
+    ("generation.rollout.max_match=0", "generation.rollout.max_match: 0 is below generation.rollout.min_match=1"),
     ("generation.rollout.max_depth=17", "generation.rollout.max_depth: at most 16 tokens per chain, got 17"),
     ("generation.rollout.max_depth=0", "generation.rollout.max_depth: must be positive, got 0"),
     ("generation.rollout.min_count=0", "generation.rollout.min_count: must be positive, got 0"),

@@ -51,7 +51,7 @@ def test_the_preflight_says_which_and_why():
     line = rollout_drafts_line(load_config(None, []))
     assert line.startswith("generation.rollout_drafts: on (auto, strategy adaptive: a chain is verified only where "
                            "its predicted acceptance pays")
-    assert "the last 4 responses per prompt (history up to 64 MiB)" in line
+    assert "the last 8 responses per prompt (history up to 64 MiB)" in line
     assert rollout_drafts_line(load_config(None, ["generation.strategy=none"])) == (
         "generation.rollout_drafts: off (auto, strategy none: plain decoding; generation.rollout_drafts=on verifies "
         "every chain found)")

@@ -53,13 +53,27 @@ _RANK = 28                                      # (positions past 2**28 would on
 _OWN = (_RANK_OF[SIBLING] - _RANK_OF[SELF]) << _RANK   # a sample's own document is a sibling's to the others
 
 
+def _vote(best: list, slots: list) -> tuple:
+    """Of the equally long matches (`best`: (tie, slot, toks, pos) each), the occurrence whose chain is drafted: the
+    first token most of them continue with (on a tie in votes, the best-ranked occurrence's), and among those the
+    best-ranked (tie rank, then the newer document). The first token is where a chain is most often accepted or
+    not: voting there takes most of what voting token by token gives (SmolLM2's arithmetic rollout, simulated:
+    1.223 tokens per step against 1.234) at a fraction of the host time."""
+    counts: dict = {}
+    for o in best:
+        t = o[2][o[3]]
+        counts[t] = counts.get(t, 0) + 1
+    top = max(counts.values())
+    return max((o for o in best if counts[o[2][o[3]]] == top), key=lambda o: (o[0], slots[o[1]].seq))
+
+
 @dataclass(frozen=True)
 class SuffixConfig:
-    min_match: int = 2        # shortest context suffix that may match (vLLM ngram: prompt_lookup_min)
+    min_match: int = 1        # shortest context suffix that may match (vLLM ngram: prompt_lookup_min)
     max_match: int = 8        # longest suffix compared; the longest match wins (prompt_lookup_max)
     max_depth: int = 6        # tokens per drafted chain (num_speculative_tokens)
     min_count: int = 1        # a continuation must have been seen at least this often among the matches
-    history_per_prompt: int = 4     # earlier responses kept per prompt id (used by HistoryStore)
+    history_per_prompt: int = 8     # earlier responses kept per prompt id (used by HistoryStore)
     history_bytes: int = 64 << 20   # global cap of HistoryStore, tokens counted as 4 bytes (int32)
 
     def validate(self, where: str = "generation.rollout") -> SuffixConfig:
@@ -311,7 +325,8 @@ class RolloutDrafter:
             lim = mx if n > mx else n - 1        # (ctx[0] is the pad)
             k0 = n - mn - 1                      # the context's token before the gram
             c1 = ctx[k0] if lim > mn else None   # (None: no extension possible)
-            bm = btie = bslot = 0
+            bm = 0
+            best = []   # (tie, seq, toks, pos) of the occurrences with the longest match so far
             nexts = []
             nexts_append = nexts.append
             for pos, slot in cands:
@@ -332,18 +347,20 @@ class RolloutDrafter:
                 tie = ties[slot] | pos
                 if toks is ctx:
                     tie -= OWN
-                if m == bm and (tie < btie or (tie == btie and g.slots[slot].seq < g.slots[bslot].seq)):
-                    continue
-                bm, btie, bslot, bt, bp = m, tie, slot, toks, pos
+                if m > bm:
+                    bm, best = m, []
+                best.append((tie, slot, toks, pos))
             if not bm:
                 out.append(None)
                 continue
-            count = nexts.count(bt[bp])
+            btie, _, bt, bp = best[0] if len(best) == 1 else _vote(best, g.slots)
+            chain = bt[bp:bp + depth]
+            count = nexts.count(chain[0])
             if count < min_count:
                 out.append(None)
                 continue
             source = _SOURCE_OF[btie >> _RANK]
-            out.append(Draft(bt[bp:bp + depth], source, bm, count))
+            out.append(Draft(chain, source, bm, count))
             hits += 1
             hits_by_source[source] += 1
         self._lookups += len(rids)
