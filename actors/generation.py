@@ -143,6 +143,9 @@ class GenerationInstance:
         self._calls_lock = threading.Lock()
         self._kv_group: CollectiveGroup | None = None
         self._orders: dict = {}
+        self._lent: dict = {}  # queued order id -> requests taken off the queue, until the order's verdict
+        self._closed: set = set()  # queued orders of a dead balancer the fleet settled: deliveries refused
+        self._opened: dict = {}  # (side, order id) -> when it opened here: the fleet's check for a stuck balancer
         self._transferring: set = set()  # (side, order id) whose migrate_in / migrate_out call is running
         self._unconfirmed: set = set()  # imported, the move not yet confirmed: outputs wait in _withheld
         self._withheld: list = []
@@ -263,10 +266,13 @@ class GenerationInstance:
         if self._error is not None:
             raise RuntimeError(f"generation instance {self.index} step loop failed") from self._error
 
-    def submit(self, requests: list[GenRequest]) -> int:
-        """Queue requests atomically (one batch per call keeps the schedule reproducible)."""
+    def submit(self, requests: list[GenRequest], order_id: int | None = None) -> int:
+        """Queue requests atomically (one batch per call keeps the schedule reproducible). `order_id`: a balancer's
+        queued order delivering them; -1 (nothing queued) once the fleet has settled that order (`close_lent`)."""
         self._check()
         with self._lock:
+            if order_id is not None and order_id in self._closed:
+                return -1
             for request in requests:
                 self.engine.add(request)
         self._work.set()
@@ -476,16 +482,44 @@ class GenerationInstance:
         self._kv_group = CollectiveGroup(host, port, rank, world_size, name, backend, timeout_s)
         return True
 
-    def take_queued(self, request_ids: list) -> list[GenRequest]:
-        """Remove these requests from the queue (those not admitted yet) and hand them over."""
+    def take_queued(self, request_ids: list, order_id: int | None = None) -> list[GenRequest]:
+        """Remove these requests from the queue (those not admitted yet) and hand them over. With an order id they
+        stay on loan here until `finish_lent`: a balancer that dies with them in hand loses nothing."""
         def take() -> list[GenRequest]:
             wanted = set(request_ids)
             taken = [q for q in self.engine.queue if q.request_id in wanted]
             for q in taken:
                 self.engine.remove(q.request_id)
+            if order_id is not None and taken:
+                self._lent[order_id] = taken
+                self._opened["lent", order_id] = time.monotonic()
             return taken
 
         return self._at_boundary(take)
+
+    def finish_lent(self, order_id: int, returned: list) -> int:
+        """A queued order's verdict: the lent requests in `returned` (their destination never queued them) go
+        back on this queue; the others have moved. Returns how many came back."""
+        self._opened.pop(("lent", order_id), None)
+        back = [q for q in self._lent.pop(order_id, []) if q.request_id in set(returned)]
+        if back:
+            self.submit(back)
+        return len(back)
+
+    def close_lent(self, order_id: int, request_ids: list) -> list:
+        """The fleet settles a dead balancer's queued order: from now on its delivery is refused here (`submit`), and
+        of its `request_ids` those this instance holds (queued, decoding, or finished and not yet collected) are
+        returned: they moved."""
+        with self._lock:
+            self._closed.add(order_id)
+            here = {q.request_id for q in self.engine.queue} | {row[0] for row in self.engine.sample_loads()}
+            here |= {o.request_id for o in self._finished + self._withheld}
+            return [r for r in request_ids if r in here]
+
+    def clear_closed(self) -> None:
+        """A new balancer numbers its orders from 1 again."""
+        with self._lock:
+            self._closed.clear()
 
     def reserve(self, order_id: int, slots: int, peer: int, two_stage: bool) -> bool:
         """Destination: hold slots for an order from KV-group rank `peer`; False = refused, nothing was sent. (The
@@ -497,6 +531,7 @@ class GenerationInstance:
         if not order.reserve():
             return False
         self._orders["in", order_id] = order
+        self._opened["in", order_id] = time.monotonic()
         return True
 
     def migrate_in(self, order_id: int) -> TransferRecord:
@@ -511,6 +546,7 @@ class GenerationInstance:
         """Destination: the move is recorded; outputs of the imported samples may leave. Slots and blocks still
         reserved (an order whose transfer never ran or ended: its balancer died) are given back."""
         order = self._orders.pop(("in", order_id))
+        self._opened.pop(("in", order_id), None)
         if order.held or order.kv is not None:
             order.abort(RuntimeError("its balancer died before the transfer"))
         if order.record.request_ids:
@@ -531,6 +567,7 @@ class GenerationInstance:
         order = Emigration(order_id, request_ids, peer, two_stage, self._kv_group, self.engine, self._at_boundary,
                            self._fault)
         self._orders["out", order_id] = order
+        self._opened["out", order_id] = time.monotonic()
         self._transferring.add(("out", order_id))
         try:
             return order.run()
@@ -540,12 +577,19 @@ class GenerationInstance:
     def open_orders(self) -> list[dict]:
         """The migration orders this instance holds open (each waits for its balancer's verdict): side (in:
         destination, out: source), order id, state, the samples it imported or froze, and whether its transfer
-        is still running. The fleet settles them itself when their balancer died."""
+        is still running, and how long it has been open. The fleet settles them itself when their balancer died
+        (or is stuck). Side lent: a queued order's requests, taken off this queue."""
+        now = time.monotonic()
+        age = lambda key: now - self._opened.get(key, now)  # noqa: E731
         return [{"side": side, "order_id": oid, "state": o.state.value, "request_ids": list(o.record.request_ids),
-                 "transferring": (side, oid) in self._transferring} for (side, oid), o in list(self._orders.items())]
+                 "transferring": (side, oid) in self._transferring, "age_s": age((side, oid))}
+                for (side, oid), o in list(self._orders.items())] + \
+               [{"side": "lent", "order_id": oid, "state": "lent", "request_ids": [q.request_id for q in taken],
+                 "transferring": False, "age_s": age(("lent", oid))} for oid, taken in list(self._lent.items())]
 
     def finish_out(self, order_id: int, moved: list) -> TransferRecord:
         """Source: the verdict. Samples in `moved` live on at the destination; the rest resume here."""
+        self._opened.pop(("out", order_id), None)
         return self._orders.pop(("out", order_id)).finish(moved)
 
     def crash_at(self, point: str | None) -> None:

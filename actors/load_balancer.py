@@ -114,9 +114,10 @@ class LoadBalancer:
             return list(self._moves)
 
     def hold_at(self, point: str | None) -> None:
-        """Fault injection for tests: the next running order that reaches `point` ("verdict": both stages done,
-        samples imported at the destination, the move recorded, neither side told) stops there for good, so a test can kill this process with the
-        order open; `held()` says when one is there."""
+        """Fault injection for tests: the next order that reaches `point` stops there for good, so a test can kill
+        this process with the order open; `held()` says when one is there. Points: "verdict" (a running order: both
+        stages done, samples imported at the destination, the move recorded, neither side told), "queued" (a
+        queued order: the requests taken off the source's queue, the destination not yet asked)."""
         self._hold_point = point
 
     def held(self) -> bool:
@@ -212,17 +213,20 @@ class LoadBalancer:
     def _queued(self, order: MigrationOrder) -> OrderResult:
         """Requests not yet admitted: taken off the source's queue and queued at the destination."""
         src, dst = self._instances[order.source], self._instances[order.destination]
-        taken = _get(src.take_queued.remote(order.request_ids))
+        taken = _get(src.take_queued.remote(order.request_ids, order.order_id))  # on loan until the verdict
         if taken is None:
             return OrderResult(order, "aborted", error="source failed")
         if not taken:
             return OrderResult(order, "nothing")
-        if _get(dst.submit.remote(taken)) is None:
-            if _get(src.submit.remote(taken)) is None:  # both gone: the fleet resubmits them as the source's
+        self._hold("queued")
+        ids = [r.request_id for r in taken]
+        if _get(dst.submit.remote(taken, order.order_id)) is None:
+            if _get(src.finish_lent.remote(order.order_id, ids)) is None:  # both gone: the fleet resubmits them
                 return OrderResult(order, "aborted", error="source and destination failed")
             return OrderResult(order, "aborted", error="destination failed; requests back at the source")
-        moved = [r.request_id for r in taken]
+        moved = ids
         self._record(order, moved)
+        _get(src.finish_lent.remote(order.order_id, []))  # (a dead source: its loan went with it)
         return OrderResult(order, "moved" if len(moved) == len(order.request_ids) else "partial", moved)
 
     def _running(self, order: MigrationOrder) -> OrderResult:

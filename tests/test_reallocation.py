@@ -308,3 +308,72 @@ def test_instance_dies_mid_rollout_replacement_joins_it_with_balancer(shared_fle
     assert any(m[2] == 1 for m in report["moves"]), report["orders"]
     assert sum(o.stats["instance"] == 1 for o in outs) >= 1
     assert {o.stats["weight_version"] for o in outs} == {ray.get(fleet.instances[0].stats.remote()).weight_version}
+
+
+@pytest.mark.parametrize("fate", ["killed", "stuck"])
+def test_balancer_lost_holding_a_queued_order_no_request_is_lost(fate, shared_fleet, model_dirs, one_thread, capsys):
+    """The queued requests were taken off the source's queue, the destination not yet asked: they were on loan at
+    the source, and the fleet puts them back there. Killed: the fleet sees the death. Stuck (it never moves on):
+    the order stays open past its deadline (4 transfer timeouts + 10 s), and the fleet kills it."""
+    fleet = shared_fleet()
+    cfg = BALANCE if fate == "killed" else dataclasses.replace(BALANCE, transfer_timeout_s=0.5)
+    fleet.set_balancer(cfg)
+    fleet.assignment = "chunk"  # instance 1 holds the long ones, 4 live + 2 queued; instance 0 idles soon
+    reqs = requests(1.0, short=6, long=6)
+    expected = reference(model_dirs, reqs)
+    balancer = fleet.balancer
+    ray.get(balancer.hold_at.remote("queued"))
+
+    def kill_when_held():
+        deadline = time.monotonic() + 60
+        while not ray.get(balancer.held.remote()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ray.kill(balancer)
+
+    killer = threading.Thread(target=kill_when_held)
+    if fate == "killed":
+        killer.start()
+    t0 = time.monotonic()
+    outs = fleet.run(reqs)
+    if fate == "killed":
+        killer.join()
+    check_outputs(outs, reqs, expected)  # each once: none lost, none twice
+    out = capsys.readouterr().out
+    reason = r"stuck: its order \d+ open for 1[2-9] s" if fate == "stuck" else r".+"
+    assert re.search(rf"load balancer died \({reason}\); its 1 open order settled by the fleet \(0 samples moved, "
+                     rf"2 resumed at their source\)", out), out
+    assert fleet.balancer is None  # a new one from the next rollout on
+    if fate == "stuck":
+        assert time.monotonic() - t0 < 40
+    fleet.set_balancer(BALANCE)
+
+
+def test_balancer_and_source_die_together_with_an_order_open(shared_fleet, model_dirs, one_thread, capsys):
+    """A running-sample order stops at its verdict (samples imported at the destination, neither side told); then
+    its balancer and its source are killed together. The fleet settles the order with the source left out (the
+    imported samples moved), then resubmits what the source still held: each sample once, exact."""
+    fleet = shared_fleet()
+    fleet.set_balancer(BALANCE)
+    fleet.assignment = "chunk"  # instance 1 (the long samples) is the source, instance 0 the destination
+    reqs = requests(1.0, short=6, long=6)
+    expected = reference(model_dirs, reqs)
+    balancer, source = fleet.balancer, fleet.instances[1]
+    ray.get(balancer.hold_at.remote("verdict"))
+
+    def kill_when_held():
+        deadline = time.monotonic() + 60
+        while not ray.get(balancer.held.remote()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ray.kill(source)
+        ray.kill(balancer)
+
+    killer = threading.Thread(target=kill_when_held)
+    killer.start()
+    outs = fleet.run(reqs)
+    killer.join()
+    check_outputs(outs, reqs, expected)
+    out = capsys.readouterr().out
+    assert re.search(r"load balancer died \(.+\); its 1 open order settled by the fleet \([1-9]\d* samples moved, "
+                     r"0 resumed at their source\)", out), out
+    assert re.search(r"generation instance 1 died \(.+\); its \d+ samples resubmitted to the live instances", out), out
+    assert fleet.alive == [0] and fleet.joining == [1]  # the replacement takes work from the next weight push

@@ -57,6 +57,12 @@ def balance_totals(report: dict) -> dict:
             "balance/failed_orders": sum(r["outcome"] == "aborted" for r in orders)}
 
 
+def order_deadline_s(cfg: BalancerConfig) -> float:
+    """The longest a migration order may stay open (a reservation, two stages of collective ops each bounded by
+    the transfer timeout, the verdict) before the fleet takes its balancer for stuck."""
+    return 4 * cfg.transfer_timeout_s + 10
+
+
 def merge_reports(parts: list[dict]) -> dict:
     """One rollout's balancer report from the reports of the balancers it ran (a new one after a replacement
     joined): orders and moves in order, the latest thresholds, every quarantined instance."""
@@ -207,7 +213,7 @@ class RolloutFleet:
             with tqdm(total=len(requests), desc="rollout", unit="sample", leave=False, disable=not progress) as bar:
                 while len(outputs) < len(requests):
                     if balancing and (reason := self._balancer_died()):
-                        self._settle_without_balancer(owner, reason)
+                        self._settle_without_balancer(owner, by_id, reason)
                         balancing = False  # a new balancer from the next rollout on
                     if balancing and self._joining_ready():
                         self._join_rollout(owner)
@@ -217,6 +223,7 @@ class RolloutFleet:
                             done = wait(ref, self.timeout_s, f"generation instance {i}")
                         except (ray.exceptions.RayActorError, Stuck) as e:
                             self._reassign(i, owner, by_id, balancing, ray_reason(e))
+                            balancing = balancing and self.balancer is not None  # (it died too)
                             continue
                         for out in done:
                             if out.request_id in outputs or out.request_id not in by_id:
@@ -258,29 +265,48 @@ class RolloutFleet:
         self._start_balancer()
 
     def _balancer_died(self) -> str | None:
-        """Ray's reason when the balancer died during this rollout (one ping in flight at a time), else None."""
+        """Ray's reason when the balancer died during this rollout, or why it counts as stuck: its ping (one in
+        flight at a time) or an order of its open longer than an order can take (`order_deadline_s`). Else None.
+        Either way the fleet settles its orders itself."""
+        import time
+
+        now, limit = time.monotonic(), order_deadline_s(self.balancer_cfg)
         ping = getattr(self, "_balancer_ping", None)
-        if ping is not None:
-            if not ray.wait([ping], timeout=0)[0]:
-                return None
+        if ping is not None and ray.wait([ping], timeout=0)[0]:
             try:
                 ray.get(ping)
             except ray.exceptions.RayActorError as e:
                 self._balancer_ping = None
                 return ray_reason(e)
-        self._balancer_ping = self.balancer.__ray_ready__.remote()
+            ping = None
+        if ping is None:
+            self._balancer_ping, self._ping_sent = self.balancer.__ray_ready__.remote(), now
+        elif now - self._ping_sent > limit:
+            return f"stuck: no answer for {now - self._ping_sent:.0f} s"
+        if now - getattr(self, "_orders_checked", 0.0) >= 1.0:  # the instances' open orders, once a second
+            self._orders_checked = now
+            try:
+                held = wait([self.instances[i].open_orders.remote() for i in self.alive], self.timeout_s, "orders")
+            except (ray.exceptions.RayActorError, Stuck):
+                return None  # a dead instance: the rollout loop's poll of it deals with that first
+            oldest = max(((o["age_s"], o["order_id"]) for orders in held for o in orders), default=None)
+            if oldest is not None and oldest[0] > limit:
+                return f"stuck: its order {oldest[1]} open for {oldest[0]:.0f} s"
         return None
 
-    def _settle_without_balancer(self, owner: dict, reason: str) -> None:
-        """The balancer died, maybe with orders open: a source holding frozen samples and reserved slots, a
-        destination holding imported samples whose outputs wait for the verdict. The fleet gives the verdict
-        the balancer would have (a sample moved iff the destination imported it) once both sides' transfers
-        have ended (they fail within the KV timeout without a peer), so each sample lives on in exactly one
-        place; then the ownership record is read back from the instances."""
+    def _settle_without_balancer(self, owner: dict, by_id: dict, reason: str) -> None:
+        """The balancer died (or is stuck), maybe with orders open: a source holding frozen samples and reserved
+        slots, a destination holding imported samples whose outputs wait for the verdict, a source holding queued
+        requests on loan. The fleet gives the verdict the balancer would have (a sample moved iff the destination
+        imported or queued it) once both sides' transfers have ended (they fail within the KV timeout without a
+        peer), so each sample lives on in exactly one place; then the ownership record is read back from the
+        instances. Instances that died too are left out of the verdicts, then their samples are resubmitted."""
         import time
 
         ray.kill(self.balancer)
         self.balancer, self._balancer_ping = None, None
+        dead = probe({i: self.instances[i] for i in self.alive})
+        self.alive = [i for i in self.alive if i not in dead]  # (back below, each then reassigned)
         deadline = time.monotonic() + 4 * self.balancer_cfg.transfer_timeout_s + 60
         while True:
             held = dict(zip(self.alive, wait([self.instances[i].open_orders.remote() for i in self.alive],
@@ -304,6 +330,14 @@ class RolloutFleet:
             if "in" in both:
                 wait(self.instances[both["in"][0]].finish_in.remote(oid), self.timeout_s, "migration verdict")
             moved_n += len(moved)
+            if "lent" in both:  # a queued order: moved iff an instance queued them; the rest go back to the source
+                src, o = both["lent"]
+                ids = o["request_ids"]
+                there = {r for i in self.alive if i != src
+                         for r in wait(self.instances[i].close_lent.remote(oid, ids), self.timeout_s, "queued order")}
+                back = [r for r in ids if r not in there]
+                wait(self.instances[src].finish_lent.remote(oid, back), self.timeout_s, "migration verdict")
+                moved_n, resumed_n = moved_n + len(ids) - len(back), resumed_n + len(back)
         loads = wait([self.instances[i].load.remote() for i in self.alive], self.timeout_s, "instance loads")
         for i, load in zip(self.alive, loads):  # moves the dead balancer confirmed are in here too
             for rid in [s.request_id for s in load.samples] + list(load.queued_ids):
@@ -316,13 +350,21 @@ class RolloutFleet:
             self.restarts.take("load balancer", reason, then)
         else:
             print(f"load balancer died ({reason}); {then}", flush=True)
+        for i, why in sorted(dead.items()):
+            self.alive = sorted(self.alive + [i])
+            self._reassign(i, owner, by_id, False, why)
 
     def _reassign(self, dead: int, owner: dict, by_id: dict, balancing: bool, reason: str = "") -> None:
+        if balancing:  # orders in flight with the dead instance end first; then the record has every move
+            try:
+                moves = wait(self.balancer.settle.remote(dead), self.timeout_s, "load balancer settle")
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, Stuck) as e:  # it died or is stuck too
+                self._settle_without_balancer(owner, by_id, ray_reason(e))
+                return
         self.alive.remove(dead)
         self._weight_group_ready = False  # the old groups counted the dead instance
         self._kv_ranks = None
-        if balancing:  # orders in flight with the dead instance end first; then the record has every move
-            moves = wait(self.balancer.settle.remote(dead), self.timeout_s, "load balancer settle")
+        if balancing:
             for rid, _, destination in moves[self._moves_applied:]:
                 if rid in owner:
                     owner[rid] = destination
@@ -386,6 +428,7 @@ class RolloutFleet:
             points = ray.get([self.instances[i].resolve_saturation.remote() for i in self.alive])
             self._saturation_read = None not in points  # a first-use profile still running: read again next time
         if self.balancer is None:
+            ray.get([self.instances[i].clear_closed.remote() for i in self.alive])  # its order ids start at 1
             self.balancer = LoadBalancerActor.remote(self.balancer_cfg)
             # a first start connects the balancer to every instance (seconds under load): not in a rollout
             handles = {i: self.instances[i] for i in self.alive}
