@@ -196,6 +196,9 @@ def test_chain_predictor_learns_per_source_from_the_first_verified_node():
     assert cond[2] > 0.9 and cond[3] > 0.9 and cond[4] < 0.1  # accepted, accepted, rejected
     assert cond[0] == pytest.approx(PRIOR) and cond[5] == pytest.approx(PRIOR)  # never tested
     assert p.cond(2, 4, 2, 3).tolist() == pytest.approx([PRIOR] * 3)  # another source learns apart
+    # an untried cell of the same source starts from the source's rates at each depth, not the optimistic prior
+    other = p.cond(1, 1, 1, 6)
+    assert other[2] > 0.8 and other[4] < 0.1 and other[0] == pytest.approx(PRIOR)
 
 
 def test_a_step_that_verifies_no_node_reports_no_chain(models):  # noqa: F811

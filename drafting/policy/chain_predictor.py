@@ -4,14 +4,16 @@ A chain's node j is accepted when every node before it was and its token is the 
 not a draft probability (a chain has none) but where the chain came from: its source (the sample's own prompt and
 response, a sibling of its group, an earlier epoch), how long a suffix of the context it matched, how often that
 continuation was seen, and the node's depth. The predictor keeps a Beta-smoothed rate of acceptance given the
-parent per (source, match, count, depth) cell, counted over tested nodes only. Its prior is optimistic, so that a
-cell nobody has tried gets verified and learnt; the adaptive policy ranks chain nodes by these rates beside the
-model's nodes (`drafting.policy.adaptive`)."""
+parent per (source, match, count, depth) cell, counted over tested nodes only. A cell's prior is its source's
+rate at that depth over all its cells, itself drawn from an optimistic prior: a source nobody has tried gets
+verified and learnt, and a new cell of a source that has failed starts where the source is (with min_match 1 a
+source has hundreds of cells, and an optimistic prior in each would verify failing chains until every one had
+learnt). The adaptive policy ranks chain nodes by these rates beside the model's nodes (`drafting.policy.adaptive`)."""
 from __future__ import annotations
 
 import numpy as np
 
-PRIOR, PRIOR_WEIGHT = 0.7, 2.0  # an untried cell: accepted 0.7 given its parent, worth two observations
+PRIOR, PRIOR_WEIGHT = 0.7, 2.0  # an untried source: accepted 0.7 given its parent, worth two observations
 MATCH_CAP, COUNT_CAP = 8, 4  # match lengths and counts above these share a cell
 
 
@@ -29,7 +31,10 @@ class ChainPredictor:
         """[length]: each node's acceptance given its parent's."""
         c = self._cell(source, match, count)
         a, t = self.accepted[c][:length], self.tested[c][:length]
-        return (a + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+        pooled_a = self.accepted[source].sum(axis=(0, 1))[:length]
+        pooled_t = self.tested[source].sum(axis=(0, 1))[:length]
+        prior = (pooled_a + PRIOR * PRIOR_WEIGHT) / (pooled_t + PRIOR_WEIGHT)
+        return (a + prior * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
 
     def observe(self, source: int, match: int, count: int, verified: int, matched: int, first: int = 0) -> None:
         """A verified chain's outcome: of its `verified` nodes from node `first` on (those before it were the model's
