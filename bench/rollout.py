@@ -452,8 +452,8 @@ def main(argv=None) -> dict:
         result["predictor_ece"] = rollout_pred.get("ece")
         result["predictor_calibration"] = rollout_pred
         result["adaptive_by_phase"] = {p: summarize(v["log"]) for p, v in adaptive_logs.items()}
-        result["adaptive_rollout_summary"] = result["adaptive_by_phase"]["rollout"]
-        result["selection_overhead_frac"] = result["adaptive_rollout_summary"]["selection_overhead_frac"]
+        result["adaptive_rollout_summary"] = result["adaptive_by_phase"].get("rollout", {})  # (--only without adaptive)
+        result["selection_overhead_frac"] = result["adaptive_rollout_summary"].get("selection_overhead_frac")
         result["ratios"] = ratios([r for r in result["rows"] if r.get("kv_cache", kinds[0]) == kinds[0]])
         if len(kinds) > 1:
             result["kv_cache_ratios"] = kv_ratios(result["rows"], kinds)

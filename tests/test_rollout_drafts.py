@@ -217,3 +217,22 @@ def test_a_step_that_verifies_no_node_reports_no_chain(models):  # noqa: F811
     out = st._chain_outcome(st.drafter.view(2, ROLLOUT.max_depth), vt, torch.zeros(2, 1, dtype=torch.long), acc,
                             torch.ones(2, dtype=torch.long))
     assert out.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_chain_predictor_observe_many_equals_one_by_one():
+    import numpy as np
+
+    from drafting.policy.chain_predictor import ChainPredictor
+
+    rng = np.random.default_rng(0)
+    chains = [(int(rng.integers(3)), int(rng.integers(1, 12)), int(rng.integers(1, 7)), int(v), int(rng.integers(0, v + 2)),
+               int(rng.integers(0, 6 - v + 1))) for v in rng.integers(1, 6, size=40)]
+    one, many = ChainPredictor(3, 6), ChainPredictor(3, 6)
+    for c in chains:
+        one.observe(*c)
+    many.observe_many(*(np.array(v) for v in zip(*chains)))
+    for a, b in ((one.accepted, many.accepted), (one.tested, many.tested),
+                 (one.pooled_accepted, many.pooled_accepted), (one.pooled_tested, many.pooled_tested)):
+        assert np.array_equal(a, b)
+    src, m, c = np.array([c[0] for c in chains]), np.array([c[1] for c in chains]), np.array([c[2] for c in chains])
+    assert np.allclose(many.path_rates(src, m, c)[:, :4], [np.cumprod(one.cond(*k, 4)) for k in zip(src, m, c)])

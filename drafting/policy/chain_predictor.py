@@ -23,17 +23,24 @@ class ChainPredictor:
     def __init__(self, sources: int, depth: int):
         shape = (sources, MATCH_CAP + 1, COUNT_CAP + 1, depth)
         self.accepted, self.tested = np.zeros(shape), np.zeros(shape)
+        self.pooled_accepted, self.pooled_tested = np.zeros((sources, depth)), np.zeros((sources, depth))
 
     def _cell(self, source: int, match: int, count: int) -> tuple[int, int, int]:
         return source, min(match, MATCH_CAP), min(count, COUNT_CAP)
 
     def cond(self, source: int, match: int, count: int, length: int) -> np.ndarray:
         """[length]: each node's acceptance given its parent's."""
-        c = self._cell(source, match, count)
-        a, t = self.accepted[c][:length], self.tested[c][:length]
-        pooled_a = self.accepted[source].sum(axis=(0, 1))[:length]
-        pooled_t = self.tested[source].sum(axis=(0, 1))[:length]
-        prior = (pooled_a + PRIOR * PRIOR_WEIGHT) / (pooled_t + PRIOR_WEIGHT)
+        return self._conds(np.array([source]), np.array([match]), np.array([count]))[0, :length]
+
+    def path_rates(self, source: np.ndarray, match: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """[N, depth]: the acceptance of each node of N chains at once (one step's rows), down its path: the product
+        of the conditional rates down to it."""
+        return np.cumprod(self._conds(source, match, count), axis=1)
+
+    def _conds(self, source: np.ndarray, match: np.ndarray, count: np.ndarray) -> np.ndarray:
+        m, c = np.minimum(match, MATCH_CAP), np.minimum(count, COUNT_CAP)
+        a, t = self.accepted[source, m, c], self.tested[source, m, c]
+        prior = (self.pooled_accepted[source] + PRIOR * PRIOR_WEIGHT) / (self.pooled_tested[source] + PRIOR_WEIGHT)
         return (a + prior * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
 
     def observe(self, source: int, match: int, count: int, verified: int, matched: int, first: int = 0) -> None:
@@ -42,8 +49,22 @@ class ChainPredictor:
         and accepted; the next one, if verified, tested and rejected; deeper ones untested."""
         c = self._cell(source, match, count)
         ok = min(matched, verified)
-        self.accepted[c][first:first + ok] += 1
-        self.tested[c][first:first + min(ok + 1, verified)] += 1
+        for acc, tst in ((self.accepted[c], self.tested[c]), (self.pooled_accepted[source], self.pooled_tested[source])):
+            acc[first:first + ok] += 1
+            tst[first:first + min(ok + 1, verified)] += 1
+
+    def observe_many(self, source, match, count, verified, matched, first) -> None:
+        """`observe` for N chains at once (arrays of N)."""
+        d = np.arange(self.accepted.shape[-1])[None, :]
+        ok = np.minimum(matched, verified)[:, None]
+        start = first[:, None]
+        acc = ((d >= start) & (d < start + ok)).astype(float)
+        tst = ((d >= start) & (d < start + np.minimum(ok + 1, verified[:, None]))).astype(float)
+        cell = (source, np.minimum(match, MATCH_CAP), np.minimum(count, COUNT_CAP))
+        np.add.at(self.accepted, cell, acc)
+        np.add.at(self.tested, cell, tst)
+        np.add.at(self.pooled_accepted, source, acc)
+        np.add.at(self.pooled_tested, source, tst)
 
     def rates(self) -> dict:
         """Observed acceptance given the parent, per source (over all its cells): for metrics and notes."""

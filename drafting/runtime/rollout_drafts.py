@@ -82,15 +82,17 @@ class RolloutDrafts:
         self._drafts = self.index.drafts([q.request_id for q in live])
         tok, score, length = self.h_tok[:B].numpy(), self.h_score[:B].numpy(), self.h_len[:B].numpy()
         tok.fill(0), score.fill(0.0), length.fill(0)
-        chains = 0
-        for b, d in enumerate(self._drafts):
-            if d is None:
-                continue
-            L = min(len(d.tokens), D)
-            tok[b, :L] = d.tokens[:L]
-            score[b, :L] = np.cumprod(self.predictor.cond(d.source, d.match, d.count, L))
-            length[b] = L
-            chains += 1
+        found = [(b, d) for b, d in enumerate(self._drafts) if d is not None]
+        chains = len(found)
+        if found:  # one vectorised predictor read for the step's chains
+            rows = np.array([b for b, _ in found])
+            for b, d in found:
+                L = min(len(d.tokens), D)
+                tok[b, :L] = d.tokens[:L]
+                length[b] = L
+            rates = self.predictor.path_rates(*(np.array(v) for v in zip(*((d.source, d.match, d.count)
+                                                                             for _, d in found))))
+            score[rows] = np.where(np.arange(D)[None, :] < length[rows, None], rates, 0.0)
         st = self.stages
         st.chain_tok[:B].copy_(self.h_tok[:B], non_blocking=True)
         st.chain_score[:B].copy_(self.h_score[:B], non_blocking=True)
@@ -108,21 +110,25 @@ class RolloutDrafts:
         self.counts["steps"] += 1
         self.counts["sample_steps"] += len(live)
         self.counts["looked_up"] += len(live) if self._looked else 0
-        for b, q in enumerate(live):
-            self.index.commit(q.request_id, out[b, :int(emitted[b])].tolist())
+        toks, outcome = out[:len(live), :W].tolist(), out[:len(live), W + 4:W + 8].tolist()
+        seen = []  # (source, match, count, verified, matched, first) of the verified chains: one predictor update
+        for b, (q, n) in enumerate(zip(live, emitted.tolist())):
+            self.index.commit(q.request_id, toks[b][:n])
             d = self._drafts[b] if b < len(self._drafts) else None
             if d is None:
                 continue
             src = SOURCES[d.source]
             self.counts["chains"] += 1
             self.counts[f"chains_{src}"] += 1
-            verified, matched, accepted, first = (int(x) for x in out[b, W + 4:W + 8])
+            verified, matched, accepted, first = outcome[b]
             if verified:
-                self.predictor.observe(d.source, d.match, d.count, verified, matched, first)
+                seen.append((d.source, d.match, d.count, verified, matched, first))
             self.counts["verified"] += verified
             self.counts["matched"] += min(matched, verified)
             self.counts["accepted"] += accepted
             self.counts[f"accepted_{src}"] += accepted
+        if seen:
+            self.predictor.observe_many(*(np.array(v) for v in zip(*seen)))
         self._drafts = []
         self.last_accepted = self.counts["accepted"] - before  # this step's chain tokens on the emitted paths
         if self._looked and live:
