@@ -20,6 +20,28 @@ def _stay_on_loopback() -> None:
 WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+def _quiet_worker_death_notices() -> None:
+    """Ray pushes every worker death to the driver as a dozen-line `(raylet) A worker died or was killed while
+    executing a task ...` notice; the run's restart line (or its last line) already names the actor and Ray's
+    reason. Ray has no setting for these notices, so the driver's printer of pushed errors drops them, and only
+    them (a private function: if it moves, the notices print again, nothing else changes)."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "quiet_deaths", False):
+        return
+
+    def printer(data, ignore_prefix):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and lines and all(str(line).startswith("A worker died or was killed")
+                                                          for line in lines):
+            return None
+        return original(data, ignore_prefix)
+
+    printer.quiet_deaths = True
+    ray_worker.print_to_stdstream = printer
+
+
 def init_ray(num_cpus: int | None = None, namespace: str = "rlhfspec") -> dict:
     """Connect (or reuse an existing connection); returns the cluster's resources."""
     if not ray.is_initialized():
@@ -42,4 +64,5 @@ def init_ray(num_cpus: int | None = None, namespace: str = "rlhfspec") -> dict:
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), namespace=namespace,
                      include_dashboard=False, _node_ip_address=LOOPBACK, logging_level=logging.WARNING,
                      runtime_env={"env_vars": {**env, **WORKER_ENV}})
+        _quiet_worker_death_notices()
     return ray.cluster_resources()
