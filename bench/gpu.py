@@ -28,7 +28,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from drafting import GenRequest, SamplingParams, SpeculativeEngine
