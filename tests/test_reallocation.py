@@ -257,22 +257,30 @@ def test_source_dies_after_stage1_sample_restarts_elsewhere(ray_cluster, model_d
         fleet.shutdown()
 
 
+def run_and_kill_instance_1(fleet, reqs):
+    """fleet.run(reqs) in a thread; instance 1 killed once it has decoded 2 steps of them (far from done: under a
+    loaded suite, 5 steps of 60-token samples once left too few for the kill). Returns the thread, the dict its
+    outputs land in ("outs") and the killed handle."""
+    steps0 = ray.get(fleet.instances[1].stats.remote()).steps
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(outs=fleet.run(reqs)))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while ray.get(fleet.instances[1].stats.remote()).steps < steps0 + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    killed = fleet.instances[1]
+    ray.kill(killed)
+    return runner, result, killed
+
+
 def test_instance_dies_mid_rollout_balancer_off(shared_fleet, model_dirs, one_thread):
     fleet = shared_fleet()
     fleet.set_balancer(BalancerConfig(enabled=False))
     fleet.assignment = "round_robin"
     reqs = requests(1.0, short=0, long=12)
     expected = reference(model_dirs, reqs)
-    steps0 = ray.get(fleet.instances[1].stats.remote()).steps
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(outs=fleet.run(reqs)))
-    runner.start()
-    deadline = time.monotonic() + 60
-    # decoding, far from done: under a loaded suite, 5 steps of 60-token samples once left too few for the kill
-    while ray.get(fleet.instances[1].stats.remote()).steps < steps0 + 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    ray.kill(fleet.instances[1])
+    runner, result, _ = run_and_kill_instance_1(fleet, reqs)
     runner.join(timeout=120)
     check_outputs(result["outs"], reqs, expected)
     assert fleet.alive == [0] and all(o.stats["instance"] == 0 for o in result["outs"])
@@ -285,18 +293,10 @@ def test_instance_dies_mid_rollout_replacement_joins_it_with_balancer(shared_fle
     reqs = requests(1.0, short=0, long=12)
     expected = reference(model_dirs, reqs)
     ray.get(fleet.instances[0].slow_steps.remote(0.2))  # instance 0 still holds work when the replacement is up
-    steps0 = ray.get(fleet.instances[1].stats.remote()).steps
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(outs=fleet.run(reqs)))
-    runner.start()
-    deadline = time.monotonic() + 60
-    while ray.get(fleet.instances[1].stats.remote()).steps < steps0 + 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    killed = fleet.instances[1]
-    ray.kill(killed)
+    runner, result, killed = run_and_kill_instance_1(fleet, reqs)
+    deadline = time.monotonic() + 120
     while fleet.instances[1] is killed or fleet.alive != [0, 1]:  # replaced, and the replacement joined this rollout
-        assert runner.is_alive() and time.monotonic() < deadline + 60, fleet.alive
+        assert runner.is_alive() and time.monotonic() < deadline, fleet.alive
         time.sleep(0.05)
     ray.get(fleet.instances[0].slow_steps.remote(0.0))
     runner.join(timeout=120)

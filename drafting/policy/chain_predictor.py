@@ -25,9 +25,6 @@ class ChainPredictor:
         self.accepted, self.tested = np.zeros(shape), np.zeros(shape)
         self.pooled_accepted, self.pooled_tested = np.zeros((sources, depth)), np.zeros((sources, depth))
 
-    def _cell(self, source: int, match: int, count: int) -> tuple[int, int, int]:
-        return source, min(match, MATCH_CAP), min(count, COUNT_CAP)
-
     def cond(self, source: int, match: int, count: int, length: int) -> np.ndarray:
         """[length]: each node's acceptance given its parent's."""
         return self._conds(np.array([source]), np.array([match]), np.array([count]))[0, :length]
@@ -47,11 +44,7 @@ class ChainPredictor:
         """A verified chain's outcome: of its `verified` nodes from node `first` on (those before it were the model's
         nodes again: `drafting.spec.tree.graft_chain`), the first `matched` were the target's tokens. Those are tested
         and accepted; the next one, if verified, tested and rejected; deeper ones untested."""
-        c = self._cell(source, match, count)
-        ok = min(matched, verified)
-        for acc, tst in ((self.accepted[c], self.tested[c]), (self.pooled_accepted[source], self.pooled_tested[source])):
-            acc[first:first + ok] += 1
-            tst[first:first + min(ok + 1, verified)] += 1
+        self.observe_many(*(np.array([v]) for v in (source, match, count, verified, matched, first)))
 
     def observe_many(self, source, match, count, verified, matched, first) -> None:
         """`observe` for N chains at once (arrays of N)."""

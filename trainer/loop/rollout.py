@@ -4,9 +4,12 @@ With the load balancer on, queued requests and running samples (with their KV) m
 they decode; the fleet's record of which instance holds each request follows every confirmed move. A request
 whose instance dies goes to a live one and restarts from its prompt; its per-request seed makes the restarted
 sample the one the dead instance would have produced. A new instance is made in the dead one's place; it joins
-the weight and K/V groups, and takes work, from the next weight push on (it decodes with pushed weights only).
+the weight and K/V groups, and takes work, from the next weight push on (it decodes with pushed weights only), or,
+with the balancer on, joins the rollout under way with a live instance's weights.
 """
 from __future__ import annotations
+
+import time
 
 import ray
 from tqdm import tqdm
@@ -247,9 +250,7 @@ class RolloutFleet:
         balancer stops (its orders end, its moves go into the ownership record), the KV group re-forms with
         them, a live instance sends them its weights (and draft) over it, and a new balancer starts over all."""
         report = self._stop_balancer()
-        for rid, _, destination in report.get("moves", [])[self._moves_applied:]:
-            if rid in owner:
-                owner[rid] = destination
+        self._apply_moves(owner, report.get("moves", []))
         self._reports.append(report)
         self._moves_applied = 0
         new, donor = list(self.joining), self.alive[0]
@@ -264,12 +265,17 @@ class RolloutFleet:
               f"with instance {donor}'s weights", flush=True)
         self._start_balancer()
 
+    def _apply_moves(self, owner: dict, moves: list) -> None:
+        """The balancer's moves (request id, source, destination) not yet in the ownership record, into it."""
+        for rid, _, destination in moves[self._moves_applied:]:
+            if rid in owner:
+                owner[rid] = destination
+        self._moves_applied = len(moves)
+
     def _balancer_died(self) -> str | None:
         """Ray's reason when the balancer died during this rollout, or why it counts as stuck: its ping (one in
         flight at a time) or an order of its open longer than an order can take (`order_deadline_s`). Else None.
         Either way the fleet settles its orders itself."""
-        import time
-
         now, limit = time.monotonic(), order_deadline_s(self.balancer_cfg)
         ping = getattr(self, "_balancer_ping", None)
         if ping is not None and ray.wait([ping], timeout=0)[0]:
@@ -301,8 +307,6 @@ class RolloutFleet:
         imported or queued it) once both sides' transfers have ended (they fail within the KV timeout without a
         peer), so each sample lives on in exactly one place; then the ownership record is read back from the
         instances. Instances that died too are left out of the verdicts, then their samples are resubmitted."""
-        import time
-
         ray.kill(self.balancer)
         self.balancer, self._balancer_ping = None, None
         dead = probe({i: self.instances[i] for i in self.alive})
@@ -365,10 +369,7 @@ class RolloutFleet:
         self._weight_group_ready = False  # the old groups counted the dead instance
         self._kv_ranks = None
         if balancing:
-            for rid, _, destination in moves[self._moves_applied:]:
-                if rid in owner:
-                    owner[rid] = destination
-            self._moves_applied = len(moves)
+            self._apply_moves(owner, moves)
         orphans = [rid for rid in by_id if owner.get(rid) == dead]  # request order: a reproducible schedule
         if not self.alive:
             raise RolloutError(f"every generation instance died; {len(orphans)} samples could not finish")
